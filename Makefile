@@ -1,0 +1,31 @@
+# make demo   -- install into .venv, then run the offline end-to-end pipeline on CPU
+# make test   -- install into .venv, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A CPU-only machine takes the CPU build of torch that pip finds on local disk; an
+# unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m rlhf pipeline configs/pipeline_demo.yaml
+
+test: install
+	$(PY) -m pytest -q -x --durations=15
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

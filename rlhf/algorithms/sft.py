@@ -1,0 +1,129 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens (prompt masked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import BadRows, DataError, Row, encode_prompt, encode_response, load_rows
+from ..data.batching import attention_mask, pad
+from ..data.templates import split_messages
+from ..models import load_causal_lm, token_logprobs
+from ..ops import masked_mean, masked_sum
+from .base import Algorithm
+from .supervised import make_batcher, report_skipped, step_stream, total_steps
+
+IGNORE = -100
+
+
+def sft_prompt_response(row: Row):
+    """(prompt, response) of an SFT row: {prompt, response|completion} or {messages: [...]}. """
+    if "messages" in row.data:
+        messages = row.get("messages", list)
+        try:
+            return split_messages(messages)
+        except (ValueError, AttributeError, KeyError) as e:
+            raise row.fail("messages", str(e)) from None
+    prompt = row.get("prompt", (str, list))
+    key = "response" if "response" in row.data or "completion" not in row.data else "completion"
+    return prompt, row.get(key, str)
+
+
+def encode_sft(row: Row, tokenizer, max_length: int, max_prompt_length: int, loss_on_prompt: bool = False) -> dict:
+    prompt, response = sft_prompt_response(row)
+    if not response.strip():
+        raise row.fail("response", "empty response")
+    p = encode_prompt(tokenizer, prompt)
+    if len(p) > max_prompt_length:
+        raise row.fail("prompt", f"{len(p)} tokens > data.max_prompt_length={max_prompt_length}")
+    r = encode_response(tokenizer, response)[: max_length - len(p)]
+    labels = (p if loss_on_prompt else [IGNORE] * len(p)) + r
+    return {"input_ids": p + r, "labels": labels}
+
+
+@dataclass
+class SFTBatch:
+    """input_ids, attention_mask, labels: [B, T], right-padded; labels are IGNORE on prompt and pad."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate_sft(pad_id: int):
+    def collate(examples: list[dict]) -> SFTBatch:
+        ids = [e["input_ids"] for e in examples]
+        return SFTBatch(pad(ids, pad_id), attention_mask(ids), pad([e["labels"] for e in examples], IGNORE))
+    return collate
+
+
+def sft_token_loss(model, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL of the labelled tokens, their mask [B, T-1])."""
+    device = next(model.parameters()).device
+    ids, mask, labels = batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device)
+    logp = token_logprobs(model, ids, mask)
+    target_mask = (labels[:, 1:] != IGNORE).float()
+    return -masked_sum(logp, target_mask), target_mask
+
+
+class SFT(Algorithm):
+    progress_keys = ("train/loss",)
+
+    def __init__(self, cfg, trainer):
+        super().__init__(cfg, trainer)
+        d, tok = cfg.data, trainer.tokenizer
+        self.bad = BadRows(d.on_bad_row)
+        self.train_examples = self._encode(load_rows(d.train, d.train_split, d.limit))
+        self.eval_examples = self._encode(load_rows(d.eval, d.eval_split)) if d.eval else []
+        self.skipped = report_skipped(trainer, self.bad, "train")
+        self.batcher = make_batcher(trainer, self.train_examples, collate_sft(tok.pad_token_id))
+
+    def _encode(self, rows: list[Row]) -> list[dict]:
+        d, out = self.cfg.data, []
+        for row in rows:
+            try:
+                out.append(encode_sft(row, self.trainer.tokenizer, d.max_length, d.max_prompt_length,
+                                      self.cfg.sft.loss_on_prompt))
+            except DataError as e:
+                self.bad(e)
+        return out
+
+    def build_model(self):
+        return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
+
+    def total_steps(self) -> int:
+        return total_steps(self.cfg, self.batcher)
+
+    def steps(self, start_step):
+        return step_stream(self.batcher, start_step)
+
+    def loss_weight(self, batch: SFTBatch) -> float:
+        return float((batch.labels[:, 1:] != IGNORE).sum())
+
+    def loss(self, model, batch: SFTBatch):
+        nll_sum, mask = sft_token_loss(model, batch)
+        return nll_sum, {"train/tokens": mask.sum()}
+
+    def after_step(self, model, step):
+        return self.skipped if step == 1 else {}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        if not self.eval_examples:
+            return {}
+        model.eval()
+        collate = collate_sft(self.trainer.tokenizer.pad_token_id)
+        mb = self.cfg.optim.micro_batch_size
+        total, count = torch.zeros((), device=self.trainer.device), torch.zeros((), device=self.trainer.device)
+        # each rank scores a strided share; the sums are reduced
+        share = self.eval_examples[self.trainer.rank::self.trainer.world_size]
+        for i in range(0, len(share), mb):
+            nll, mask = sft_token_loss(model, collate(share[i:i + mb]))
+            total += nll.float()
+            count += mask.sum()
+        model.train()
+        total = self.trainer.accelerator.reduce(total, "sum")
+        count = self.trainer.accelerator.reduce(count, "sum")
+        loss = (total / count.clamp(min=1)).item()
+        return {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(loss)))}

@@ -1,0 +1,105 @@
+"""Command line: `rlhf train | init-model | eval | compare | pipeline`.
+
+    rlhf train configs/sft_tiny.yaml --optim.lr 1e-4          # or: accelerate launch -m rlhf train ...
+    rlhf train configs/sft_tiny.yaml --resume                  # continue the latest run of that config
+    rlhf init-model --out runs/tiny --corpus data/assistant/sft.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Optional
+
+from .config import CONFIGS, ConfigError, help_lines
+
+USAGE = """usage: rlhf COMMAND ...
+
+commands:
+  train CONFIG [--resume [RUN_OR_CHECKPOINT]] [--section.key VALUE ...]   train with a YAML config
+  init-model --out DIR [--corpus FILE ...]                                  build a tiny model + tokenizer
+  eval --model PATH --testbed NAME ...                                      evaluate a model
+  compare RUN_DIR ...                                                       compare runs in a report
+  pipeline CONFIG                                                           SFT -> RM -> DPO/PPO -> eval -> report
+
+`rlhf train --help` lists every config key."""
+
+
+def _train(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: rlhf train CONFIG [--resume [RUN_OR_CHECKPOINT]] [--section.key VALUE ...]\n")
+        for algo, cls in CONFIGS.items():
+            print(f"{algo} config keys:")
+            print("\n".join(help_lines(cls)))
+            print()
+        return 0
+    path, rest = argv[0], argv[1:]
+    resume: object = False
+    if "--resume" in rest:
+        i = rest.index("--resume")
+        if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            resume = rest[i + 1]
+            del rest[i:i + 2]
+        else:
+            resume = True
+            del rest[i]
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(path, rest)
+    Trainer(cfg, resume=resume).train()
+    return 0
+
+
+def _init_model(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rlhf init-model", description="Build a tiny offline model and tokenizer.")
+    p.add_argument("--out", required=True, help="Output folder (loadable with from_pretrained).")
+    p.add_argument("--corpus", nargs="*", default=[], help="Extra .jsonl/.txt files to train the tokenizer on.")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=384)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from .models.tiny import init_tiny
+
+    out = init_tiny(a.out, a.corpus, arch=a.arch, vocab_size=a.vocab_size, seed=a.seed, hidden_size=a.hidden_size,
+                    layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, intermediate_size=a.intermediate_size)
+    print(f"tiny {a.arch} model and tokenizer written to {out}")
+    return 0
+
+
+def _delegate(module: str, fn: str = "cli") -> Callable[[list[str]], int]:
+    return lambda argv: getattr(importlib.import_module(module), fn)(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train,
+    "init-model": _init_model,
+    "eval": _delegate("rlhf.eval.runner"),
+    "compare": _delegate("rlhf.report"),
+    "pipeline": _delegate("rlhf.pipeline"),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from .data.io import DataError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except (ConfigError, DataError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        print(f"error: {kind}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

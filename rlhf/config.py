@@ -1,0 +1,443 @@
+"""Typed run configuration: one dataclass per concern, loaded from YAML, overridden from the CLI.
+
+    cfg = load_config("configs/sft_tiny.yaml", ["--optim.lr", "1e-4"])
+
+Every field carries a one-line help (``field(metadata={"help": ...})``) that `rlhf train --help`
+prints. Loading is strict: an unknown key fails and suggests the nearest valid one, a wrong
+type fails naming the expected type, and the batch hierarchy is checked with the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line: where, what was given, what was expected."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (lists/dicts get a default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections shared by every algorithm
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("", "Hub name or local folder of the policy, loaded with from_pretrained.")
+    tokenizer: Optional[str] = opt(None, "Tokenizer name or folder; defaults to name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weight dtype at load time.")
+    trust_remote_code: bool = opt(False, "Allow custom modelling code from the model folder.")
+    gradient_checkpointing: bool = opt(False, "Trade compute for activation memory.")
+    disable_dropout: bool = opt(True, "Set every dropout probability to 0 (RLHF log-probs must be deterministic).")
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.")
+    lora_alpha: int = opt(16, "LoRA scaling numerator.")
+    lora_dropout: float = opt(0.0, "Dropout inside the LoRA adapters.")
+    lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA adapters.")
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "Training data: a .jsonl/.json file, a folder, or a hub dataset name.")
+    eval: Optional[str] = opt(None, "Held-out data, same forms as train.")
+    format: str = opt("auto", "Row format: auto, prompt_response, messages, preference, hh-rlhf, pku-saferlhf, ultrafeedback, prompt.")
+    train_split: str = opt("train", "Split name when loading a hub dataset or folder.")
+    eval_split: str = opt("test", "Split name of the held-out data.")
+    max_length: int = opt(512, "Maximum tokens of prompt + response.")
+    max_prompt_length: int = opt(256, "Maximum tokens of the prompt.")
+    limit: int = opt(0, "Use only the first N training rows (0 = all).")
+    on_bad_row: Literal["error", "skip"] = opt("error", "What to do with a malformed row: stop naming it, or skip it and count it.")
+    shuffle: bool = opt(True, "Shuffle every epoch (seeded).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-5, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    scheduler: Literal["constant", "linear", "cosine"] = opt("cosine", "Learning-rate schedule after warm-up.")
+    warmup_ratio: float = opt(0.0, "Fraction of steps spent warming up linearly.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm (0 = off).")
+    batch_size: int = opt(8, "Global batch: sequences (or pairs) per optimizer step, summed over ranks.")
+    micro_batch_size: int = opt(8, "Sequences per forward pass on one rank.")
+    epochs: int = opt(1, "Passes over the training data (when max_steps is 0).")
+    max_steps: int = opt(0, "Optimizer steps to run; 0 derives it from epochs.")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank: batch_size = world x micro x accum."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"optim.batch_size={self.batch_size} is not divisible by world_size={world_size} x "
+                f"optim.micro_batch_size={self.micro_batch_size} = {per_step}"
+            )
+        return self.batch_size // per_step
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = opt("runs", "Parent folder of run folders.")
+    run_name: str = opt("", "Run folder name; default '<algorithm>-<timestamp>'.")
+    log_every: int = opt(1, "Log metrics every N optimizer steps.")
+    eval_every: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end, if there is eval data).")
+    save_every: int = opt(0, "Checkpoint every N optimizer steps (0 = only at the end).")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
+    trackers: list[Literal["wandb", "tensorboard"]] = opt([], "Extra trackers on top of metrics.jsonl.")
+    project: str = opt("rlhf", "wandb project.")
+    group: str = opt("", "wandb group: runs of one comparison share it.")
+    tags: list[str] = opt([], "wandb tags.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTSection:
+    loss_on_prompt: bool = opt(False, "Also train on prompt tokens (default: response tokens only).")
+
+
+@dataclass
+class RewardSection:
+    margin: bool = opt(False, "Use the row's 'margin' column in the Bradley-Terry loss.")
+    normalize: bool = opt(True, "After training, shift/scale the head so scores have mean 0, std 1 on the training prompts' chosen responses.")
+    center_coef: float = opt(0.0, "Penalty on the squared mean score, keeping scores centred during training.")
+
+
+@dataclass
+class DPOSection:
+    beta: float = opt(0.1, "Strength of the KL constraint to the reference.")
+    loss_type: str = opt("sigmoid", "sigmoid, robust, hinge or ipo.")
+    label_smoothing: float = opt(0.0, "Probability that a label is flipped (cDPO / robust DPO).")
+    reference_free: bool = opt(False, "Drop the reference model (implicit uniform reference).")
+    reference: Literal["copy", "adapter", "precomputed"] = opt(
+        "precomputed", "Reference: a frozen copy, the LoRA base with adapters off, or log-probs precomputed once and cached."
+    )
+    ref_update_every: int = opt(0, "Soft-update the reference every N steps (0 = never; 1 with ref_update_alpha gives an EMA).")
+    ref_update_alpha: float = opt(0.6, "ref <- alpha * policy + (1 - alpha) * ref at each reference update.")
+
+
+@dataclass
+class PPOSection:
+    # reward sources
+    reward_model: str = opt("", "Folder of a trained reward model (scalar score at the last token).")
+    reward_fns: list[str] = opt([], "Programmatic rewards as 'module:callable' import paths.")
+    reward_weights: list[float] = opt([], "Weights of [reward_model, *reward_fns] in the summed score (default all 1).")
+    # batching: rollout_batch_size x samples_per_prompt = num_minibatches x minibatch; minibatch = world x micro x accum
+    iterations: int = opt(100, "PPO iterations (rollout + update phases).")
+    rollout_batch_size: int = opt(512, "Prompts per iteration, over all ranks.")
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt.")
+    num_minibatches: int = opt(4, "Optimizer steps per PPO epoch; the rollout batch is split into this many.")
+    ppo_epochs: int = opt(1, "Passes over the rollout batch.")
+    micro_batch_size: int = opt(8, "Sequences per forward on one rank when training.")
+    rollout_micro_batch_size: int = opt(32, "Sequences per forward on one rank when generating and scoring.")
+    # objective
+    clip_eps: float = opt(0.2, "Policy ratio clip.")
+    value_clip_eps: float = opt(0.2, "Value clip around the rollout values.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    gamma: float = opt(1.0, "Discount.")
+    lam: float = opt(1.0, "GAE lambda.")
+    kl_coef: float = opt(0.1, "Per-token KL penalty coefficient beta.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward.")
+    adaptive_kl: bool = opt(False, "Adapt kl_coef toward kl_target.")
+    kl_target: float = opt(6.0, "Target KL of the adaptive controller.")
+    kl_horizon: int = opt(10000, "Horizon of the adaptive controller.")
+    reward_clip: float = opt(20.0, "Clip the score to +-reward_clip.")
+    reward_norm: bool = opt(False, "Normalize scores by a running mean/std.")
+    value_norm: bool = opt(True, "Learn values in a running-normalized return space.")
+    value_norm_decay: float = opt(0.99995, "Decay of the running return statistics.")
+    adv_norm: bool = opt(True, "Normalize advantages over the whole rollout batch (all ranks).")
+    missing_eos_penalty: Optional[float] = opt(None, "Score given to responses that hit max_new_tokens without EOS (None = keep the score).")
+    ratio_bound: float = opt(5.0, "Skip a minibatch whose mean ratio exceeds this (0 = off).")
+    # reference
+    ref_ema: float = opt(0.0, "Reference EMA eta after every optimizer step (0 = frozen reference; paper: 0.001).")
+    ref_reset_every: int = opt(0, "Reset the reference to the policy every N iterations (0 = never).")
+    # critic
+    critic_init: Literal["reward_model", "policy"] = opt("reward_model", "Initialize the critic from the reward model or the policy.")
+    critic_lr: float = opt(5e-6, "Critic learning rate (actor: optim.lr).")
+    critic_warmup_iters: int = opt(0, "Iterations that train only the critic.")
+    # sampling
+    max_new_tokens: int = opt(256, "Maximum response tokens.")
+    temperature: float = opt(1.0, "Sampling temperature; also applied to every training log-prob.")
+    top_k: int = opt(200, "Top-k filter (0 = off); also applied to every training log-prob.")
+    top_p: float = opt(0.9, "Top-p filter (1 = off); also applied to every training log-prob.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run configs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = opt("", "sft, reward, dpo or ppo.")
+    seed: int = opt(0, "Seed of everything (per-rank seeds derive from it).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "Autocast precision of forward passes.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and batch."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Run folder and trackers."})
+
+    def validate(self) -> None:
+        """Static checks; the world-size dependent ones run in `validate_world`."""
+        if not self.model.name_or_path:
+            raise ConfigError("model.name_or_path: missing; expected a hub name or a local model folder")
+        if _looks_local(self.model.name_or_path) and not os.path.isdir(self.model.name_or_path):
+            raise ConfigError(f"model.name_or_path: '{self.model.name_or_path}' does not exist; expected a model folder "
+                              f"(build one with `rlhf init-model`)")
+        for name in ("lr", "batch_size", "micro_batch_size"):
+            if getattr(self.optim, name) <= 0:
+                raise ConfigError(f"optim.{name}={getattr(self.optim, name)}: expected > 0")
+        if not 0 <= self.optim.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio={self.optim.warmup_ratio}: expected in [0, 1)")
+        if self.data.max_prompt_length >= self.data.max_length:
+            raise ConfigError(f"data.max_prompt_length={self.data.max_prompt_length} must be < data.max_length={self.data.max_length}")
+
+    def validate_world(self, world_size: int) -> None:
+        self.optim.grad_accum(world_size)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    algorithm: str = "sft"
+    sft: SFTSection = field(default_factory=SFTSection, metadata={"help": "SFT options."})
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    algorithm: str = "reward"
+    reward: RewardSection = field(default_factory=RewardSection, metadata={"help": "Reward-model options."})
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    algorithm: str = "dpo"
+    dpo: DPOSection = field(default_factory=DPOSection, metadata={"help": "DPO options."})
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    algorithm: str = "ppo"
+    ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "PPO options."})
+
+    def validate_world(self, world_size: int) -> None:
+        p = self.ppo
+        rollouts = p.rollout_batch_size * p.samples_per_prompt
+        if rollouts % p.num_minibatches:
+            raise ConfigError(
+                f"ppo.rollout_batch_size={p.rollout_batch_size} x ppo.samples_per_prompt={p.samples_per_prompt} = "
+                f"{rollouts} rollouts are not divisible into ppo.num_minibatches={p.num_minibatches}"
+            )
+        minibatch = rollouts // p.num_minibatches
+        per_step = world_size * p.micro_batch_size
+        if minibatch % per_step:
+            raise ConfigError(
+                f"minibatch of {minibatch} rollouts (ppo.rollout_batch_size={p.rollout_batch_size} x "
+                f"ppo.samples_per_prompt={p.samples_per_prompt} / ppo.num_minibatches={p.num_minibatches}) is not "
+                f"divisible by world_size={world_size} x ppo.micro_batch_size={p.micro_batch_size} = {per_step}"
+            )
+        if p.rollout_batch_size % world_size:
+            raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} is not divisible by world_size={world_size}")
+
+    def grad_accum(self, world_size: int) -> int:
+        p = self.ppo
+        return p.rollout_batch_size * p.samples_per_prompt // p.num_minibatches // (world_size * p.micro_batch_size)
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and type checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else is meant as a local path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected bool (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}={value!r}: expected float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected str")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{where}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--optim.lr', '1e-5', '--logging.trackers=[wandb]'] -> nested dict, values parsed as YAML."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override '{arg}': expected --section.key VALUE")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}': missing value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        _set_dotted(tree, key, yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
+    algo = values.get("algorithm")
+    if algo not in CONFIGS:
+        raise ConfigError(f"{source}: algorithm={algo!r}: expected one of {', '.join(CONFIGS)}")
+    try:
+        cfg = _build(CONFIGS[algo], values)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML file, apply `--a.b value` overrides and validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = _merge(values, parse_overrides(overrides or []))
+    return config_from_dict(values, source=path)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def help_lines(cls: type, prefix: str = "") -> list[str]:
+    """`--section.key (type, default): help` lines for the CLI."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines += help_lines(tp, name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

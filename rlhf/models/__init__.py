@@ -1,0 +1,10 @@
+"""Models: loading through from_pretrained, tiny offline models, and shared forward passes."""
+
+from .forward import last_token_index, position_ids_from_mask, scalar_scores, token_logprobs, token_values
+from .loading import DTYPES, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
+
+__all__ = [
+    "DTYPES", "disable_dropout", "last_token_index", "load_causal_lm", "load_scalar_model", "load_tokenizer",
+    "position_ids_from_mask", "scalar_scores", "token_logprobs", "token_values",
+]
+from .reference import adapters_disabled, ema_update_, frozen_copy, is_peft  # noqa: E402

@@ -1,0 +1,69 @@
+"""Forward passes shared by every algorithm and the evaluation harness.
+
+Left- or right-padded batches both work: position ids are derived from the attention mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import logprobs_from_logits
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions counting only real tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
+    """[B, T-1] log p(input_ids[:, t+1] | input_ids[:, :t+1]) under the sampling distribution.
+
+    temperature/top_k/top_p must equal the ones used to sample, or PPO's importance ratio is biased.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, :-1].float()
+    logp = logprobs_from_logits(logits, input_ids[:, 1:], temperature=temperature, top_k=top_k, top_p=top_p)
+    if return_entropy:
+        from ..ops import entropy_from_logits
+
+        return logp, entropy_from_logits(logits, temperature=temperature)
+    return logp
+
+
+def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
+    """Last hidden states [B, T, H] of a sequence-classification model's backbone."""
+    base = getattr(model, "base_model", model)
+    # peft wraps the transformers model one level deeper
+    inner = getattr(base, "model", base) if base.__class__.__name__.startswith("Lora") else base
+    backbone = getattr(inner, inner.base_model_prefix)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def _score_head(model):
+    base = getattr(model, "base_model", model)
+    inner = getattr(base, "model", base) if base.__class__.__name__.startswith("Lora") else base
+    return inner.score
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] scalar head applied at every position (a critic's V(s_t) reads position t)."""
+    hidden = _backbone_hidden(model, input_ids, attention_mask)
+    return _score_head(model)(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last real token, for right- or left-padded rows."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def scalar_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] reward-model score read at the last real token of each row."""
+    values = token_values(model, input_ids, attention_mask)
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx.unsqueeze(1)).squeeze(1)

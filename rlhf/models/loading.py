@@ -1,0 +1,94 @@
+"""Load tokenizers, causal LMs and scalar-head models through `from_pretrained`.
+
+A hub name, a local folder and a folder written by `rlhf init-model` all take this one path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _from_pretrained(loader, path: str, field: str, **kwargs):
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(path) else "hub name or local folder"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field}='{path}': could not load as a {where}: {first}") from None
+
+
+def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # A pad distinct from EOS keeps "is this the end of the response?" unambiguous.
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    return tok
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, name, None), float):
+            setattr(cfg, name, 0.0)
+
+
+def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
+    if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if trainable and cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        task = "SEQ_CLS" if not hasattr(model, "lm_head") else "CAUSAL_LM"
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, task_type=task,
+        ))
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer=None, path: Optional[str] = None, trainable: bool = True,
+                   field: str = "model.name_or_path"):
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(
+        AutoModelForCausalLM, path or cfg.name_or_path, field,
+        dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+    )
+    return _finish(model, cfg, tokenizer, trainable)
+
+
+def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=None, trainable: bool = False,
+                      field: str = "reward_model"):
+    """A sequence-classification model with one output: a reward model or a critic.
+
+    A causal-LM checkpoint (e.g. the SFT policy) gets a freshly initialised scalar head.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = cfg or ModelConfig(name_or_path=path)
+    model = _from_pretrained(
+        AutoModelForSequenceClassification, path, field,
+        num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+    )
+    return _finish(model, cfg, tokenizer, trainable)

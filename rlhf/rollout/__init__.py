@@ -1,0 +1,24 @@
+"""Rollout engines behind one interface; `generate` is the convenience entry point."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from ..data.templates import Prompt, encode_prompt
+from .base import Engine, Rollout, SamplingConfig, join_rollouts, response_mask_from_ids
+from .hf import HFEngine
+
+ENGINES = {"hf": HFEngine}
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt] = (), sampling: Optional[SamplingConfig] = None,
+             batch_size: int = 32, prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+             engine: str = "hf") -> Rollout:
+    """Sample one response per prompt (text/messages, or pre-tokenized `prompt_ids`)."""
+    if prompt_ids is None:
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    return ENGINES[engine]().generate(model, tokenizer, prompt_ids, sampling or SamplingConfig(), batch_size)
+
+
+__all__ = ["ENGINES", "Engine", "HFEngine", "Rollout", "SamplingConfig", "generate", "join_rollouts",
+           "response_mask_from_ids"]

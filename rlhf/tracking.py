@@ -1,0 +1,70 @@
+"""Run folder logging: always a local metrics.jsonl, optionally wandb and TensorBoard on top."""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from typing import Any, Optional
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to `<run>/metrics.jsonl` (main process only)."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self.start = time.time()
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time/elapsed_s": round(time.time() - self.start, 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: str, after_step: int) -> None:
+    """On resume, drop records logged after the checkpoint so the file reads as one clean run."""
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    with open(path, "w") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+        return auth is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def prepare_wandb(run_dir: str, printer=print) -> Optional[str]:
+    """Choose the wandb mode before init. Without credentials (e.g. no network), go offline with a notice."""
+    os.environ.setdefault("WANDB_DIR", run_dir)
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if not _has_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        printer(f"wandb: no credentials or network; logging offline to {run_dir}/wandb (sync later with `wandb sync`)")
+    return os.environ.get("WANDB_MODE")

@@ -1,0 +1,297 @@
+"""The Trainer: one loop for every algorithm, on accelerate (CPU, one GPU, many GPUs, DeepSpeed).
+
+    from rlhf import Trainer, SFTConfig
+    Trainer(cfg).train()          # or: rlhf train configs/sft_tiny.yaml [--resume] [--optim.lr 1e-4]
+
+It owns the accelerator, the optimizer and schedule, gradient accumulation and clipping, the run
+folder (config.yaml, metrics.jsonl, checkpoints/, final/), trackers, progress and resume. The
+algorithm (rlhf/algorithms/) only turns micro-batches into losses and stats.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from datetime import datetime, timedelta
+from typing import Optional, Union
+
+import torch
+
+from .config import ConfigError, TrainConfig, save_config, to_dict
+from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
+
+CHECKPOINT_GLOB = "step_*"
+
+
+def _algorithm_class(name: str):
+    from .algorithms import ALGORITHMS
+
+    return ALGORITHMS[name]()
+
+
+def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    fn = getattr(cfg, "grad_accum", None)
+    return fn(world_size) if fn else cfg.optim.grad_accum(world_size)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: Union[bool, str] = False):
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import InitProcessGroupKwargs
+
+        self.cfg = cfg
+        cfg.validate()
+        world = PartialState().num_processes
+        cfg.validate_world(world)
+        self.grad_accum = _grad_accum(cfg, world)
+        # A collective that never completes fails with a timeout error instead of hanging forever.
+        pg = InitProcessGroupKwargs(timeout=timedelta(minutes=int(os.environ.get("RLHF_COLLECTIVE_TIMEOUT_MIN", 30))))
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=self.grad_accum,
+            log_with=list(cfg.logging.trackers) or None,
+            kwargs_handlers=[pg],
+        )
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self.run_dir = self._resolve_run_dir(resume)
+        self.resume_from = self._find_checkpoint(resume) if resume else None
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed, device_specific=True)  # per-rank seeds: ranks must sample different responses
+        from .models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                        field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path",
+                                        trust_remote_code=cfg.model.trust_remote_code)
+        self.algorithm = _algorithm_class(cfg.algorithm)(cfg, self)
+        self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def _resolve_run_dir(self, resume: Union[bool, str]) -> str:
+        from accelerate.utils import broadcast_object_list
+
+        log = self.cfg.logging
+        if isinstance(resume, str) and resume:
+            path = resume
+            if os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints":
+                path = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+            if not os.path.isdir(path):
+                raise ConfigError(f"--resume {resume}: no such run folder or checkpoint")
+            return path
+        if resume and not log.run_name:
+            runs = sorted(glob.glob(os.path.join(log.output_dir, f"{self.cfg.algorithm}-*")), key=os.path.getmtime)
+            if not runs:
+                raise ConfigError(f"--resume: no earlier '{self.cfg.algorithm}-*' run in {log.output_dir}; set logging.run_name")
+            return runs[-1]
+        name = [log.run_name or f"{self.cfg.algorithm}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        name = broadcast_object_list(name)  # one name for all ranks
+        path = os.path.join(log.output_dir, name[0])
+        if self.is_main:
+            os.makedirs(path, exist_ok=True)
+        return path
+
+    def _find_checkpoint(self, resume: Union[bool, str]) -> Optional[str]:
+        if isinstance(resume, str) and os.path.basename(os.path.dirname(os.path.abspath(resume))) == "checkpoints":
+            return resume
+        found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", CHECKPOINT_GLOB)))
+        found = [f for f in found if not f.endswith(".tmp")]
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint in {self.run_dir}/checkpoints")
+        return found[-1]
+
+    # ------------------------------------------------------------------------------------------
+    def _optimizer(self, model: torch.nn.Module):
+        o = self.cfg.optim
+        groups = self.algorithm.param_groups(model)
+        for g in groups:
+            g.setdefault("lr", o.lr)
+            g["initial_lr"] = g["lr"]
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
+                                 weight_decay=o.weight_decay)
+
+    def _scheduler(self, optimizer, total_steps: int):
+        from transformers import get_scheduler
+
+        o = self.cfg.optim
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[o.scheduler]
+        return get_scheduler(name, optimizer, num_warmup_steps=int(o.warmup_ratio * total_steps),
+                             num_training_steps=total_steps)
+
+    def _init_trackers(self) -> None:
+        log = self.cfg.logging
+        if not log.trackers:
+            return
+        kwargs = {}
+        if "wandb" in log.trackers:
+            prepare_wandb(self.run_dir, self.print)
+            kwargs["wandb"] = {"name": os.path.basename(self.run_dir), "dir": self.run_dir,
+                               "group": log.group or None, "tags": list(log.tags) or None,
+                               "resume": "allow", "id": os.path.basename(self.run_dir)}
+        self.accelerator.project_configuration.set_directories(self.run_dir)
+        self.accelerator.init_trackers(log.project, config=to_dict(self.cfg), init_kwargs=kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run to the configured number of steps; returns the last logged metrics."""
+        acc, cfg, algo = self.accelerator, self.cfg, self.algorithm
+        if self.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        model = algo.build_model()
+        optimizer = self._optimizer(model)
+        total = algo.total_steps()
+        scheduler = self._scheduler(optimizer, total)
+        # The schedule is stepped once per optimizer step by hand: a prepared scheduler would step
+        # once per process.
+        model, optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(scheduler)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        algo.prepared(model)
+
+        if self.resume_from:
+            self._load_checkpoint(self.resume_from)
+            self.print(f"resumed from {self.resume_from} at step {self.step}")
+        elif self.is_main and os.path.exists(self.metrics.path):
+            os.remove(self.metrics.path)
+        self._init_trackers()
+        self.print(f"run folder: {self.run_dir}  ({total} steps, world {self.world_size}, "
+                   f"grad accum {self.grad_accum})")
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.step, desc=cfg.algorithm, dynamic_ncols=True,
+                   disable=not (self.is_main and cfg.logging.progress))
+        last: dict = {}
+        step_iter = algo.steps(self.step)
+        while self.step < total:
+            t0 = time.time()
+            batch = next(step_iter)
+            stats = self._optimizer_step(model, optimizer, scheduler, batch.micro_batches)
+            self.step += 1
+            stats.update(batch.metrics)
+            stats.update(algo.after_step(model, self.step))
+            stats["optim/lr"] = scheduler.get_last_lr()[0]
+            stats["time/step_s"] = time.time() - t0
+            if self.step % cfg.logging.log_every == 0 or self.step == total:
+                self.log(stats)
+                last = stats
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{float(stats[k]):.4g}" for k in algo.progress_keys if k in stats})
+            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
+                self.log(algo.evaluate(model))
+            if cfg.logging.save_every and self.step % cfg.logging.save_every == 0 and algo.can_checkpoint(self.step):
+                self.save_checkpoint()
+        bar.close()
+        final_eval = algo.evaluate(model)
+        if final_eval:
+            self.log(final_eval)
+            last.update(final_eval)
+        if not self.resume_from or self.step > int(os.path.basename(self.resume_from).split("_")[-1]):
+            self.save_checkpoint()
+        self.save_final()
+        acc.end_training()
+        return last
+
+    def _optimizer_step(self, model, optimizer, scheduler, micro_batches: list) -> dict:
+        acc, algo = self.accelerator, self.algorithm
+        if len(micro_batches) != self.grad_accum:
+            raise RuntimeError(f"algorithm gave {len(micro_batches)} micro-batches for a step; expected {self.grad_accum}")
+        # Normalize by the step's global unit count (tokens, pairs): the loss is then the same
+        # whatever the split into ranks and micro-batches.
+        weight = torch.tensor(float(sum(algo.loss_weight(mb) for mb in micro_batches)), device=self.device)
+        weight = acc.reduce(weight, reduction="sum").clamp(min=1.0)
+        scale = self.world_size * self.grad_accum / weight
+        sums: dict[str, torch.Tensor] = {}
+        total_loss = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss, stats = algo.loss(model, mb)
+                acc.backward(loss * scale)
+                total_loss += loss.detach().float() / weight
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float()
+                grad_norm = None
+                if acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        keys = sorted(sums)
+        packed = torch.stack([total_loss] + [sums[k] / len(micro_batches) for k in keys])
+        packed = acc.reduce(packed, reduction="mean")
+        out = {"train/loss": packed[0].item() * self.world_size}
+        out.update({k: packed[i + 1].item() for i, k in enumerate(keys)})
+        if grad_norm is not None:
+            out["optim/grad_norm"] = float(grad_norm)
+        return out
+
+    def log(self, metrics: dict) -> None:
+        if not metrics:
+            return
+        clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        self.metrics.write(self.step, clean)
+        if self.cfg.logging.trackers:
+            self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=self.step)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        """Model, optimizer, schedule, RNG states and step, written to a temp folder then renamed."""
+        acc = self.accelerator
+        final = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:06d}")
+        tmp = final + ".tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        state = {"step": self.step, "algorithm": self.algorithm.state_dict()}
+        if self.is_main:
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": self.step}, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.logging.keep_checkpoints
+        found = sorted(p for p in glob.glob(os.path.join(self.run_dir, "checkpoints", CHECKPOINT_GLOB))
+                       if not p.endswith(".tmp"))
+        for old in found[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, path: str) -> None:
+        self.accelerator.load_state(path)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self.step = state["step"]
+        self.algorithm.load_state_dict(state["algorithm"])
+        if self.is_main:
+            truncate_metrics(self.metrics.path, self.step)
+
+    def save_final(self) -> str:
+        out = os.path.join(self.run_dir, "final")
+        self.accelerator.wait_for_everyone()
+        model = self.accelerator.unwrap_model(self.model)
+        if self.is_main:
+            os.makedirs(out, exist_ok=True)
+            self.algorithm.save_model(model, out)
+        self.accelerator.wait_for_everyone()
+        return out
