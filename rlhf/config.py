@@ -216,25 +216,25 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    algorithm: str = "sft"
+    algorithm: str = opt("sft", "Which algorithm this config runs.")
     sft: SFTSection = field(default_factory=SFTSection, metadata={"help": "SFT options."})
 
 
 @dataclass
 class RewardConfig(TrainConfig):
-    algorithm: str = "reward"
+    algorithm: str = opt("reward", "Which algorithm this config runs.")
     reward: RewardSection = field(default_factory=RewardSection, metadata={"help": "Reward-model options."})
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    algorithm: str = "dpo"
+    algorithm: str = opt("dpo", "Which algorithm this config runs.")
     dpo: DPOSection = field(default_factory=DPOSection, metadata={"help": "DPO options."})
 
 
 @dataclass
 class PPOConfig(TrainConfig):
-    algorithm: str = "ppo"
+    algorithm: str = opt("ppo", "Which algorithm this config runs.")
     ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "PPO options."})
 
     def validate_world(self, world_size: int) -> None:

@@ -27,6 +27,20 @@ from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
 CHECKPOINT_GLOB = "step_*"
 
 
+def flat_config(cfg: TrainConfig) -> dict:
+    """{'optim.lr': 1e-5, ...} with scalar values only, as trackers' hyper-parameter tables want."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    walk(to_dict(cfg), "")
+    return out
+
+
 def _algorithm_class(name: str):
     from .algorithms import ALGORITHMS
 
@@ -45,22 +59,21 @@ class Trainer:
 
         self.cfg = cfg
         cfg.validate()
-        world = PartialState().num_processes
-        cfg.validate_world(world)
-        self.grad_accum = _grad_accum(cfg, world)
+        state = PartialState()
+        cfg.validate_world(state.num_processes)
+        self.grad_accum = _grad_accum(cfg, state.num_processes)
+        self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
+        self.run_dir = self._resolve_run_dir(resume)
+        self.resume_from = self._find_checkpoint(resume) if resume else None
         # A collective that never completes fails with a timeout error instead of hanging forever.
         pg = InitProcessGroupKwargs(timeout=timedelta(minutes=int(os.environ.get("RLHF_COLLECTIVE_TIMEOUT_MIN", 30))))
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=self.grad_accum,
             log_with=list(cfg.logging.trackers) or None,
+            project_dir=self.run_dir,
             kwargs_handlers=[pg],
         )
-        self.world_size = self.accelerator.num_processes
-        self.rank = self.accelerator.process_index
-        self.is_main = self.accelerator.is_main_process
-        self.run_dir = self._resolve_run_dir(resume)
-        self.resume_from = self._find_checkpoint(resume) if resume else None
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed, device_specific=True)  # per-rank seeds: ranks must sample different responses
@@ -144,8 +157,7 @@ class Trainer:
             kwargs["wandb"] = {"name": os.path.basename(self.run_dir), "dir": self.run_dir,
                                "group": log.group or None, "tags": list(log.tags) or None,
                                "resume": "allow", "id": os.path.basename(self.run_dir)}
-        self.accelerator.project_configuration.set_directories(self.run_dir)
-        self.accelerator.init_trackers(log.project, config=to_dict(self.cfg), init_kwargs=kwargs)
+        self.accelerator.init_trackers(log.project, config=flat_config(self.cfg), init_kwargs=kwargs)
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -108,6 +108,25 @@ def _runner():
     if cfg["uid"] is not None:
         if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
             exit_(cfg["setup_failed_code"])
+        # The interpreter may live under a directory only root can traverse (/root/...). Open
+        # its import directories now and import through /proc/self/fd/N, which reaches an open
+        # directory without searching its parents.
+        moved = {}
+        for entry in sys.path:
+            try:
+                moved[entry] = "/proc/self/fd/%d" % os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                pass
+        sys.path[:] = list(moved.values())
+        for module in list(sys.modules.values()):  # packages imported already find submodules
+            search = getattr(module, "__path__", None)  # through __path__: move those too
+            if type(search) is list:
+                for i, entry in enumerate(search):
+                    for old in sorted(moved, key=len, reverse=True):
+                        if entry == old or entry.startswith(old + "/"):
+                            search[i] = moved[old] + entry[len(old):]
+                            break
+        sys.path_importer_cache.clear()
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])

@@ -32,21 +32,23 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logp
 
 
+def _unwrap_peft(model):
+    """The transformers model inside a peft wrapper (adapters stay active: they are injected in place)."""
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
+        return model.base_model.model
+    return model
+
+
 def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
     """Last hidden states [B, T, H] of a sequence-classification model's backbone."""
-    base = getattr(model, "base_model", model)
-    # peft wraps the transformers model one level deeper
-    inner = getattr(base, "model", base) if base.__class__.__name__.startswith("Lora") else base
-    backbone = getattr(inner, inner.base_model_prefix)
+    backbone = _unwrap_peft(model).base_model  # transformers: the model under the task head
     out = backbone(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state
 
 
 def _score_head(model):
-    base = getattr(model, "base_model", model)
-    inner = getattr(base, "model", base) if base.__class__.__name__.startswith("Lora") else base
-    return inner.score
+    return _unwrap_peft(model).score
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"]
+# <|endoftext|> is in the vocabulary because some architectures' tokenizer classes expect it.
+SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"

@@ -1,0 +1,80 @@
+import torch
+
+from rlhf.data import encode_prompt
+from rlhf.models import (last_token_index, load_causal_lm, load_scalar_model, load_tokenizer, scalar_scores,
+                         token_logprobs, token_values)
+from rlhf.config import ModelConfig
+from rlhf.models.tiny import init_tiny
+from rlhf.rollout import SamplingConfig, generate, response_mask_from_ids
+
+
+def test_tiny_models_roundtrip_through_from_pretrained(tmp_path, sft_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for arch, cls in (("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")):
+        out = init_tiny(str(tmp_path / arch), [sft_file], arch=arch, vocab_size=400, hidden_size=32, layers=1,
+                        heads=2, kv_heads=1, intermediate_size=64)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(out)
+        assert type(model).__name__ == cls
+        assert tok.pad_token_id != tok.eos_token_id
+        assert tok.chat_template and len(tok) == model.config.vocab_size
+        text = "What color is the sky?"
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_token_logprobs_match_manual_softmax(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok, trainable=False)
+    ids = torch.tensor([encode_prompt(tok, "What color is the sky?")])
+    mask = torch.ones_like(ids)
+    logits = model(ids).logits[0, :-1]
+    manual = torch.log_softmax(logits / 0.7, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    assert torch.allclose(token_logprobs(model, ids, mask, temperature=0.7)[0], manual, atol=1e-5)
+
+
+def test_left_padding_does_not_change_logprobs_or_scores(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok, trainable=False)
+    ids = torch.tensor([encode_prompt(tok, "What sound does a cow make?")])
+    padded = torch.cat([torch.full((1, 3), tok.pad_token_id), ids], 1)
+    pmask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    a = token_logprobs(model, ids, torch.ones_like(ids))
+    b = token_logprobs(model, padded, pmask)[:, 3:]
+    assert torch.allclose(a, b, atol=1e-5)
+    rm = load_scalar_model(tiny_model_dir, tokenizer=tok)
+    s1 = scalar_scores(rm, ids, torch.ones_like(ids))
+    s2 = scalar_scores(rm, padded, pmask)
+    assert torch.allclose(s1, s2, atol=1e-5)
+    # the score is the head's value at the last real token
+    assert torch.allclose(s1, token_values(rm, ids, torch.ones_like(ids))[:, -1])
+
+
+def test_last_token_index():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [1, 3, 3]
+
+
+def test_response_mask_includes_first_eos_only():
+    eos = 9
+    ids = torch.tensor([[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]])
+    mask, ended = response_mask_from_ids(ids, eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_generate_rollout_shapes_and_masks(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok, trainable=False)
+    torch.manual_seed(0)
+    r = generate(model, tok, ["What color is the sky?", "Hi"], SamplingConfig(max_new_tokens=6, top_k=20), batch_size=1)
+    assert r.prompt_ids.shape[0] == r.response_ids.shape[0] == 2
+    assert r.response_ids.shape[1] <= 6
+    # prompts are left-padded: the last prompt column is always a real token
+    assert r.prompt_mask[:, -1].all()
+    # padding after the response is the pad token, never EOS
+    assert (r.response_ids[r.response_mask == 0] == tok.pad_token_id).all()
+    for i in range(2):
+        n = int(r.response_mask[i].sum())
+        assert bool(r.eos[i]) == (r.response_ids[i, n - 1].item() == tok.eos_token_id)
+        assert r.texts[i] == tok.decode(r.response_ids[i, :n], skip_special_tokens=True)

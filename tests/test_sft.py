@@ -1,0 +1,123 @@
+"""SFT end to end through the Trainer: learning, resume, accumulation invariance, trackers, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import sft_config
+from rlhf import Trainer
+from rlhf.tracking import read_metrics
+
+
+def final_weights(run_dir):
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def test_sft_loss_falls_and_run_folder_is_complete(tiny_model_dir, sft_file, tmp_path):
+    cfg = sft_config(tiny_model_dir, sft_file, str(tmp_path), optim__max_steps=16, logging__save_every=8)
+    Trainer(cfg).train()
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 16
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    for key in ("optim/lr", "optim/grad_norm", "time/step_s", "train/tokens"):
+        assert key in records[-1]
+    assert (run / "config.yaml").exists()
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_000008", "step_000016"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run / "final")
+    AutoTokenizer.from_pretrained(run / "final")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_model_dir, sft_file, tmp_path):
+    kw = dict(optim__max_steps=8, logging__save_every=3, optim__warmup_ratio=0.25)
+    Trainer(sft_config(tiny_model_dir, sft_file, str(tmp_path / "a"), **kw)).train()
+
+    cfg = sft_config(tiny_model_dir, sft_file, str(tmp_path / "b"), **kw)
+    trainer = Trainer(cfg)
+    steps = trainer.algorithm.steps
+
+    def interrupted(start):  # the process dies while computing step 5 (last checkpoint: step 3)
+        for i, batch in enumerate(steps(start)):
+            if start + i == 4:
+                raise Interrupt
+            yield batch
+    trainer.algorithm.steps = interrupted
+    with pytest.raises(Interrupt):
+        trainer.train()
+    assert os.listdir(tmp_path / "b" / "run" / "checkpoints") == ["step_000003"]
+    Trainer(sft_config(tiny_model_dir, sft_file, str(tmp_path / "b"), **kw), resume=True).train()
+
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    la = [r["train/loss"] for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")]
+    lb = [r["train/loss"] for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert la == lb  # one clean record per step, the same numbers
+
+
+def test_grad_accumulation_invariance(tiny_model_dir, sft_file, tmp_path):
+    """micro-batch 2 x accumulation 4 trains the same weights as micro-batch 8 x 1."""
+    runs = {}
+    for micro in (2, 8):
+        out = tmp_path / f"m{micro}"
+        Trainer(sft_config(tiny_model_dir, sft_file, str(out), optim__micro_batch_size=micro,
+                           optim__max_steps=3)).train()
+        runs[micro] = final_weights(out / "run")
+    for name in runs[2]:
+        torch.testing.assert_close(runs[2][name], runs[8][name], atol=2e-5, rtol=1e-4)
+
+
+def test_trackers_tensorboard_and_offline_wandb(tiny_model_dir, sft_file, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = sft_config(tiny_model_dir, sft_file, str(tmp_path), optim__max_steps=2,
+                     logging__trackers=["tensorboard", "wandb"])
+    Trainer(cfg).train()
+    assert os.environ["WANDB_MODE"] == "offline"
+    run = tmp_path / "run"
+    events = [f for _, _, fs in os.walk(run) for f in fs if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard event file"
+    assert any(d.startswith("offline-run") for d in os.listdir(run / "wandb"))
+    assert (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_tiny_config(tiny_model_dir, sft_file, tmp_path):
+    """`rlhf train CONFIG` as a user runs it, in a subprocess."""
+    path = tmp_path / "sft.yaml"
+    path.write_text(f"""algorithm: sft
+model:
+  name_or_path: {tiny_model_dir}
+data:
+  train: {sft_file}
+  max_length: 64
+  max_prompt_length: 32
+optim:
+  lr: 3.0e-3
+  batch_size: 8
+  micro_batch_size: 8
+  max_steps: 4
+logging:
+  output_dir: {tmp_path}/runs
+  run_name: cli
+""")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "rlhf", "train", str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(read_metrics(tmp_path / "runs" / "cli" / "metrics.jsonl")) == 4
