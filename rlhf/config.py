@@ -116,33 +116,60 @@ class SFTSection:
 
 @dataclass
 class RewardSection:
-    margin: bool = opt(False, "Use the row's 'margin' column in the Bradley-Terry loss.")
-    normalize: bool = opt(True, "After training, shift/scale the head so scores have mean 0, std 1 on the training prompts' chosen responses.")
+    margin: bool = opt(False, "Use the row's 'margin' column (ultrafeedback: score_chosen - score_rejected) in the Bradley-Terry loss.")
+    normalize: bool = opt(True, "After training, fold a shift/scale into the score head so scores have mean 0, std 1 on the normalize_on set (also saved to reward_normalization.json).")
+    normalize_on: Literal["train", "eval"] = opt("train", "Reference set of the normalization: the chosen and rejected responses of data.train or of data.eval.")
     center_coef: float = opt(0.0, "Penalty on the squared mean score, keeping scores centred during training.")
+    pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
+
+    def __post_init__(self) -> None:
+        if self.center_coef < 0:
+            raise ConfigError(f"reward.center_coef={self.center_coef}: expected >= 0")
 
 
 @dataclass
 class DPOSection:
     beta: float = opt(0.1, "Strength of the KL constraint to the reference.")
-    loss_type: str = opt("sigmoid", "sigmoid, robust, hinge or ipo.")
-    label_smoothing: float = opt(0.0, "Probability that a label is flipped (cDPO / robust DPO).")
+    loss_type: str = opt("sigmoid", "sigmoid, robust, hinge or ipo (ipo compares length-averaged log-probs).")
+    label_smoothing: float = opt(0.0, "Probability that a label is flipped (cDPO with sigmoid, robust DPO with robust).")
     reference_free: bool = opt(False, "Drop the reference model (implicit uniform reference).")
     reference: Literal["copy", "adapter", "precomputed"] = opt(
         "precomputed", "Reference: a frozen copy, the LoRA base with adapters off, or log-probs precomputed once and cached."
     )
-    ref_update_every: int = opt(0, "Soft-update the reference every N steps (0 = never; 1 with ref_update_alpha gives an EMA).")
+    ref_update_every: int = opt(0, "Soft-update the reference every N steps (0 = never; 1 with ref_update_alpha gives an EMA); needs reference 'copy'.")
     ref_update_alpha: float = opt(0.6, "ref <- alpha * policy + (1 - alpha) * ref at each reference update.")
+    pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
+
+    def __post_init__(self) -> None:
+        from .losses import DPO_LOSSES
+
+        if self.loss_type not in DPO_LOSSES:
+            raise ConfigError(f"dpo.loss_type={self.loss_type!r}: expected one of {', '.join(DPO_LOSSES)}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta={self.beta}: expected > 0")
+        robust = self.loss_type == "robust"  # its 1 / (1 - 2 eps) is infinite at 0.5
+        if not (0 <= self.label_smoothing and (self.label_smoothing < 0.5 if robust else self.label_smoothing <= 0.5)):
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing}: expected in [0, 0.5{')' if robust else ']'} "
+                              f"for loss_type {self.loss_type!r}")
+        if self.ref_update_every < 0:
+            raise ConfigError(f"dpo.ref_update_every={self.ref_update_every}: expected >= 0")
+        if self.ref_update_every and (self.reference != "copy" or self.reference_free):
+            raise ConfigError(f"dpo.ref_update_every={self.ref_update_every} soft-updates a reference copy: it needs "
+                              f"dpo.reference='copy' and dpo.reference_free=false (got reference={self.reference!r}, "
+                              f"reference_free={self.reference_free})")
+        if not 0 < self.ref_update_alpha <= 1:
+            raise ConfigError(f"dpo.ref_update_alpha={self.ref_update_alpha}: expected in (0, 1]")
 
 
 @dataclass
 class PPOSection:
     # reward sources
     reward_model: str = opt("", "Folder of a trained reward model (scalar score at the last token).")
-    reward_fns: list[str] = opt([], "Programmatic rewards as 'module:callable' import paths.")
+    reward_fns: list[str] = opt([], "Programmatic rewards as 'module:callable' import paths: fn(prompts, completions, **columns) -> list[float].")
     reward_weights: list[float] = opt([], "Weights of [reward_model, *reward_fns] in the summed score (default all 1).")
     # batching: rollout_batch_size x samples_per_prompt = num_minibatches x minibatch; minibatch = world x micro x accum
     iterations: int = opt(100, "PPO iterations (rollout + update phases).")
-    rollout_batch_size: int = opt(512, "Prompts per iteration, over all ranks.")
+    rollout_batch_size: int = opt(512, "Prompts per iteration, over all ranks (paper: 512; the small-batch baseline 64).")
     samples_per_prompt: int = opt(1, "Responses sampled per prompt.")
     num_minibatches: int = opt(4, "Optimizer steps per PPO epoch; the rollout batch is split into this many.")
     ppo_epochs: int = opt(1, "Passes over the rollout batch.")
@@ -150,7 +177,7 @@ class PPOSection:
     rollout_micro_batch_size: int = opt(32, "Sequences per forward on one rank when generating and scoring.")
     # objective
     clip_eps: float = opt(0.2, "Policy ratio clip.")
-    value_clip_eps: float = opt(0.2, "Value clip around the rollout values.")
+    value_clip_eps: float = opt(0.2, "Value clip around the rollout values (0 = off).")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     gamma: float = opt(1.0, "Discount.")
     lam: float = opt(1.0, "GAE lambda.")
@@ -159,13 +186,17 @@ class PPOSection:
     adaptive_kl: bool = opt(False, "Adapt kl_coef toward kl_target.")
     kl_target: float = opt(6.0, "Target KL of the adaptive controller.")
     kl_horizon: int = opt(10000, "Horizon of the adaptive controller.")
-    reward_clip: float = opt(20.0, "Clip the score to +-reward_clip.")
+    reward_clip: float = opt(20.0, "Clip the score to +-reward_clip (0 = off).")
     reward_norm: bool = opt(False, "Normalize scores by a running mean/std.")
     value_norm: bool = opt(True, "Learn values in a running-normalized return space.")
     value_norm_decay: float = opt(0.99995, "Decay of the running return statistics.")
+    value_norm_clip: float = opt(5.0, "Clip normalized returns to +-value_norm_clip (paper: 5).")
     adv_norm: bool = opt(True, "Normalize advantages over the whole rollout batch (all ranks).")
-    missing_eos_penalty: Optional[float] = opt(None, "Score given to responses that hit max_new_tokens without EOS (None = keep the score).")
-    ratio_bound: float = opt(5.0, "Skip a minibatch whose mean ratio exceeds this (0 = off).")
+    on_truncated: Literal["bootstrap", "score"] = opt(
+        "bootstrap", "Responses cut at max_new_tokens without EOS: 'bootstrap' = no score, GAE bootstraps from "
+        "V(s_T) (paper); 'score' = scored like finished ones. missing_eos_penalty, when set, overrides both.")
+    missing_eos_penalty: Optional[float] = opt(None, "Score given to responses that hit max_new_tokens without EOS (None = see on_truncated).")
+    ratio_bound: float = opt(5.0, "Zero the policy loss of a micro-batch whose mean ratio exceeds this (0 = off).")
     # reference
     ref_ema: float = opt(0.0, "Reference EMA eta after every optimizer step (0 = frozen reference; paper: 0.001).")
     ref_reset_every: int = opt(0, "Reset the reference to the policy every N iterations (0 = never).")
@@ -234,27 +265,53 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class PPOConfig(TrainConfig):
-    algorithm: str = opt("ppo", "Which algorithm this config runs.")
+    algorithm: str = "ppo"
     ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "PPO options."})
 
+    def validate(self) -> None:
+        super().validate()
+        p = self.ppo
+        for name in ("iterations", "rollout_batch_size", "samples_per_prompt", "num_minibatches", "ppo_epochs",
+                     "micro_batch_size", "rollout_micro_batch_size", "max_new_tokens"):
+            if getattr(p, name) <= 0:
+                raise ConfigError(f"ppo.{name}={getattr(p, name)}: expected > 0")
+        if p.temperature <= 0 or p.top_k < 0 or not 0 < p.top_p <= 1:
+            raise ConfigError(f"ppo.temperature={p.temperature}, ppo.top_k={p.top_k}, ppo.top_p={p.top_p}: "
+                              f"expected temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        if not 0 <= p.ref_ema <= 1:
+            raise ConfigError(f"ppo.ref_ema={p.ref_ema}: expected in [0, 1]")
+        sources = ([p.reward_model] if p.reward_model else []) + list(p.reward_fns)
+        if not sources:
+            raise ConfigError("ppo: no reward source; set ppo.reward_model (a reward-model folder) and/or "
+                              "ppo.reward_fns ('module:callable' paths)")
+        if p.reward_weights and len(p.reward_weights) != len(sources):
+            raise ConfigError(f"ppo.reward_weights has {len(p.reward_weights)} weights for {len(sources)} reward "
+                              f"sources {sources}; expected one per source (reward_model first)")
+        if p.critic_init == "reward_model" and not p.reward_model:
+            raise ConfigError("ppo.critic_init=reward_model needs ppo.reward_model; set ppo.critic_init: policy")
+        if self.data.max_prompt_length + p.max_new_tokens > self.data.max_length:
+            raise ConfigError(f"data.max_prompt_length={self.data.max_prompt_length} + ppo.max_new_tokens="
+                              f"{p.max_new_tokens} exceeds data.max_length={self.data.max_length}")
+
     def validate_world(self, world_size: int) -> None:
+        """rollout_batch_size x samples_per_prompt = rollouts = num_minibatches x minibatch;
+        minibatch = world_size x micro_batch_size x grad_accum; every rank holds whole prompts."""
         p = self.ppo
         rollouts = p.rollout_batch_size * p.samples_per_prompt
-        if rollouts % p.num_minibatches:
-            raise ConfigError(
-                f"ppo.rollout_batch_size={p.rollout_batch_size} x ppo.samples_per_prompt={p.samples_per_prompt} = "
-                f"{rollouts} rollouts are not divisible into ppo.num_minibatches={p.num_minibatches}"
-            )
-        minibatch = rollouts // p.num_minibatches
         per_step = world_size * p.micro_batch_size
+        numbers = (f"ppo.rollout_batch_size={p.rollout_batch_size} x ppo.samples_per_prompt={p.samples_per_prompt} "
+                   f"= {rollouts} rollouts per iteration = ppo.num_minibatches={p.num_minibatches} x minibatch, "
+                   f"minibatch = world_size={world_size} x ppo.micro_batch_size={p.micro_batch_size} x grad_accum")
+        if rollouts % p.num_minibatches:
+            raise ConfigError(f"batch hierarchy: {rollouts} rollouts do not split into {p.num_minibatches} "
+                              f"minibatches ({numbers})")
+        minibatch = rollouts // p.num_minibatches
         if minibatch % per_step:
-            raise ConfigError(
-                f"minibatch of {minibatch} rollouts (ppo.rollout_batch_size={p.rollout_batch_size} x "
-                f"ppo.samples_per_prompt={p.samples_per_prompt} / ppo.num_minibatches={p.num_minibatches}) is not "
-                f"divisible by world_size={world_size} x ppo.micro_batch_size={p.micro_batch_size} = {per_step}"
-            )
+            raise ConfigError(f"batch hierarchy: a minibatch of {minibatch} rollouts is not a multiple of "
+                              f"world_size x micro_batch_size = {per_step} ({numbers})")
         if p.rollout_batch_size % world_size:
-            raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} is not divisible by world_size={world_size}")
+            raise ConfigError(f"batch hierarchy: {p.rollout_batch_size} prompts do not split evenly over "
+                              f"world_size={world_size} ranks ({numbers})")
 
     def grad_accum(self, world_size: int) -> int:
         p = self.ppo

@@ -47,6 +47,15 @@ def _algorithm_class(name: str):
     return ALGORITHMS[name]()
 
 
+def _use_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def micro_batch_size(cfg: TrainConfig) -> int:
+    ppo = getattr(cfg, "ppo", None)
+    return ppo.micro_batch_size if ppo is not None else cfg.optim.micro_batch_size
+
+
 def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
     fn = getattr(cfg, "grad_accum", None)
     return fn(world_size) if fn else cfg.optim.grad_accum(world_size)
@@ -59,7 +68,14 @@ class Trainer:
 
         self.cfg = cfg
         cfg.validate()
-        state = PartialState()
+        # DeepSpeed on a machine without GPUs: start the process group over gloo first; the
+        # Accelerator then wraps the model in DeepSpeed on top of it (used by CI's ZeRO tests).
+        cpu_deepspeed = _use_deepspeed() and not torch.cuda.is_available()
+        state = PartialState(cpu=True) if cpu_deepspeed else PartialState()
+        if cpu_deepspeed:
+            import deepspeed
+
+            deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         cfg.validate_world(state.num_processes)
         self.grad_accum = _grad_accum(cfg, state.num_processes)
         self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
@@ -73,6 +89,7 @@ class Trainer:
             log_with=list(cfg.logging.trackers) or None,
             project_dir=self.run_dir,
             kwargs_handlers=[pg],
+            deepspeed_plugin=self._deepspeed_plugin(),
         )
         from accelerate.utils import set_seed
 
@@ -85,6 +102,18 @@ class Trainer:
         self.algorithm = _algorithm_class(cfg.algorithm)(cfg, self)
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
         self.step = 0
+
+    def _deepspeed_plugin(self):
+        """Under `accelerate launch` with a DeepSpeed config, batch numbers come from the rlhf config."""
+        if not _use_deepspeed():
+            return None
+        from accelerate.utils import DeepSpeedPlugin
+
+        clip = self.cfg.optim.max_grad_norm
+        plugin = DeepSpeedPlugin(gradient_accumulation_steps=self.grad_accum, gradient_clipping=clip if clip > 0 else None)
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size(self.cfg)
+        plugin.deepspeed_config["train_batch_size"] = micro_batch_size(self.cfg) * self.grad_accum * self.world_size
+        return plugin
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -241,6 +270,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float()
                 grad_norm = None
                 if acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
+                    # under DeepSpeed the engine clips inside backward and returns None here
                     grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -250,6 +280,8 @@ class Trainer:
         packed = acc.reduce(packed, reduction="mean")
         out = {"train/loss": packed[0].item() * self.world_size}
         out.update({k: packed[i + 1].item() for i, k in enumerate(keys)})
+        if grad_norm is None and hasattr(model, "get_global_grad_norm"):
+            grad_norm = model.get_global_grad_norm()
         if grad_norm is not None:
             out["optim/grad_norm"] = float(grad_norm)
         return out
@@ -272,6 +304,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(tmp)
+        acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the rename
         state = {"step": self.step, "algorithm": self.algorithm.state_dict()}
         if self.is_main:
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))

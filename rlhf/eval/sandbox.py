@@ -169,7 +169,7 @@ _SETUP_FAILED_CODE = 97  # the runner could not isolate itself
 
 # Functions of `os` removed before the program runs.
 _BLOCKED_OS = (
-    "system", "popen", "fork", "forkpty", "kill", "killpg", "register_at_fork",
+    "system", "popen", "fork", "forkpty", "kill", "killpg",
     "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
     "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
     "posix_spawn", "posix_spawnp",

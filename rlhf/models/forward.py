@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import logprobs_from_logits
+from ..ops import logprobs_from_logits, masked_sum
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -69,3 +69,15 @@ def scalar_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     values = token_values(model, input_ids, attention_mask)
     idx = last_token_index(attention_mask)
     return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] summed log-prob of each row's response tokens, [B] their count).
+
+    response_mask [B, T-1] is aligned with token_logprobs: 1 where input_ids[:, t+1] is a response token.
+    The length-averaged log-prob (IPO, SimPO-style losses) is sum / count.clamp(min=1).
+    """
+    logp = token_logprobs(model, input_ids, attention_mask)
+    mask = response_mask.to(logp.dtype)
+    return masked_sum(logp, mask, dim=-1), mask.sum(-1)

@@ -1,0 +1,244 @@
+"""Direct Preference Optimization and its variants (cDPO, robust, hinge, IPO) against one of three references.
+
+    rlhf train configs/dpo_tiny.yaml
+
+Each micro-batch runs chosen and rejected rows through ONE policy forward ([2B, T], see PairBatch); the summed
+response log-probs (length-averaged for IPO) become per-pair losses through rlhf.losses.dpo_loss. The reference
+log-probs (dpo.reference) come from
+  copy         a frozen copy of the initial policy; soft-updated ref <- a * policy + (1 - a) * ref every
+               dpo.ref_update_every steps when that is > 0 (1 = an EMA; TR-DPO syncs every 512 steps with a = .6)
+  adapter      the LoRA policy itself with its adapters disabled: no second copy in memory
+  precomputed  one pass of the initial policy over the train + eval pairs before training, cached in
+               <run>/ref_logps.pt and reused on resume
+or are dropped (dpo.reference_free). Metrics carry TRL's names: rewards/{chosen,rejected,accuracies,margins},
+logps/{chosen,rejected}, and eval/ versions of them and of the loss on data.eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from ..config import ConfigError
+from ..data import BadRows
+from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
+from ..losses import dpo_loss
+from ..models import adapters_disabled, ema_update_, frozen_copy, is_peft, load_causal_lm
+from ..models.forward import sequence_logprobs
+from .base import Algorithm
+from .supervised import make_batcher, report_skipped, step_stream, total_steps
+
+REF_CACHE = "ref_logps.pt"
+EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")
+
+
+# ----------------------------------------------------------------------------------------------
+# References: each maps a batch to the reference's summed response log-probs [2B]
+# ----------------------------------------------------------------------------------------------
+
+
+class CopyReference:
+    """A frozen copy of the initial policy (the only reference that soft updates can move)."""
+
+    def __init__(self, algo: "DPO", model):
+        self.model = frozen_copy(algo.unwrap(model))
+
+    @torch.no_grad()
+    def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
+        return algo.forward(self.model, batch)[0]
+
+
+class AdapterReference:
+    """The LoRA policy's base model: the policy's own forward with its adapters switched off."""
+
+    def __init__(self, algo: "DPO", model):
+        if not is_peft(algo.unwrap(model)):
+            raise ConfigError("dpo.reference='adapter' needs a LoRA policy: set model.lora_r > 0")
+
+    @torch.no_grad()
+    def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
+        base = algo.unwrap(policy)
+        with adapters_disabled(base):
+            return algo.forward(base, batch)[0]
+
+
+class PrecomputedReference:
+    """Log-probs of the initial policy, computed in one pass before training (or read back on resume)."""
+
+    def __init__(self, algo: "DPO", model):
+        self.table = algo.reference_table(model)  # [N, 2]: (chosen, rejected) per pair index
+
+    def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
+        rows = self.table[batch.index]
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(algo.trainer.device)
+
+
+REFERENCES = {"copy": CopyReference, "adapter": AdapterReference, "precomputed": PrecomputedReference}
+
+
+class DPO(Algorithm):
+    progress_keys = ("train/loss", "rewards/accuracies")
+
+    def __init__(self, cfg, trainer):
+        super().__init__(cfg, trainer)
+        d, tok = cfg.data, trainer.tokenizer
+        opts = PairOptions.from_config(d, cfg.dpo.pku_preference)
+        self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
+        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit)
+        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split) if d.eval else []
+        for i, example in enumerate(self.train_pairs + self.eval_pairs):
+            example.index = i  # keys the precomputed reference table
+        self.skipped = report_skipped(trainer, self.bad, "train")
+        if d.eval:
+            self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
+        self.collate = collate_pairs(tok.pad_token_id)
+        self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
+        if cfg.dpo.reference == "adapter" and not cfg.dpo.reference_free and cfg.model.lora_r <= 0:
+            raise ConfigError("dpo.reference='adapter' needs a LoRA policy: set model.lora_r > 0")
+        self.reference = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def unwrap(self, model):
+        return self.trainer.accelerator.unwrap_model(model)
+
+    def build_model(self):
+        return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
+
+    def prepared(self, model) -> None:
+        if not self.cfg.dpo.reference_free:
+            self.reference = REFERENCES[self.cfg.dpo.reference](self, model)
+
+    def total_steps(self) -> int:
+        return total_steps(self.cfg, self.batcher)
+
+    def steps(self, start_step):
+        return step_stream(self.batcher, start_step)
+
+    # --- the objective -------------------------------------------------------------------------
+    def forward(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([2B] summed response log-probs, [2B] response lengths) from one forward of chosen + rejected rows."""
+        dev = self.trainer.device
+        return sequence_logprobs(model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
+                                 batch.response_mask.to(dev))
+
+    def reference_logps(self, model, batch: PairBatch, like: torch.Tensor) -> torch.Tensor:
+        return self.reference.logps(self, model, batch) if self.reference else torch.zeros_like(like)
+
+    def objective(self, logps: torch.Tensor, lengths: torch.Tensor,
+                  ref_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(per-pair losses [B], per-pair stats [B]) from summed log-probs [2B] of policy and reference."""
+        d = self.cfg.dpo
+        averaged = d.loss_type == "ipo"  # IPO's margin compares per-token log-probs
+        n = lengths.clamp(min=1) if averaged else 1
+        losses, chosen, rejected = dpo_loss(*(logps / n).chunk(2), *(ref_logps / n).chunk(2), beta=d.beta,
+                                            loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                            reference_free=d.reference_free)
+        if averaged:  # rewards are always reported from summed log-probs, as TRL does
+            _, chosen, rejected = dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=d.beta,
+                                           reference_free=d.reference_free)
+        logps_chosen, logps_rejected = logps.detach().chunk(2)
+        return losses, {
+            "rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected,
+            "logps/chosen": logps_chosen, "logps/rejected": logps_rejected,
+        }
+
+    def loss_weight(self, batch: PairBatch) -> float:
+        return float(batch.num_pairs)
+
+    def loss(self, model, batch: PairBatch):
+        logps, lengths = self.forward(model, batch)
+        losses, stats = self.objective(logps, lengths, self.reference_logps(model, batch, logps))
+        return losses.sum(), {k: v.mean() for k, v in stats.items()}
+
+    def after_step(self, model, step):
+        d = self.cfg.dpo
+        if d.ref_update_every and step % d.ref_update_every == 0:
+            ema_update_(self.reference.model, self.unwrap(model), d.ref_update_alpha)
+        return dict(self.skipped) if step == 1 else {}
+
+    # --- the precomputed reference ---------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        """What the cached log-probs depend on: the initial model, its precision and every pair's tokens."""
+        h = hashlib.sha256()
+        m = self.cfg.model
+        h.update(repr((m.name_or_path, m.dtype, m.lora_r, self.cfg.mixed_precision)).encode())
+        for e in self.train_pairs + self.eval_pairs:
+            h.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
+        return h.hexdigest()
+
+    def reference_table(self, model) -> torch.Tensor:
+        """[N, 2] summed (chosen, rejected) log-probs of the initial policy for every train + eval pair.
+
+        Called before a checkpoint is loaded, so `model` still holds the initial weights; on resume the cache
+        written at the start of the run is reused when it matches the data and model.
+        """
+        path = os.path.join(self.trainer.run_dir, REF_CACHE)
+        key = self._fingerprint()
+        if self.trainer.resume_from and os.path.exists(path):
+            cached = torch.load(path, weights_only=True)
+            if cached["fingerprint"] == key:
+                self.trainer.print(f"reference log-probs: reusing {path}")
+                return cached["logps"]
+            self.trainer.print(f"reference log-probs: {path} belongs to other pairs or another model; recomputing")
+        table = self._score_pairs(model)
+        if self.trainer.is_main:
+            torch.save({"fingerprint": key, "logps": table}, path)
+        self.trainer.print(f"reference log-probs: {len(table)} pairs computed once, cached in {path}")
+        return table
+
+    @torch.no_grad()
+    def _score_pairs(self, model) -> torch.Tensor:
+        from accelerate.utils import gather_object
+
+        t = self.trainer
+        policy = self.unwrap(model)
+        was_training = policy.training
+        policy.eval()
+        examples = self.train_pairs + self.eval_pairs
+        share, mb, rows = examples[t.rank::t.world_size], self.cfg.optim.micro_batch_size, []
+        for i in range(0, len(share), mb):
+            batch = self.collate(share[i:i + mb])
+            with t.accelerator.autocast():
+                chosen, rejected = self.forward(policy, batch)[0].float().cpu().chunk(2)
+            rows += list(zip(batch.index.tolist(), chosen.tolist(), rejected.tolist()))
+        policy.train(was_training)
+        table = torch.zeros(len(examples), 2)
+        for index, chosen, rejected in gather_object(rows) if t.world_size > 1 else rows:
+            table[index] = torch.tensor([chosen, rejected])
+        return table
+
+    # --- evaluation and state --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        if not self.eval_pairs:
+            return {}
+        t = self.trainer
+        was_training = model.training
+        model.eval()
+        share, mb = self.eval_pairs[t.rank::t.world_size], self.cfg.optim.micro_batch_size
+        totals = torch.zeros(len(EVAL_KEYS) + 1, device=t.device)  # per-key sums over pairs, then the pair count
+        for i in range(0, len(share), mb):
+            batch = self.collate(share[i:i + mb])
+            with t.accelerator.autocast():
+                logps, lengths = self.forward(model, batch)
+                losses, stats = self.objective(logps, lengths, self.reference_logps(model, batch, logps))
+            stats["loss"] = losses
+            sums = [stats[k].float().sum() for k in EVAL_KEYS]
+            totals += torch.stack(sums + [torch.tensor(float(len(losses)), device=t.device)])
+        model.train(was_training)
+        totals = t.accelerator.reduce(totals, "sum")
+        count = totals[-1].clamp(min=1)
+        return {f"eval/{k}": (totals[i] / count).item() for i, k in enumerate(EVAL_KEYS)}
+
+    def state_dict(self) -> dict:
+        if self.cfg.dpo.ref_update_every:  # a moving reference is part of the training state
+            return {"reference": self.reference.model.state_dict()}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "reference" in state:
+            self.reference.model.load_state_dict(state["reference"])

@@ -1,0 +1,395 @@
+"""PPO with a critic, done the way Xu et al. (2024, "Is DPO Superior to PPO for LLM Alignment?") found it must be.
+
+    rlhf train configs/ppo_tiny.yaml
+
+One iteration, as data (per rank; B rollouts, P prompt width, R response width):
+  prompts -> generate with the policy (temperature, top-k, top-p)                 -> Rollout, [B, P + R]
+  -> one scoring pass: old log-probs, reference log-probs, values V(s_t), score   -> [B, R] x 3, [B]
+  -> per-token rewards: -beta * KL on every token, clipped score on the last one  -> [B, R]
+  -> GAE -> advantages whitened over the whole rollout batch of all ranks, once   -> [B, R]
+  -> ppo_epochs x num_minibatches optimizer steps of clipped policy + vf_coef * clipped value loss
+  -> reference EMA after every optimizer step.
+The paper's three factors are config values: ppo.adv_norm, the batch (ppo.rollout_batch_size with
+ppo.num_minibatches) and ppo.ref_ema; configs/ppo_ablation_*.yaml walk through them one at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
+from ..losses import ppo_policy_loss, ppo_value_loss
+from ..models import (ema_update_, frozen_copy, load_causal_lm, load_scalar_model, position_ids_from_mask,
+                      token_values)
+from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits,
+                   explained_variance, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten)
+from ..rewards import build_reward
+from ..rollout import SamplingConfig, generate
+from .base import Algorithm, StepBatch
+from .supervised import report_skipped
+
+VALUE_VAR_FLOOR = 1e-2  # paper (ReaLHF ExponentialRunningMeanStd): the running variance of returns is kept >= 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewards per token
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def final_scores(scores: Tensor, eos: Tensor, missing_eos_penalty: Optional[float] = None,
+                 on_truncated: str = "bootstrap") -> tuple[Tensor, Tensor]:
+    """(the score each response receives at its last token [B], whether it receives one [B] bool).
+
+    A response that ended with EOS keeps its score. One cut at max_new_tokens gets missing_eos_penalty when set;
+    otherwise on_truncated="score" keeps its score, and "bootstrap" (paper) gives it none: the episode did not end,
+    so GAE bootstraps from V(s_T) instead.
+    """
+    truncated = ~eos.bool()
+    everyone = torch.ones_like(truncated)
+    if missing_eos_penalty is not None:
+        return torch.where(truncated, torch.full_like(scores, missing_eos_penalty), scores), everyone
+    if on_truncated == "score":
+        return scores, everyone
+    return torch.where(truncated, torch.zeros_like(scores), scores), ~truncated
+
+
+def token_rewards(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, scores: Tensor, scored: Tensor,
+                  kl_coef: float, kl_estimator: str = "k1", reward_clip: float = 0.0) -> tuple[Tensor, Tensor]:
+    """r_t = -kl_coef * KL_t on every response token, plus clip(score, +-reward_clip) on the last valid token of
+    each scored response (reward_clip 0 = no clip).
+
+    logprobs, ref_logprobs, mask: [B, R] right-padded; scores, scored: [B]. Returns (rewards, kl), [B, R] each,
+    0 on padding; KL_t is the per-token estimator (KL_ESTIMATORS) of KL(pi || ref).
+    """
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = torch.where(mask != 0, KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs), zero)
+    if reward_clip > 0:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    bonus = torch.where(scored.bool(), scores.to(kl.dtype), zero)
+    rewards = (-kl_coef * kl).scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
+    return rewards, kl
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs of the sampling distribution
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+    """[B, R, V] float32 logits predicting the response tokens input_ids[:, P:] (P = prompt_width)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.logits[:, prompt_width - 1:-1].float()
+
+
+def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """log-probs of labels under softmax(logits / temperature) renormalized over the tokens that the sampling filter
+    (top-k, top-p) keeps from support_logits.
+
+    The reference is scored on the policy's sampling support (ReaLHF's logits mask): a sampled token is always in
+    it, so the KL penalty stays finite, and it is exactly 0 while reference == policy. Filtering the reference by
+    its own top-k/top-p would give -inf (an infinite KL) to every sampled token outside the reference's nucleus.
+    logits, support_logits: [B, T, V]; labels [B, T] -> [B, T]. Row by row to bound the extra memory.
+    """
+    rows = []
+    for z, s, y in zip(logits, support_logits, labels):
+        dropped = _sampling_logits(s, temperature, top_k, top_p, upcast=True) == float("-inf")
+        rows.append(logprobs_from_logits(z.masked_fill(dropped, float("-inf"))[None], y[None], temperature)[0])
+    return torch.stack(rows)
+
+
+class PolicyAndCritic(nn.Module):
+    """Policy and critic in one module, so the Trainer's one optimizer and accelerate.prepare hold both."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module, sampling: SamplingConfig):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        self.temperature, self.top_k, self.top_p = sampling.temperature, sampling.top_k, sampling.top_p
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> tuple[Tensor, Tensor]:
+        """(log-probs [B, R] of the response tokens under the sampling distribution, values V(s_t) [B, R])."""
+        logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)
+        logp = logprobs_from_logits(logits, input_ids[:, prompt_width:], self.temperature, self.top_k, self.top_p)
+        values = token_values(self.critic, input_ids, attention_mask)[:, prompt_width - 1:-1]
+        return logp, values
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Containers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptRow:
+    ids: list[int]  # the encoded prompt (chat template applied)
+    text: str  # the prompt as reward fns receive it
+    columns: dict  # the row's other fields, passed to reward fns by name
+
+
+@dataclass
+class PPOBatch:
+    """Scored rollouts of one rank, or a micro-batch of them. P = prompt width, R = response width.
+
+    input_ids, attention_mask: [B, P + R] left-padded prompt, right-padded response
+    response_mask:             [B, R] 1 on response tokens up to and including EOS
+    old_logprobs:              [B, R] log-probs of the sampling distribution at rollout time
+    old_values:                [B, R] critic output V(s_t) at rollout time (normalized space with ppo.value_norm)
+    advantages:                [B, R] GAE advantages (whitened over the rollout batch with ppo.adv_norm)
+    returns:                   [B, R] value targets (normalized and clipped with ppo.value_norm)
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    old_logprobs: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    prompt_width: int
+    train_policy: bool = True  # False during critic warm-up
+
+    def select(self, idx: Tensor) -> "PPOBatch":
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The algorithm
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PPO(Algorithm):
+    progress_keys = ("objective/scores", "objective/kl", "ppo/value_loss")
+
+    def __init__(self, cfg, trainer):
+        super().__init__(cfg, trainer)
+        p = cfg.ppo
+        self.prompts = self._load_prompts()
+        self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
+        self.sampling = SamplingConfig(p.max_new_tokens, p.temperature, p.top_k, p.top_p)
+        self.steps_per_iteration = p.num_minibatches * p.ppo_epochs
+        self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
+                       else FixedKLController(p.kl_coef))
+        self.value_stats = RunningMeanStd(decay=p.value_norm_decay, var_floor=VALUE_VAR_FLOOR)
+        self.score_stats = RunningMeanStd()
+        self.reference: Optional[nn.Module] = None
+        self._order_cache: dict[int, list[int]] = {}
+        self._train_start = time.time()
+
+    def _load_prompts(self) -> list[PromptRow]:
+        d, tok = self.cfg.data, self.trainer.tokenizer
+        bad, out = BadRows(d.on_bad_row), []
+        for row in load_rows(d.train, d.train_split, d.limit):
+            try:
+                prompt = row.get("prompt", (str, list))
+                ids = encode_prompt(tok, prompt)
+                if len(ids) > d.max_prompt_length:
+                    raise row.fail("prompt", f"{len(ids)} tokens > data.max_prompt_length={d.max_prompt_length}")
+            except DataError as e:
+                bad(e)
+                continue
+            text = prompt if isinstance(prompt, str) else prompt_text(tok, prompt)
+            out.append(PromptRow(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}))
+        self.skipped = report_skipped(self.trainer, bad, "train")
+        if not out:
+            raise DataError(d.train, 0, "prompt", "no usable prompt rows")
+        return out
+
+    # --- set-up -------------------------------------------------------------------------------
+    def build_model(self) -> PolicyAndCritic:
+        cfg, tok = self.cfg, self.trainer.tokenizer
+        policy = load_causal_lm(cfg.model, tok)
+        from_rm = cfg.ppo.critic_init == "reward_model"
+        critic = load_scalar_model(cfg.ppo.reward_model if from_rm else cfg.model.name_or_path, cfg.model, tok,
+                                   trainable=True, field="ppo.reward_model" if from_rm else "model.name_or_path")
+        return PolicyAndCritic(policy, critic, self.sampling)
+
+    def param_groups(self, model: PolicyAndCritic) -> list[dict]:
+        def trainable(m):
+            return [q for q in m.parameters() if q.requires_grad]
+        return [{"params": trainable(model.policy)}, {"params": trainable(model.critic), "lr": self.cfg.ppo.critic_lr}]
+
+    def prepared(self, model) -> None:
+        self.reference = frozen_copy(self._pair(model).policy)
+        if self.cfg.ppo.ref_ema > 0:
+            # a half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_)
+            self.reference.float()
+
+    def _pair(self, model=None) -> PolicyAndCritic:
+        return self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model)
+
+    def total_steps(self) -> int:
+        return self.cfg.ppo.iterations * self.steps_per_iteration
+
+    def can_checkpoint(self, step: int) -> bool:
+        return step % self.steps_per_iteration == 0
+
+    # --- the iteration --------------------------------------------------------------------------
+    def _prompt_order(self, epoch: int) -> list[int]:
+        if epoch not in self._order_cache:
+            n = len(self.prompts)
+            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._order_cache = {epoch: torch.randperm(n, generator=g).tolist() if self.cfg.data.shuffle
+                                 else list(range(n))}
+        return self._order_cache[epoch]
+
+    def _iteration_prompts(self, iteration: int) -> list[PromptRow]:
+        """This rank's share of the iteration's prompts, each repeated samples_per_prompt times: a pure function of
+        (seed, iteration), so a resumed run draws the same prompts."""
+        p, world, n = self.cfg.ppo, self.trainer.world_size, len(self.prompts)
+        per_rank = p.rollout_batch_size // world
+        start = iteration * p.rollout_batch_size + self.trainer.rank * per_rank
+        rows = [self.prompts[self._prompt_order(pos // n)[pos % n]] for pos in range(start, start + per_rank)]
+        return [r for r in rows for _ in range(p.samples_per_prompt)]
+
+    @torch.no_grad()
+    def _score_pass(self, pair: PolicyAndCritic, ids: Tensor, amask: Tensor, P: int):
+        """(old log-probs, reference log-probs, values V(s_t) [B, R], V(s_T) after each row's last token [B])."""
+        s, n, parts = self.sampling, self.cfg.ppo.rollout_micro_batch_size, []
+        for i in range(0, len(ids), n):
+            x, m = ids[i:i + n], amask[i:i + n]
+            logits = response_logits(pair.policy, x, m, P)
+            logp = logprobs_from_logits(logits, x[:, P:], s.temperature, s.top_k, s.top_p)
+            ref_logp = support_logprobs(response_logits(self.reference, x, m, P), logits, x[:, P:],
+                                        s.temperature, s.top_k, s.top_p)
+            parts.append((logp, ref_logp, token_values(pair.critic, x, m)[:, P - 1:]))  # V at positions P-1 .. P+R-1
+        logp, ref_logp, values = (torch.cat(t) for t in zip(*parts))
+        lengths = amask[:, P:].sum(1).long()
+        return logp, ref_logp, values[:, :-1], values.gather(1, lengths.unsqueeze(1)).squeeze(1)
+
+    @torch.no_grad()
+    def _experience(self, iteration: int) -> tuple[PPOBatch, dict]:
+        p, trainer, acc = self.cfg.ppo, self.trainer, self.trainer.accelerator
+        pair = self._pair()
+        if p.ref_reset_every and iteration and iteration % p.ref_reset_every == 0:
+            ema_update_(self.reference, pair.policy, 1.0)
+        rows = self._iteration_prompts(iteration)
+        t0 = time.time()
+        with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
+            rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
+                               sampling=self.sampling, batch_size=p.rollout_micro_batch_size)
+            t1 = time.time()
+            dev, P = trainer.device, rollout.prompt_ids.shape[1]
+            ids, amask = rollout.input_ids.to(dev), rollout.attention_mask.to(dev)
+            mask, eos = rollout.response_mask.to(dev).float(), rollout.eos.to(dev)
+            logp, ref_logp, values, next_values = self._score_pass(pair, ids, amask, P)
+        columns = {k: [r.columns.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r.columns)}
+        raw, per_source = self.reward(ids, amask, [r.text for r in rows], rollout.texts, columns)
+        raw = raw.to(dev)
+        t2 = time.time()
+
+        scores, scored = final_scores(raw, eos, p.missing_eos_penalty, p.on_truncated)
+        if p.reward_norm:
+            self.score_stats.update(scores, scored, distributed=True)
+            scores = self.score_stats.normalize(scores)
+        kl_coef = self.kl_ctl.value
+        rewards, kl = token_rewards(logp, ref_logp, mask, scores, scored, kl_coef, p.kl_estimator, p.reward_clip)
+        if p.value_norm:  # the critic predicts normalized returns; GAE runs in return space
+            values_r, next_r = self.value_stats.denormalize(values), self.value_stats.denormalize(next_values)
+        else:
+            values_r, next_r = values, next_values
+        advantages, returns = gae(rewards, values_r, mask, p.gamma, p.lam,
+                                  next_values=torch.where(scored, torch.zeros_like(next_r), next_r))
+        ev = explained_variance(values_r, returns, mask)
+        if p.adv_norm:  # once, over every token of the whole rollout batch on all ranks, before the minibatch split
+            advantages = masked_whiten(advantages, mask, distributed=True)
+        if p.value_norm:
+            self.value_stats.update(returns, mask, distributed=True)
+            returns = self.value_stats.normalize(returns).clamp(-p.value_norm_clip, p.value_norm_clip)
+
+        batch = PPOBatch(ids, amask, mask, logp, values, advantages, returns, P,
+                         train_policy=iteration >= p.critic_warmup_iters)
+        # global means: sums over this rank's sequences, summed over ranks
+        seq_kl, seq_reward = masked_sum(kl, mask, dim=1), masked_sum(rewards, mask, dim=1)
+        names = ["objective/scores", "objective/kl", "objective/rlhf_reward", "response/length_mean",
+                 "response/eos_rate"] + [f"reward/{k}" for k in per_source]
+        sums = torch.stack([raw.sum(), seq_kl.sum(), seq_reward.sum(), mask.sum(), eos.float().sum()]
+                           + [v.to(dev).sum() for v in per_source.values()]).float()
+        count = torch.tensor(float(len(ids)), device=dev)
+        totals = acc.reduce(torch.cat([sums, count[None], ev.float()[None].to(dev)]), reduction="sum")
+        metrics = {k: (totals[i] / totals[len(names)]).item() for i, k in enumerate(names)}
+        metrics["critic/explained_variance"] = (totals[-1] / trainer.world_size).item()
+        metrics["objective/kl_coef"] = kl_coef
+        metrics["time/generate_s"], metrics["time/score_s"] = t1 - t0, t2 - t1
+        self.kl_ctl.update(metrics["objective/kl"], p.rollout_batch_size * p.samples_per_prompt)
+        return batch, metrics
+
+    def steps(self, start_step: int):
+        p = self.cfg.ppo
+        if start_step % self.steps_per_iteration:
+            raise RuntimeError(f"PPO resumes only at an iteration boundary (every {self.steps_per_iteration} steps); "
+                               f"got step {start_step}")
+        micro, accum = p.micro_batch_size, self.trainer.grad_accum
+        for iteration in itertools.count(start_step // self.steps_per_iteration):
+            batch, metrics = self._experience(iteration)
+            self._train_start = time.time()
+            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + iteration) * 1009 + self.trainer.rank)
+            for _ in range(p.ppo_epochs):
+                order = torch.randperm(len(batch.input_ids), generator=g).to(batch.input_ids.device)
+                for k in range(p.num_minibatches):
+                    idx = order[k * micro * accum:(k + 1) * micro * accum]
+                    yield StepBatch([batch.select(idx[j * micro:(j + 1) * micro]) for j in range(accum)], metrics)
+                    metrics = {}
+
+    # --- the step -------------------------------------------------------------------------------
+    def loss_weight(self, mb: PPOBatch) -> float:
+        return float(mb.response_mask.sum())
+
+    def loss(self, model, mb: PPOBatch):
+        p = self.cfg.ppo
+        logp, values = model(mb.input_ids, mb.attention_mask, mb.prompt_width)
+        pg, pg_stats = ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, p.clip_eps,
+                                       ratio_bound=p.ratio_bound or None, reduction="sum")
+        vf, vf_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
+                                      clip_eps=p.value_clip_eps or None, reduction="sum")
+        if not mb.train_policy:
+            pg = pg * 0.0  # critic warm-up; the policy stays in the graph so every rank runs the same backward
+        tokens = mb.response_mask.sum().clamp(min=1)
+        stats = {"ppo/policy_loss": pg.detach() / tokens, "ppo/value_loss": vf.detach() / tokens,
+                 "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"],
+                 "ppo/ratio_mean": pg_stats["ratio_mean"], "ppo/early_stop": pg_stats["early_stop"],
+                 "ppo/vf_clipfrac": vf_stats["vf_clipfrac"],
+                 "critic/value_mean": masked_mean(values.detach(), mb.response_mask)}
+        return pg + p.vf_coef * vf, stats
+
+    def after_step(self, model, step: int) -> dict:
+        p = self.cfg.ppo
+        if p.ref_ema > 0:  # paper: theta_ref <- eta * theta_actor + (1 - eta) * theta_ref after every actor step
+            ema_update_(self.reference, self._pair(model).policy, p.ref_ema)
+        out = dict(self.skipped) if step == 1 else {}
+        if step % self.steps_per_iteration == 0:
+            out["time/train_s"] = time.time() - self._train_start
+        return out
+
+    # --- export and resume ----------------------------------------------------------------------
+    def save_model(self, model: PolicyAndCritic, out_dir: str) -> None:
+        """The policy into out_dir and the critic into out_dir/critic, each loadable with from_pretrained."""
+        tok = self.trainer.tokenizer
+        model.policy.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        model.critic.save_pretrained(os.path.join(out_dir, "critic"))
+        tok.save_pretrained(os.path.join(out_dir, "critic"))
+
+    def state_dict(self) -> dict:
+        p = self.cfg.ppo
+        state = {"value_stats": self.value_stats.state_dict(), "score_stats": self.score_stats.state_dict(),
+                 "kl_ctl": self.kl_ctl.state_dict()}
+        if p.ref_ema > 0 or p.ref_reset_every > 0:  # otherwise the reference is the initial policy, rebuilt at start
+            state["reference"] = {k: v.detach().cpu().clone() for k, v in self.reference.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value_stats.load_state_dict(state["value_stats"])
+        self.score_stats.load_state_dict(state["score_stats"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if "reference" in state:
+            self.reference.load_state_dict(state["reference"])

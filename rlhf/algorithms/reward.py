@@ -1,0 +1,185 @@
+"""Reward modelling: a scalar head read at each sequence's last real token, trained with the Bradley-Terry loss.
+
+    rlhf train configs/rm_tiny.yaml
+
+The model is AutoModelForSequenceClassification with one label (a causal-LM checkpoint gets a fresh head).
+Chosen and rejected rows of a micro-batch share one forward. After training, scores are calibrated to mean 0,
+std 1 on a reference set (the chosen and rejected responses of data.train, or of data.eval): the scale is folded
+into the score head's weight and the shift into `config.score_bias` (the head of most causal-LM architectures has no
+bias parameter; `apply_score_bias_` restores it as one on load), and the statistics go to
+<final>/reward_normalization.json. PPO then reads calibrated scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..data import BadRows
+from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs, load_pairs
+from ..losses import bradley_terry_loss
+from ..models import is_peft, load_scalar_model, scalar_scores
+from .base import Algorithm
+from .supervised import make_batcher, report_skipped, step_stream, total_steps
+
+NORMALIZATION_FILE = "reward_normalization.json"
+EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")
+
+
+def fold_normalization(head: nn.Linear, mean: float, std: float) -> nn.Linear:
+    """A new head computing (head(h) - mean) / std: weight / std, bias (bias - mean) / std."""
+    folded = nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                       dtype=head.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(head.weight / std)
+        old_bias = head.bias if head.bias is not None else torch.zeros_like(folded.bias)
+        folded.bias.copy_((old_bias - mean) / std)
+    return folded
+
+
+def apply_score_bias_(model) -> nn.Module:
+    """Give a scalar model loaded with from_pretrained the shift its config carries (`config.score_bias`).
+
+    Idempotent: a head that already has a bias, or a config without score_bias, is left as it is.
+    """
+    bias = getattr(model.config, "score_bias", None)
+    head = model.score
+    if bias is None or head.bias is not None:
+        return model
+    with_bias = nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                          dtype=head.weight.dtype)
+    with torch.no_grad():
+        with_bias.weight.copy_(head.weight)
+        with_bias.bias.fill_(float(bias))
+    model.score = with_bias
+    return model
+
+
+class RewardModeling(Algorithm):
+    progress_keys = ("train/loss", "reward/accuracy")
+
+    def __init__(self, cfg, trainer):
+        super().__init__(cfg, trainer)
+        d, r, tok = cfg.data, cfg.reward, trainer.tokenizer
+        if r.normalize and r.normalize_on == "eval" and not d.eval:
+            raise ConfigError("reward.normalize_on='eval' needs data.eval")
+        opts = PairOptions.from_config(d, r.pku_preference, need_margin=r.margin)
+        self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
+        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit)
+        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split) if d.eval else []
+        self.skipped = report_skipped(trainer, self.bad, "train")
+        if d.eval:
+            self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
+        self.collate = collate_pairs(tok.pad_token_id)
+        self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
+
+    def build_model(self):
+        return load_scalar_model(self.cfg.model.name_or_path, self.cfg.model, self.trainer.tokenizer,
+                                 trainable=True, field="model.name_or_path")
+
+    def total_steps(self) -> int:
+        return total_steps(self.cfg, self.batcher)
+
+    def steps(self, start_step):
+        return step_stream(self.batcher, start_step)
+
+    # --- the objective -------------------------------------------------------------------------
+    def scores(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] chosen scores, [B] rejected scores), read at each row's last real token, from one forward."""
+        dev = self.trainer.device
+        return scalar_scores(model, batch.input_ids.to(dev), batch.attention_mask.to(dev)).float().chunk(2)
+
+    def objective(self, chosen: torch.Tensor, rejected: torch.Tensor,
+                  margin: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the B pairs, per-batch mean stats)."""
+        r = self.cfg.reward
+        if r.margin:
+            margin = margin.to(chosen.device)
+        loss, stats = bradley_terry_loss(chosen, rejected, margin if r.margin else None)
+        total = loss * chosen.numel()
+        if r.center_coef:  # keeps scores near 0 during training (TRL's center_rewards_coefficient)
+            total = total + r.center_coef * ((chosen + rejected) ** 2).sum()
+        return total, {"reward/accuracy": stats["accuracy"], "reward/margin": stats["margin"]}
+
+    def loss_weight(self, batch: PairBatch) -> float:
+        return float(batch.num_pairs)
+
+    def loss(self, model, batch: PairBatch):
+        return self.objective(*self.scores(model, batch), batch.margin)
+
+    def after_step(self, model, step):
+        return dict(self.skipped) if step == 1 else {}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        if not self.eval_pairs:
+            return {}
+        t = self.trainer
+        was_training = model.training
+        model.eval()
+        share, mb = self.eval_pairs[t.rank::t.world_size], self.cfg.optim.micro_batch_size
+        totals = torch.zeros(len(EVAL_KEYS) + 1, device=t.device)  # per-key sums over pairs, then the pair count
+        for i in range(0, len(share), mb):
+            batch = self.collate(share[i:i + mb])
+            with t.accelerator.autocast():
+                loss, stats = self.objective(*self.scores(model, batch), batch.margin)
+            n = batch.num_pairs
+            totals += torch.stack([loss.float(), stats["reward/accuracy"] * n, stats["reward/margin"] * n,
+                                   torch.tensor(float(n), device=t.device)])
+        model.train(was_training)
+        totals = t.accelerator.reduce(totals, "sum")
+        count = totals[-1].clamp(min=1)
+        return {f"eval/{k}": (totals[i] / count).item() for i, k in enumerate(EVAL_KEYS)}
+
+    # --- calibration and export ------------------------------------------------------------------
+    @torch.no_grad()
+    def score_responses(self, model, pairs: list[PairExample]) -> torch.Tensor:
+        """[2N] scores of every chosen and rejected response of `pairs` (this process only)."""
+        was_training = model.training
+        model.eval()
+        out, mb = [], self.cfg.optim.micro_batch_size
+        for i in range(0, len(pairs), mb):
+            with self.trainer.accelerator.autocast():
+                out += [s.cpu() for s in self.scores(model, self.collate(pairs[i:i + mb]))]
+        model.train(was_training)
+        return torch.cat(out).double()
+
+    def save_model(self, model, out_dir: str) -> None:
+        """Save with the normalization folded in; runs on the main process only."""
+        r = self.cfg.reward
+        # a LoRA reward model is saved merged, so from_pretrained loads a complete scorer
+        target = copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
+        if not r.normalize:
+            super().save_model(target, out_dir)
+            return
+        pairs = self.train_pairs if r.normalize_on == "train" else self.eval_pairs
+        scores = self.score_responses(target, pairs)
+        mean, std = scores.mean().item(), scores.std(unbiased=False).clamp(min=1e-6).item()
+        head = target.score
+        folded = fold_normalization(head, mean, std)
+        # The shift lives in config.score_bias: a bias-free head (Llama, Qwen2, ...) drops a saved score.bias on load.
+        saved_head = nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device,
+                               dtype=head.weight.dtype)
+        saved_head.weight = folded.weight
+        previous = getattr(target.config, "score_bias", None)
+        target.score, target.config.score_bias = saved_head, float(folded.bias.item())
+        try:
+            super().save_model(target, out_dir)
+        finally:  # the live model keeps training-time scores
+            target.score, target.config.score_bias = head, previous
+            if previous is None:
+                del target.config.score_bias
+        stats = {"mean": mean, "std": std, "count": scores.numel(), "set": r.normalize_on,
+                 "data": self.cfg.data.train if r.normalize_on == "train" else self.cfg.data.eval,
+                 "score_bias": float(folded.bias.item()),
+                 "note": "raw score s -> (s - mean) / std, already folded into the saved score head"}
+        with open(os.path.join(out_dir, NORMALIZATION_FILE), "w") as f:
+            json.dump(stats, f, indent=2)
+        self.trainer.print(f"reward normalization: mean {mean:.4g}, std {std:.4g} on {scores.numel()} "
+                           f"{r.normalize_on} responses, folded into the score head")

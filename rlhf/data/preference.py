@@ -1,0 +1,259 @@
+"""Preference pairs: rows in any supported format -> tokenized (prompt, chosen, rejected) -> padded pair batches.
+
+    pairs = load_pairs(cfg.data.train, tokenizer, PairOptions.from_config(cfg.data, "better"), bad)
+    batch = collate_pairs(tokenizer.pad_token_id)(pairs[:4])
+
+Formats (`data.format`; "auto" picks one from the first row's columns, see FORMATS):
+  preference     {prompt, chosen, rejected[, margin]}. prompt: text or messages; chosen/rejected: text, or messages
+                 ending with the assistant reply (leading messages extend the prompt).
+  hh-rlhf        Anthropic/hh-rlhf: chosen/rejected are whole transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...";
+                 the shared turns become the prompt (as messages), the final assistant turn the response.
+  pku-saferlhf   PKU-Alignment/PKU-SafeRLHF: prompt, response_0, response_1, better_response_id,
+                 safer_response_id; `pku_preference` picks which id names the chosen response.
+  ultrafeedback  HuggingFaceH4/ultrafeedback_binarized: chosen/rejected are message lists holding the prompt;
+                 margin = score_chosen - score_rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .batching import attention_mask, pad
+from .io import BadRows, DataError, Row, load_rows
+from .templates import Prompt, as_messages, encode_prompt, encode_response, split_messages
+
+
+@dataclass
+class Preference:
+    """One row, format-independent: the prompt, the preferred and the dispreferred response."""
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    margin: Optional[float] = None
+
+
+@dataclass
+class PairExample:
+    """A tokenized pair; `index` is its position in the algorithm's train + eval list (keys cached log-probs)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: Optional[float] = None
+    index: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Format adapters: Row -> Preference. Each raises DataError naming the row and field.
+# ----------------------------------------------------------------------------------------------
+
+
+def _reply(row: Row, name: str, value) -> tuple[list, str]:
+    """A chosen/rejected value -> (leading messages, reply text)."""
+    if isinstance(value, str):
+        return [], value
+    try:
+        return split_messages(value)
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise row.fail(name, f"bad message list: {e}") from None
+
+
+def _same_prompt(row: Row, chosen: tuple[list, str], rejected: tuple[list, str]) -> list:
+    if chosen[0] != rejected[0]:
+        raise row.fail("rejected", "chosen and rejected differ before the final reply; expected one shared prompt")
+    return chosen[0]
+
+
+def _from_preference(row: Row, pku_preference: str) -> Preference:
+    prompt = row.get("prompt", (str, list))
+    chosen = _reply(row, "chosen", row.get("chosen", (str, list)))
+    rejected = _reply(row, "rejected", row.get("rejected", (str, list)))
+    prefix = _same_prompt(row, chosen, rejected)
+    if prefix:
+        prompt = as_messages(prompt) + prefix
+    margin = row.get("margin", (int, float), required=False)
+    return Preference(prompt, chosen[1], rejected[1], None if margin is None else float(margin))
+
+
+def _from_transcripts(row: Row, chosen: list, rejected: list) -> tuple[list, str, str]:
+    c, r = _reply(row, "chosen", chosen), _reply(row, "rejected", rejected)
+    prompt = _same_prompt(row, c, r)
+    if not prompt:
+        raise row.fail("chosen", "the transcript has no prompt before the final assistant reply")
+    return prompt, c[1], r[1]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', ...}]."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip():
+        raise ValueError(f"text before the first 'Human:' turn: {parts[0][:40]!r}")
+    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def _from_hh_rlhf(row: Row, pku_preference: str) -> Preference:
+    turns = {}
+    for name in ("chosen", "rejected"):
+        try:
+            turns[name] = parse_hh_transcript(row.get(name, str))
+        except ValueError as e:
+            raise row.fail(name, str(e)) from None
+    return Preference(*_from_transcripts(row, turns["chosen"], turns["rejected"]))
+
+
+def _from_pku_saferlhf(row: Row, pku_preference: str) -> Preference:
+    key = f"{pku_preference}_response_id"
+    better = row.get(key, int)
+    if better not in (0, 1):
+        raise row.fail(key, f"expected 0 or 1, got {better}")
+    responses = [row.get("response_0", str), row.get("response_1", str)]
+    return Preference(row.get("prompt", str), responses[better], responses[1 - better])
+
+
+def _from_ultrafeedback(row: Row, pku_preference: str) -> Preference:
+    prompt, chosen, rejected = _from_transcripts(row, row.get("chosen", list), row.get("rejected", list))
+    scores = [row.get(k, (int, float), required=False) for k in ("score_chosen", "score_rejected")]
+    margin = float(scores[0] - scores[1]) if None not in scores else None
+    return Preference(prompt, chosen, rejected, margin)
+
+
+def _is_transcript(value) -> bool:
+    return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
+
+
+class Format(NamedTuple):
+    adapt: Callable[[Row, str], Preference]
+    detect: Callable[[dict], bool]  # does a row with these columns look like this format?
+
+
+# Detection tries the formats in this order; the first match wins.
+FORMATS: dict[str, Format] = {
+    "pku-saferlhf": Format(_from_pku_saferlhf, lambda d: {"response_0", "response_1"} <= d.keys()),
+    "ultrafeedback": Format(_from_ultrafeedback, lambda d: _is_transcript(d.get("chosen"))),
+    "hh-rlhf": Format(_from_hh_rlhf, lambda d: "prompt" not in d and isinstance(d.get("chosen"), str)),
+    "preference": Format(_from_preference, lambda d: {"prompt", "chosen", "rejected"} <= d.keys()),
+}
+
+
+def detect_format(row: Row) -> str:
+    for name, fmt in FORMATS.items():
+        if fmt.detect(row.data):
+            return name
+    raise DataError(row.source, row.line, None, f"data.format=auto: columns {sorted(row.data)} match no preference "
+                                                f"format; set data.format to one of {', '.join(FORMATS)}")
+
+
+def resolve_format(fmt: str, first: Row) -> Format:
+    if fmt == "auto":
+        return FORMATS[detect_format(first)]
+    if fmt not in FORMATS:
+        from ..config import ConfigError
+
+        raise ConfigError(f"data.format={fmt!r}: preference data needs auto or one of {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing and loading
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairOptions:
+    format: str = "auto"
+    max_length: int = 512
+    max_prompt_length: int = 256
+    pku_preference: str = "better"
+    need_margin: bool = False
+
+    @classmethod
+    def from_config(cls, data, pku_preference: str = "better", need_margin: bool = False) -> "PairOptions":
+        return cls(data.format, data.max_length, data.max_prompt_length, pku_preference, need_margin)
+
+
+def encode_pair(row: Row, pref: Preference, tokenizer, opts: PairOptions) -> PairExample:
+    """Tokenize one pair; fails (naming the row) on empty or identical responses and over-long prompts."""
+    for name in ("chosen", "rejected"):
+        if not getattr(pref, name).strip():
+            raise row.fail(name, "empty response")
+    if pref.chosen == pref.rejected:
+        raise row.fail("rejected", "identical to chosen")
+    if opts.need_margin and pref.margin is None:
+        raise row.fail("margin", "missing (reward.margin is on)")
+    prompt = encode_prompt(tokenizer, pref.prompt)
+    if not prompt:
+        raise row.fail("prompt", "empty prompt")
+    if len(prompt) > opts.max_prompt_length:
+        raise row.fail("prompt", f"{len(prompt)} tokens > data.max_prompt_length={opts.max_prompt_length}")
+    room = opts.max_length - len(prompt)
+    chosen = encode_response(tokenizer, pref.chosen)[:room]
+    rejected = encode_response(tokenizer, pref.rejected)[:room]
+    if chosen == rejected:
+        raise row.fail("rejected", f"identical to chosen within data.max_length={opts.max_length} tokens")
+    return PairExample(prompt, chosen, rejected, pref.margin)
+
+
+def encode_rows(rows: list[Row], tokenizer, opts: PairOptions, bad: BadRows) -> list[PairExample]:
+    if not rows:
+        return []
+    fmt = resolve_format(opts.format, rows[0])
+    out = []
+    for row in rows:
+        try:
+            out.append(encode_pair(row, fmt.adapt(row, opts.pku_preference), tokenizer, opts))
+        except DataError as e:
+            bad(e)
+    return out
+
+
+def load_pairs(spec: str, tokenizer, opts: PairOptions, bad: BadRows, split: str = "train",
+               limit: int = 0) -> list[PairExample]:
+    """Read (rlhf.data.io.load_rows), adapt and tokenize a preference dataset; bad rows go to `bad`."""
+    return encode_rows(load_rows(spec, split, limit), tokenizer, opts, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B right-padded rows, chosen rows first: row i and row B + i share prompt i.
+
+    input_ids, attention_mask: [2B, T]
+    response_mask: [2B, T-1], 1 where the target input_ids[:, t+1] is a response token (aligned with token_logprobs)
+    index: [B] the pairs' positions in the algorithm's example list
+    margin: [B] per-pair margins, or None when any pair has none
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    index: torch.Tensor
+    margin: Optional[torch.Tensor] = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.index.numel()
+
+
+def collate_pairs(pad_id: int) -> Callable[[list[PairExample]], PairBatch]:
+    def collate(examples: list[PairExample]) -> PairBatch:
+        rows = [e.prompt_ids + e.chosen_ids for e in examples] + [e.prompt_ids + e.rejected_ids for e in examples]
+        targets = ([[0] * (len(e.prompt_ids) - 1) + [1] * len(e.chosen_ids) for e in examples]
+                   + [[0] * (len(e.prompt_ids) - 1) + [1] * len(e.rejected_ids) for e in examples])
+        margins = [e.margin for e in examples]
+        margin = None if None in margins else torch.tensor(margins, dtype=torch.float32)
+        index = torch.tensor([e.index for e in examples])
+        return PairBatch(pad(rows, pad_id), attention_mask(rows), pad(targets, 0), index, margin)
+    return collate
