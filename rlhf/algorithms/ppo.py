@@ -107,6 +107,12 @@ def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, tem
     return torch.stack(rows)
 
 
+def on_response(logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """0 on padding: a pad label outside the top-k/top-p filter has log-prob -inf, and -inf - (-inf) in the ratio
+    would send NaN gradients back through the masked-out positions."""
+    return torch.where(response_mask != 0, logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
+
+
 class PolicyAndCritic(nn.Module):
     """Policy and critic in one module, so the Trainer's one optimizer and accelerate.prepare hold both."""
 
@@ -116,11 +122,11 @@ class PolicyAndCritic(nn.Module):
         self.temperature, self.top_k, self.top_p = sampling.temperature, sampling.top_k, sampling.top_p
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> tuple[Tensor, Tensor]:
-        """(log-probs [B, R] of the response tokens under the sampling distribution, values V(s_t) [B, R])."""
+        """(log-probs [B, R] of the response tokens under the sampling distribution, 0 on padding; values V(s_t) [B, R])."""
         logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)
         logp = logprobs_from_logits(logits, input_ids[:, prompt_width:], self.temperature, self.top_k, self.top_p)
         values = token_values(self.critic, input_ids, attention_mask)[:, prompt_width - 1:-1]
-        return logp, values
+        return on_response(logp, attention_mask[:, prompt_width:]), values
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,7 +267,8 @@ class PPO(Algorithm):
             logp = logprobs_from_logits(logits, x[:, P:], s.temperature, s.top_k, s.top_p)
             ref_logp = support_logprobs(response_logits(self.reference, x, m, P), logits, x[:, P:],
                                         s.temperature, s.top_k, s.top_p)
-            parts.append((logp, ref_logp, token_values(pair.critic, x, m)[:, P - 1:]))  # V at positions P-1 .. P+R-1
+            parts.append((on_response(logp, m[:, P:]), on_response(ref_logp, m[:, P:]),
+                          token_values(pair.critic, x, m)[:, P - 1:]))  # V at positions P-1 .. P+R-1
         logp, ref_logp, values = (torch.cat(t) for t in zip(*parts))
         lengths = amask[:, P:].sum(1).long()
         return logp, ref_logp, values[:, :-1], values.gather(1, lengths.unsqueeze(1)).squeeze(1)

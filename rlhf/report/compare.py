@@ -1,0 +1,244 @@
+"""Tables and plots across run folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..tracking import read_metrics
+
+SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
+# Columns shown first when present, in this order; everything else numeric follows.
+PREFERRED = [
+    "assistant/gold_helpfulness", "assistant/gold_harmlessness", "assistant/safety_rate", "assistant/helpfulness",
+    "assistant/harm", "assistant/gold", "assistant/reward", "assistant/win_rate", "assistant/kl", "assistant/length",
+    "code/pass@1", "code/pass@5", "code/pass@10", "code/kl", "code/length",
+]
+CURVES = ["train/loss", "objective/scores", "objective/kl", "objective/rlhf_reward", "rewards/accuracies",
+          "rewards/margins", "reward/accuracy", "response/length_mean", "eval/loss"]
+
+
+@dataclass
+class Run:
+    path: str
+    label: str
+    algorithm: str
+    metrics: list[dict] = field(default_factory=list)
+    evals: dict[str, float] = field(default_factory=dict)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[key] = float(v)
+    return out
+
+
+def _find_evals(path: str) -> dict[str, float]:
+    """eval.json in the run folder, or eval/<testbed>/eval.json, flattened to 'testbed/metric'."""
+    out: dict[str, float] = {}
+    direct = os.path.join(path, "eval.json")
+    if os.path.exists(direct):
+        with open(direct) as f:
+            out.update(_flatten(json.load(f)))
+    eval_dir = os.path.join(path, "eval")
+    if os.path.isdir(eval_dir):
+        for name in sorted(os.listdir(eval_dir)):
+            file = os.path.join(eval_dir, name, "eval.json")
+            if os.path.exists(file):
+                with open(file) as f:
+                    data = _flatten(json.load(f))
+                out.update({k if k.startswith(name + "/") else f"{name}/{k}": v for k, v in data.items()})
+    return out
+
+
+def load_run(path: str, label: Optional[str] = None) -> Run:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a run folder")
+    algorithm = ""
+    cfg_path = os.path.join(path, "config.yaml")
+    if os.path.exists(cfg_path):
+        import yaml
+
+        with open(cfg_path) as f:
+            algorithm = (yaml.safe_load(f) or {}).get("algorithm", "")
+    metrics_path = os.path.join(path, "metrics.jsonl")
+    metrics = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    return Run(path, label or os.path.basename(os.path.normpath(path)), algorithm, metrics, _find_evals(path))
+
+
+def _group(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(SEED_SUFFIX.sub("", r.label), []).append(r)
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m, s = _mean_std(values)
+    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
+
+
+def table(runs: list[Run], columns: Optional[list[str]] = None) -> tuple[list[str], list[list[str]]]:
+    groups = _group(runs)
+    keys = sorted({k for r in runs for k in r.evals})
+    if columns is None:
+        columns = [k for k in PREFERRED if k in keys] + [k for k in keys if k not in PREFERRED]
+    header = ["run", "n"] + columns
+    rows = []
+    for label, members in groups.items():
+        rows.append([label, str(len(members))] + [_fmt([m.evals[c] for m in members if c in m.evals]) for c in columns])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _series(run: Run, key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for rec in run.metrics:
+        v = rec.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            xs.append(rec["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_curves(runs: list[Run], out_dir: str, keys: list[str] = CURVES) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key in keys:
+        series = [(r.label, *_series(r, key)) for r in runs]
+        series = [s for s in series if s[1]]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, xs, ys in series:
+            ax.plot(xs, ys, label=label, linewidth=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "curve_" + key.replace("/", "_").replace("@", "") + ".png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_reward_vs_kl(runs: list[Run], out_dir: str, testbed: str = "assistant",
+                      reward_key: Optional[str] = None) -> Optional[str]:
+    """Held-out reward against KL to the reference, one point per run; PPO's training path as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reward_key = reward_key or next((k for k in (f"{testbed}/gold", f"{testbed}/reward", f"{testbed}/gold_helpfulness")
+                                     if any(k in r.evals for r in runs)), None)
+    kl_key = f"{testbed}/kl"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drew = False
+    for r in runs:
+        xs, kl = _series(r, "objective/kl")
+        _, sc = _series(r, "objective/scores")
+        if kl and sc and len(kl) == len(sc):
+            ax.plot(kl, sc, alpha=0.35, linewidth=1, label=f"{r.label} (training)")
+            drew = True
+        if reward_key and reward_key in r.evals and kl_key in r.evals:
+            ax.scatter([r.evals[kl_key]], [r.evals[reward_key]], s=60, zorder=3)
+            ax.annotate(r.label, (r.evals[kl_key], r.evals[reward_key]), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8)
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("KL to reference (nats per response)")
+    ax.set_ylabel(reward_key or "score")
+    ax.set_title(f"{testbed}: reward vs KL")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"reward_vs_kl_{testbed}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(paths: list[str], out_dir: str, labels: Optional[list[str]] = None, title: str = "Run comparison",
+                 columns: Optional[list[str]] = None) -> str:
+    """Write report.md (+ report.html) and PNG plots into out_dir; returns the report path."""
+    labels = labels or [None] * len(paths)
+    runs = [load_run(p, l) for p, l in zip(paths, labels)]
+    os.makedirs(out_dir, exist_ok=True)
+    header, rows = table(runs, columns)
+    curves = plot_curves(runs, out_dir)
+    scatter = [p for p in (plot_reward_vs_kl(runs, out_dir, tb) for tb in ("assistant", "code")) if p]
+    lines = [f"# {title}", "", "Held-out evaluation (mean ± std over seeds where a run has several):", "",
+             markdown_table(header, rows), "", "Runs:", ""]
+    lines += [f"- `{r.label}`: {r.algorithm or '?'} — `{r.path}`" for r in runs]
+    if scatter or curves:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in scatter + curves]
+    report = os.path.join(out_dir, "report.md")
+    with open(report, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    _write_html(os.path.join(out_dir, "report.html"), title, header, rows, scatter + curves)
+    return report
+
+
+def _write_html(path: str, title: str, header: list[str], rows: list[list[str]], images: list[str]) -> None:
+    import html
+
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    imgs = "".join(f'<img src="{html.escape(os.path.basename(p))}" style="max-width:48%">' for p in images)
+    with open(path, "w") as f:
+        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+                f"padding:4px 8px}}</style></head><body><h1>{html.escape(title)}</h1><table><tr>{cells}</tr>{body}"
+                f"</table>{imgs}</body></html>")
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rlhf compare", description="Compare run folders in a report.")
+    p.add_argument("runs", nargs="+", help="Run folders (with metrics.jsonl and eval.json).")
+    p.add_argument("--out", default="runs/report", help="Output folder for report.md, report.html and PNGs.")
+    p.add_argument("--labels", nargs="*", help="Row labels, one per run (default: folder names).")
+    p.add_argument("--title", default="Run comparison")
+    a = p.parse_args(argv)
+    if a.labels and len(a.labels) != len(a.runs):
+        p.error(f"--labels has {len(a.labels)} names for {len(a.runs)} runs")
+    path = compare_runs(a.runs, a.out, a.labels, a.title)
+    print(f"report written to {path}")
+    return 0

@@ -1,0 +1,50 @@
+import json
+import os
+
+from rlhf.cli import main
+from rlhf.report.compare import compare_runs, load_run, table
+
+
+def make_run(root, name, algorithm, evals, curve):
+    path = root / name
+    path.mkdir()
+    (path / "config.yaml").write_text(f"algorithm: {algorithm}\n")
+    with open(path / "metrics.jsonl", "w") as f:
+        for step, (kl, score) in enumerate(curve, start=1):
+            f.write(json.dumps({"step": step, "train/loss": 1.0 / step, "objective/kl": kl, "objective/scores": score}) + "\n")
+    (path / "eval.json").write_text(json.dumps(evals))
+    return str(path)
+
+
+def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
+    a = make_run(tmp_path, "ppo-seed0", "ppo", {"assistant": {"gold": 0.5, "kl": 1.0}}, [(0.0, 0.1), (0.5, 0.3)])
+    b = make_run(tmp_path, "ppo-seed1", "ppo", {"assistant": {"gold": 0.7, "kl": 3.0}}, [(0.0, 0.2), (0.4, 0.4)])
+    c = make_run(tmp_path, "dpo", "dpo", {"assistant": {"gold": 0.6}}, [])
+    header, rows = table([load_run(p) for p in (a, b, c)])
+    assert header == ["run", "n", "assistant/gold", "assistant/kl"]
+    # gold: mean (0.5 + 0.7) / 2 = 0.6; sample std sqrt(((-.1)^2 + .1^2) / 1) = 0.1414
+    # kl: mean 2.0; std sqrt((1 + 1) / 1) = 1.414
+    assert rows[0] == ["ppo", "2", "0.600 ± 0.141", "2.000 ± 1.414"]
+    assert rows[1] == ["dpo", "1", "0.600", "–"]
+
+
+def test_compare_writes_markdown_html_and_pngs(tmp_path):
+    a = make_run(tmp_path, "sft", "sft", {"assistant": {"gold": 0.4, "kl": 0.0}}, [])
+    b = make_run(tmp_path, "ppo", "ppo", {"assistant": {"gold": 0.8, "kl": 2.0}}, [(0.0, 0.1), (1.0, 0.5), (2.0, 0.7)])
+    out = tmp_path / "report"
+    assert main(["compare", a, b, "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| sft | 1 | 0.400 | 0.000 |" in report and "| ppo | 1 | 0.800 | 2.000 |" in report
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert "reward_vs_kl_assistant.png" in pngs and "curve_train_loss.png" in pngs
+    for p in pngs:
+        with open(out / p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report.html").exists()
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        compare_runs([str(tmp_path / "nope")], str(tmp_path / "out"))
