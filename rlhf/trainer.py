@@ -68,11 +68,12 @@ class Trainer:
 
         self.cfg = cfg
         cfg.validate()
-        # DeepSpeed on a machine without GPUs: start the process group over gloo first; the
-        # Accelerator then wraps the model in DeepSpeed on top of it (used by CI's ZeRO tests).
-        cpu_deepspeed = _use_deepspeed() and not torch.cuda.is_available()
-        state = PartialState(cpu=True) if cpu_deepspeed else PartialState()
-        if cpu_deepspeed:
+        # Several processes on a machine without GPUs (torchrun, accelerate launch): start the
+        # process group over gloo. Under DeepSpeed the Accelerator then wraps the model in DeepSpeed
+        # on top of it (CI's ZeRO tests run this way).
+        cpu_multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        state = PartialState(cpu=True) if cpu_multi else PartialState()
+        if cpu_multi and _use_deepspeed():
             import deepspeed
 
             deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, DPOSection
 from ..data import BadRows
 from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
 from ..losses import dpo_loss
@@ -79,6 +79,29 @@ class PrecomputedReference:
 REFERENCES = {"copy": CopyReference, "adapter": AdapterReference, "precomputed": PrecomputedReference}
 
 
+def pair_objective(d: DPOSection, logps: torch.Tensor, lengths: torch.Tensor,
+                   ref_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-pair losses [B], per-pair stats [B]) from [2B] summed response log-probs and lengths, chosen rows first.
+
+    IPO compares length-averaged log-probs (sum / length); every other loss the sums. Rewards beta * (pi - ref)
+    are reported from the summed log-probs for every loss type, as TRL does.
+    """
+    averaged = d.loss_type == "ipo"
+    n = lengths.clamp(min=1) if averaged else 1
+    losses, chosen, rejected = dpo_loss(*(logps / n).chunk(2), *(ref_logps / n).chunk(2), beta=d.beta,
+                                        loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                        reference_free=d.reference_free)
+    if averaged:
+        _, chosen, rejected = dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=d.beta,
+                                       reference_free=d.reference_free)
+    logps_chosen, logps_rejected = logps.detach().chunk(2)
+    return losses, {
+        "rewards/chosen": chosen, "rewards/rejected": rejected,
+        "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected,
+        "logps/chosen": logps_chosen, "logps/rejected": logps_rejected,
+    }
+
+
 class DPO(Algorithm):
     progress_keys = ("train/loss", "rewards/accuracies")
 
@@ -124,34 +147,17 @@ class DPO(Algorithm):
         return sequence_logprobs(model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                  batch.response_mask.to(dev))
 
-    def reference_logps(self, model, batch: PairBatch, like: torch.Tensor) -> torch.Tensor:
-        return self.reference.logps(self, model, batch) if self.reference else torch.zeros_like(like)
-
-    def objective(self, logps: torch.Tensor, lengths: torch.Tensor,
-                  ref_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(per-pair losses [B], per-pair stats [B]) from summed log-probs [2B] of policy and reference."""
-        d = self.cfg.dpo
-        averaged = d.loss_type == "ipo"  # IPO's margin compares per-token log-probs
-        n = lengths.clamp(min=1) if averaged else 1
-        losses, chosen, rejected = dpo_loss(*(logps / n).chunk(2), *(ref_logps / n).chunk(2), beta=d.beta,
-                                            loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                            reference_free=d.reference_free)
-        if averaged:  # rewards are always reported from summed log-probs, as TRL does
-            _, chosen, rejected = dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=d.beta,
-                                           reference_free=d.reference_free)
-        logps_chosen, logps_rejected = logps.detach().chunk(2)
-        return losses, {
-            "rewards/chosen": chosen, "rewards/rejected": rejected,
-            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected,
-            "logps/chosen": logps_chosen, "logps/rejected": logps_rejected,
-        }
+    def pair_losses(self, model, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(per-pair losses [B], per-pair stats [B]) of the policy `model` against the reference."""
+        logps, lengths = self.forward(model, batch)
+        ref_logps = self.reference.logps(self, model, batch) if self.reference else torch.zeros_like(logps)
+        return pair_objective(self.cfg.dpo, logps, lengths, ref_logps)
 
     def loss_weight(self, batch: PairBatch) -> float:
         return float(batch.num_pairs)
 
     def loss(self, model, batch: PairBatch):
-        logps, lengths = self.forward(model, batch)
-        losses, stats = self.objective(logps, lengths, self.reference_logps(model, batch, logps))
+        losses, stats = self.pair_losses(model, batch)
         return losses.sum(), {k: v.mean() for k, v in stats.items()}
 
     def after_step(self, model, step):
@@ -224,8 +230,7 @@ class DPO(Algorithm):
         for i in range(0, len(share), mb):
             batch = self.collate(share[i:i + mb])
             with t.accelerator.autocast():
-                logps, lengths = self.forward(model, batch)
-                losses, stats = self.objective(logps, lengths, self.reference_logps(model, batch, logps))
+                losses, stats = self.pair_losses(model, batch)
             stats["loss"] = losses
             sums = [stats[k].float().sum() for k in EVAL_KEYS]
             totals += torch.stack(sums + [torch.tensor(float(len(losses)), device=t.device)])

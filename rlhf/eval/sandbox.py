@@ -404,6 +404,9 @@ def _communicate(
             if now >= deadline:
                 status = TIMEOUT
                 break
+            if not sel.get_map():  # every pipe closed: the runner is exiting, poll for it briefly
+                time.sleep(0.001)
+                continue
             events = sel.select(timeout=min(deadline - now, 0.05))
             for key, _ in events:
                 name = key.data

@@ -153,7 +153,7 @@ def _words(text: str) -> set[str]:
 _PROMPT_INDEX: dict[str, tuple[str, str]] = {}
 
 
-def _lookup(prompt: str) -> tuple[str, str]:
+def lookup_prompt(prompt: str) -> tuple[str, str]:
     """(category, item) of a testbed prompt, for judging without metadata columns."""
     if not _PROMPT_INDEX:
         for category in CATEGORIES:
@@ -214,7 +214,7 @@ def gold_judge(prompts: Sequence[str], completions: Sequence[str], **columns: Se
         if "category" in columns and "item" in columns:
             category, item = columns["category"][i], columns["item"][i]
         else:
-            category, item = _lookup(prompt)
+            category, item = lookup_prompt(prompt)
         out.append(judge_one(prompt, completion, category, item))
     return out
 
