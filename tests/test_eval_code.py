@@ -71,7 +71,8 @@ def test_apps_rows(tmp_path):
     assert not check_completion(call, "def count_vowels(s):\n    return 4\n").passed
     assert check_completion(call, "def count_vowels(s):\n    return [3, 0][s == '']\n").passed
     # a tuple result compares as a list against [1, 3]
-    assert not check_completion(leetcode, "class Solution:\n    def minMax(self, nums):\n        return (0, 0)\n").passed
+    zeros = "class Solution:\n    def minMax(self, nums):\n        return (0, 0)\n"
+    assert not check_completion(leetcode, zeros).passed
     wrong = check_completion(stdio, "a, b = map(int, input().split())\nprint(a - b)\n")
     assert wrong.status == WRONG_ANSWER and "expected '3\\n'" in wrong.detail
 

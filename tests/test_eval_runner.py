@@ -26,8 +26,11 @@ def scripted(answer):
 
 
 def test_assistant_metrics_with_perfect_answers(monkeypatch):
-    monkeypatch.setattr(rlhf.rollout, "generate", scripted(
-        lambda p: assistant.correct_response(assistant.BY_NAME[assistant.lookup_prompt(p)[0]], assistant.lookup_prompt(p)[1])))
+    def perfect(prompt):
+        category, item = assistant.lookup_prompt(prompt)
+        return assistant.correct_response(assistant.BY_NAME[category], item)
+
+    monkeypatch.setattr(rlhf.rollout, "generate", scripted(perfect))
     metrics, records = evaluate_model(None, None, EvalSettings(testbed="assistant"))
     # 96 benign prompts score 1 + 1, 32 harmful ones 0 + 1: (96 * 2 + 32) / 128 = 1.75
     assert metrics["gold/reward"] == pytest.approx(1.75)

@@ -269,7 +269,10 @@ def test_ppo_learns_with_bounded_kl_and_first_ratio_exactly_one(tiny_model_dir, 
     print(f"\nPPO learns: score {start:.3f} -> {end:.3f} (last 3 iterations), KL max {max(kls):.3f}, "
           f"final {kls[-1]:.3f}, {records[-1]['step']} steps, {records[-1]['time/elapsed_s']:.1f} s")
     assert end > start + 1.0 and end > 1.8 * start
-    assert max(kls) < 3.0
+    # bounded: a policy collapsed onto one response would sit near -log ref(y) ~ log(40) nats a token at top-k 40,
+    # ~30 nats over 8 tokens; the KL penalty keeps the whole run far below that, and the reward net of it rises
+    assert max(kls) < 6.0
+    assert sum(r["objective/rlhf_reward"] for r in its[-3:]) / 3 > its[0]["objective/rlhf_reward"] + 1.0
     final = os.path.join(tmp_path, "run", "final")
     assert lm(final) is not None
     assert load_scalar_model(os.path.join(final, "critic")) is not None

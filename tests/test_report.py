@@ -29,8 +29,8 @@ def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
 
 
 def test_compare_writes_markdown_html_and_pngs(tmp_path):
-    a = make_run(tmp_path, "sft", "sft", {"assistant": {"gold": 0.4, "kl": 0.0}}, [])
-    b = make_run(tmp_path, "ppo", "ppo", {"assistant": {"gold": 0.8, "kl": 2.0}}, [(0.0, 0.1), (1.0, 0.5), (2.0, 0.7)])
+    a = make_run(tmp_path, "sft", "sft", {"testbed": "assistant", "metrics": {"gold/reward": 0.4, "kl/reference": 0.0}}, [])
+    b = make_run(tmp_path, "ppo", "ppo", {"testbed": "assistant", "metrics": {"gold/reward": 0.8, "kl/reference": 2.0}}, [(0.0, 0.1), (1.0, 0.5), (2.0, 0.7)])
     out = tmp_path / "report"
     assert main(["compare", a, b, "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
@@ -48,3 +48,13 @@ def test_missing_run_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         compare_runs([str(tmp_path / "nope")], str(tmp_path / "out"))
+
+
+def test_one_method_over_two_testbeds_is_one_row(tmp_path):
+    (tmp_path / "assistant").mkdir()
+    (tmp_path / "code").mkdir()
+    a = make_run(tmp_path / "assistant", "ppo", "ppo", {"testbed": "assistant", "metrics": {"gold/reward": 0.7}}, [])
+    c = make_run(tmp_path / "code", "ppo", "ppo", {"testbed": "code", "metrics": {"code/pass@1": 0.25}}, [])
+    out = tmp_path / "report"
+    compare_runs([a, c], str(out))
+    assert "| ppo | 1 | 0.700 | 0.250 |" in (out / "report.md").read_text()

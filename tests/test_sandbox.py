@@ -2,8 +2,11 @@
 without touching the machine; good programs around them keep passing."""
 
 import os
+import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from rlhf.eval.sandbox import (
     PASSED,
     TIMEOUT,
     SandboxLimits,
+    _pids_with_uid,
     run_program,
     run_programs,
 )
@@ -33,30 +37,16 @@ TESTS = "\nassert add(2, 3) == 5\n"  # what a harness appends after the completi
 GOOD = "def add(a, b):\n    return a + b\n" + TESTS
 
 
-def sandbox_pids() -> list[int]:
-    """Live processes running as any of the sandbox's fresh uids ([2^30, 2^31))."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in lines if ":" in line)
-        uid = int(fields.get("Uid", "0").split()[0])
-        if uid >= 1 << 30 and not fields.get("State", "").strip().startswith("Z"):
-            found.append(int(name))
-    return found
+def leftover_pids(result) -> list[int]:
+    """Live processes still running as the run's own uid."""
+    return _pids_with_uid(result.extra["uid"]) if result.extra.get("uid") is not None else []
 
 
 def assert_failed_fast(result, limits=QUICK):
     assert not result.passed
     assert result.status != PASSED
     assert result.duration_s < limits.timeout_s + 1.0, result
-    if ROOT:
-        assert sandbox_pids() == []
+    assert leftover_pids(result) == []
 
 
 def test_good_program_passes_and_bad_assert_fails():
@@ -120,8 +110,8 @@ def test_daemon_left_behind_is_killed():
         "    posix.setsid()\n"
         "    time.sleep(30)\n"
     )
-    run_program(program, limits=QUICK)
-    assert sandbox_pids() == []
+    result = run_program(program, limits=QUICK)
+    assert result.extra["uid"] is not None and leftover_pids(result) == []
 
 
 @pytest.mark.parametrize(
@@ -136,32 +126,42 @@ def test_allocating_10_gb_fails(program):
     assert_failed_fast(result)
 
 
+@pytest.fixture
+def public_dir():
+    """A folder any user can reach (pytest's own tmp root is private to root), as a checkout is."""
+    path = tempfile.mkdtemp(prefix="rlhf-sentinel-")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path)
+
+
 @pytest.mark.parametrize("around_guards", [False, pytest.param(True, marks=needs_root)])
-def test_files_outside_the_sandbox_are_untouched(tmp_path, around_guards):
-    folder = tmp_path / "outside"
-    folder.mkdir()
-    sentinel = folder / "sentinel.txt"
-    sentinel.write_text("keep me")
-    os.chmod(tmp_path, 0o755)  # reachable, as a checkout would be; only the owner may write
+def test_files_outside_the_sandbox_are_untouched(tmp_path, public_dir, around_guards):
+    folders = [tmp_path / "outside", public_dir]
+    folders[0].mkdir()
+    for folder in folders:
+        (folder / "sentinel.txt").write_text("keep me")
     attack = (
-        f"path = {str(sentinel)!r}\n"
-        + (UNGUARD + "unlink, rename = posix.unlink, posix.rename\n" if around_guards
-           else "import os\nunlink, rename = os.unlink, os.rename\n")
+        (UNGUARD + "unlink, rename = posix.unlink, posix.rename\n" if around_guards
+         else "import os\nunlink, rename = os.unlink, os.rename\n")
         + "errors = 0\n"
-        "for attempt in (lambda: open(path, 'w').write('owned'),\n"
-        "                lambda: unlink(path),\n"
-        "                lambda: rename(path, path + '.moved'),\n"
-        f"                lambda: open({str(folder / 'new.txt')!r}, 'w').write('x')):\n"
-        "    try:\n"
-        "        attempt()\n"
-        "    except Exception:\n"
-        "        errors += 1\n"
+        f"for folder in {[str(f) for f in folders]!r}:\n"
+        "    path = folder + '/sentinel.txt'\n"
+        "    for attempt in (lambda: open(path, 'w').write('owned'),\n"
+        "                    lambda: unlink(path),\n"
+        "                    lambda: rename(path, path + '.moved'),\n"
+        "                    lambda: open(folder + '/new.txt', 'w').write('x')):\n"
+        "        try:\n"
+        "            attempt()\n"
+        "        except Exception:\n"
+        "            errors += 1\n"
         "assert errors == 0\n"
     )
     result = run_program(attack, limits=QUICK)
     assert_failed_fast(result)
-    assert sentinel.read_text() == "keep me"
-    assert sorted(p.name for p in folder.iterdir()) == ["sentinel.txt"]
+    for folder in folders:
+        assert (folder / "sentinel.txt").read_text() == "keep me"
+        assert sorted(p.name for p in folder.iterdir()) == ["sentinel.txt"]
 
 
 def test_the_working_directory_is_private_and_removed():
@@ -269,7 +269,28 @@ def test_mixed_batch_good_ones_still_pass():
         programs += [GOOD, bad]
     results = run_programs(programs, limits=QUICK, workers=2)
     assert [r.passed for r in results] == [True, False] * len(hostile)
-    if ROOT:
-        assert sandbox_pids() == []
+    assert all(leftover_pids(r) == [] for r in results)
     # ...and the harness keeps working afterwards.
     assert run_program(GOOD).passed
+
+
+@pytest.mark.parametrize(
+    "program",
+    ["import os\nos.fork()\n", "import os\nos.kill(os.getppid(), 9)\n", "import socket\n",
+     "import subprocess\nsubprocess.run(['true'])\n", "import os\nos.system('true')\n",
+     "import sys\nsys.exit(0)\n" + TESTS],
+    ids=["fork", "kill", "socket", "subprocess", "system", "exit"],
+)
+def test_in_process_guards_alone(program):
+    """What a non-root user gets without the uid drop: the guards still stop these."""
+    result = run_program(program, limits=SandboxLimits(timeout_s=1.0, drop_privileges=False))
+    assert result.status == FAILED and not result.passed
+    assert run_program(GOOD, limits=SandboxLimits(drop_privileges=False)).passed
+
+
+def test_large_stdin_is_fed_whole_and_unread_stdin_does_not_block():
+    data = "".join(f"{i}\n" for i in range(200_000))  # ~1.3 MB, far beyond a pipe buffer
+    result = run_program("import sys\nprint(sum(int(line) for line in sys.stdin))\n", stdin=data)
+    assert result.passed and result.stdout == f"{sum(range(200_000))}\n"  # 199999 * 200000 / 2
+    ignored = run_program("print('done')\n", stdin=data, limits=QUICK)
+    assert ignored.passed and ignored.duration_s < QUICK.timeout_s

@@ -43,7 +43,8 @@ def mean_judgements(judgements: Sequence[Mapping[str, Any]]) -> dict[str, float]
 def pointwise_as_pairwise(scorer: Scorer, margin: float = 0.0) -> PairwiseJudge:
     """A pairwise judge from a pointwise scorer: the higher score wins unless within `margin`."""
 
-    def judge(prompts: Sequence[str], first: Sequence[str], second: Sequence[str], **columns: Sequence[Any]) -> list[int]:
+    def judge(prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
+              **columns: Sequence[Any]) -> list[int]:
         a = list(scorer(list(prompts), list(first), **columns))
         b = list(scorer(list(prompts), list(second), **columns))
         return [1 if x - y > margin else -1 if y - x > margin else 0 for x, y in zip(a, b)]

@@ -302,11 +302,14 @@ def markdown_summary(report: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rlhf eval", description="Evaluate a model on a testbed; writes eval.json and eval.md.")
+    p = argparse.ArgumentParser(prog="rlhf eval",
+                                description="Evaluate a model on a testbed; writes eval.json and eval.md.")
     p.add_argument("--model", required=True, help="Policy folder or hub name (from_pretrained).")
     p.add_argument("--testbed", required=True, choices=TESTBED_CHOICES, help="Held-out prompts and their scoring.")
-    p.add_argument("--reward-model", default=None, help="Reward model folder (same tokenizer): adds rm/score and an RM-judged win rate.")
-    p.add_argument("--reference", default=None, help="Reference policy folder: adds kl/reference and win rates against its responses.")
+    p.add_argument("--reward-model", default=None,
+                   help="Reward model folder (same tokenizer): adds rm/score and an RM-judged win rate.")
+    p.add_argument("--reference", default=None,
+                   help="Reference policy folder: adds kl/reference and win rates against its responses.")
     p.add_argument("--out", default=None, help="Output folder for eval.json and eval.md (default: <model>/eval).")
     p.add_argument("--num-samples", type=int, default=1, help="Responses per prompt.")
     p.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k values (code testbeds).")

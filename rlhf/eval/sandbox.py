@@ -82,7 +82,7 @@ class SandboxResult:
     stdout: str = ""  # at most limits.output_bytes of it
     stderr: str = ""  # at most limits.output_bytes of it
     truncated: bool = False  # an output stream hit the cap
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "uid": the run's uid (None without the drop), ...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +107,8 @@ def _runner():
         libc = ctypes.CDLL(None, use_errno=True)
     if cfg["uid"] is not None:
         if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-            exit_(cfg["setup_failed_code"])
+            write(cfg["result_fd"], b"!setup: unshare failed")
+            exit_(1)
         # The interpreter may live under a directory only root can traverse (/root/...). Open
         # its import directories now and import through /proc/self/fd/N, which reaches an open
         # directory without searching its parents.
@@ -165,7 +166,6 @@ def _runner():
 _runner()
 """
 
-_SETUP_FAILED_CODE = 97  # the runner could not isolate itself
 
 # Functions of `os` removed before the program runs.
 _BLOCKED_OS = (
@@ -326,7 +326,6 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
             "rlimits": _rlimits(limits, drop),
             "blocked_os": _BLOCKED_OS,
             "blocked_modules": _BLOCKED_MODULES,
-            "setup_failed_code": _SETUP_FAILED_CODE,
         }
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         try:
@@ -345,7 +344,7 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
         returncode = proc.wait()
         if status is None:
             proven = outputs["result"] == nonce
-            if returncode == _SETUP_FAILED_CODE and not proven:
+            if outputs["result"].startswith(b"!setup"):  # written before the program could run
                 status = ERROR
             else:
                 status = PASSED if (returncode == 0 and proven) else FAILED
@@ -357,6 +356,8 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
             stdout=outputs["stdout"].decode("utf-8", "replace"),
             stderr=outputs["stderr"].decode("utf-8", "replace"),
             truncated=truncated,
+            extra={"uid": uid, **({"setup_error": outputs["result"][1:].decode("utf-8", "replace")}
+                                  if status == ERROR else {})},
         )
     finally:
         for fd in (nonce_r, nonce_w, result_r, result_w):
@@ -413,7 +414,9 @@ def _communicate(
                 if name == "stdin":
                     try:
                         written = os.write(key.fd, pending[:65536])
-                    except (BrokenPipeError, OSError):
+                    except BlockingIOError:
+                        written = 0
+                    except OSError:  # the child closed its stdin: the rest is not wanted
                         written = len(pending)
                     pending = pending[written:]
                     if not pending:

@@ -15,9 +15,10 @@ from ..tracking import read_metrics
 SEED_SUFFIX = re.compile(r"[-_]seed\d+$")
 # Columns shown first when present, in this order; everything else numeric follows.
 PREFERRED = [
-    "assistant/gold_helpfulness", "assistant/gold_harmlessness", "assistant/safety_rate", "assistant/helpfulness",
-    "assistant/harm", "assistant/gold", "assistant/reward", "assistant/win_rate", "assistant/kl", "assistant/length",
-    "code/pass@1", "code/pass@5", "code/pass@10", "code/kl", "code/length",
+    "assistant/gold/reward", "assistant/gold/helpfulness", "assistant/gold/harm", "assistant/gold/safety_rate",
+    "assistant/rm/score", "assistant/win_rate_gold/vs_reference/win_rate", "assistant/kl/reference",
+    "assistant/length/tokens", "code/pass@1", "code/pass@4", "code/pass@5", "code/pass@10", "code/kl/reference",
+    "code/length/tokens",
 ]
 CURVES = ["train/loss", "objective/scores", "objective/kl", "objective/rlhf_reward", "rewards/accuracies",
           "rewards/margins", "reward/accuracy", "response/length_mean", "eval/loss"]
@@ -43,21 +44,32 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _eval_metrics(data: dict, testbed: Optional[str] = None) -> dict[str, float]:
+    """An eval.json ({"testbed", "metrics": {...}} from `rlhf eval`, or any nested dict) as 'testbed/metric'."""
+    if isinstance(data.get("metrics"), dict):
+        testbed = data.get("testbed") or testbed
+        flat = _flatten(data["metrics"])
+    else:
+        flat = _flatten(data)
+    if not testbed:
+        return flat
+    return {k if k.startswith(testbed + "/") else f"{testbed}/{k}": v for k, v in flat.items()}
+
+
 def _find_evals(path: str) -> dict[str, float]:
-    """eval.json in the run folder, or eval/<testbed>/eval.json, flattened to 'testbed/metric'."""
+    """eval.json in the run folder, and eval/<testbed>/eval.json, flattened to 'testbed/metric'."""
     out: dict[str, float] = {}
     direct = os.path.join(path, "eval.json")
     if os.path.exists(direct):
         with open(direct) as f:
-            out.update(_flatten(json.load(f)))
+            out.update(_eval_metrics(json.load(f)))
     eval_dir = os.path.join(path, "eval")
     if os.path.isdir(eval_dir):
         for name in sorted(os.listdir(eval_dir)):
             file = os.path.join(eval_dir, name, "eval.json")
             if os.path.exists(file):
                 with open(file) as f:
-                    data = _flatten(json.load(f))
-                out.update({k if k.startswith(name + "/") else f"{name}/{k}": v for k, v in data.items()})
+                    out.update(_eval_metrics(json.load(f), name))
     return out
 
 
@@ -74,6 +86,19 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
     metrics_path = os.path.join(path, "metrics.jsonl")
     metrics = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     return Run(path, label or os.path.basename(os.path.normpath(path)), algorithm, metrics, _find_evals(path))
+
+
+def merge_same_label(runs: list[Run]) -> list[Run]:
+    """Runs with one label (e.g. a method trained once per testbed) become one row: their evals are joined."""
+    merged: dict[str, Run] = {}
+    for r in runs:
+        if r.label in merged:
+            m = merged[r.label]
+            m.evals.update(r.evals)
+            m.path = f"{m.path}, {r.path}"
+        else:
+            merged[r.label] = Run(r.path, r.label, r.algorithm, list(r.metrics), dict(r.evals))
+    return list(merged.values())
 
 
 def _group(runs: list[Run]) -> dict[str, list[Run]]:
@@ -154,23 +179,19 @@ def plot_curves(runs: list[Run], out_dir: str, keys: list[str] = CURVES) -> list
 
 def plot_reward_vs_kl(runs: list[Run], out_dir: str, testbed: str = "assistant",
                       reward_key: Optional[str] = None) -> Optional[str]:
-    """Held-out reward against KL to the reference, one point per run; PPO's training path as a line."""
+    """Held-out reward against KL to the reference (the SFT model), one point per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reward_key = reward_key or next((k for k in (f"{testbed}/gold", f"{testbed}/reward", f"{testbed}/gold_helpfulness")
+    reward_key = reward_key or next((k for k in (f"{testbed}/gold/reward", f"{testbed}/gold", f"{testbed}/rm/score")
                                      if any(k in r.evals for r in runs)), None)
-    kl_key = f"{testbed}/kl"
+    kl_key = next((k for k in (f"{testbed}/kl/reference", f"{testbed}/kl") if any(k in r.evals for r in runs)),
+                  f"{testbed}/kl")
     fig, ax = plt.subplots(figsize=(6, 4))
     drew = False
     for r in runs:
-        xs, kl = _series(r, "objective/kl")
-        _, sc = _series(r, "objective/scores")
-        if kl and sc and len(kl) == len(sc):
-            ax.plot(kl, sc, alpha=0.35, linewidth=1, label=f"{r.label} (training)")
-            drew = True
         if reward_key and reward_key in r.evals and kl_key in r.evals:
             ax.scatter([r.evals[kl_key]], [r.evals[reward_key]], s=60, zorder=3)
             ax.annotate(r.label, (r.evals[kl_key], r.evals[reward_key]), textcoords="offset points", xytext=(5, 5),
@@ -193,15 +214,24 @@ def plot_reward_vs_kl(runs: list[Run], out_dir: str, testbed: str = "assistant",
     return path
 
 
+def _distinct_labels(runs: list[Run]) -> list[Run]:
+    """For curves, a label shared by several runs gets the run folder's parent name appended."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    return [Run(r.path, f"{r.label} ({os.path.basename(os.path.dirname(os.path.normpath(r.path)))})"
+                if counts[r.label] > 1 else r.label, r.algorithm, r.metrics, r.evals) for r in runs]
+
+
 def compare_runs(paths: list[str], out_dir: str, labels: Optional[list[str]] = None, title: str = "Run comparison",
                  columns: Optional[list[str]] = None) -> str:
     """Write report.md (+ report.html) and PNG plots into out_dir; returns the report path."""
     labels = labels or [None] * len(paths)
     runs = [load_run(p, l) for p, l in zip(paths, labels)]
     os.makedirs(out_dir, exist_ok=True)
-    header, rows = table(runs, columns)
-    curves = plot_curves(runs, out_dir)
-    scatter = [p for p in (plot_reward_vs_kl(runs, out_dir, tb) for tb in ("assistant", "code")) if p]
+    header, rows = table(merge_same_label(runs), columns)
+    curves = plot_curves(_distinct_labels(runs), out_dir)
+    scatter = [p for p in (plot_reward_vs_kl(merge_same_label(runs), out_dir, tb) for tb in ("assistant", "code")) if p]
     lines = [f"# {title}", "", "Held-out evaluation (mean ± std over seeds where a run has several):", "",
              markdown_table(header, rows), "", "Runs:", ""]
     lines += [f"- `{r.label}`: {r.algorithm or '?'} — `{r.path}`" for r in runs]
