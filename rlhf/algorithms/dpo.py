@@ -25,7 +25,7 @@ from ..config import ConfigError, DPOSection
 from ..data import BadRows
 from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
 from ..losses import dpo_loss
-from ..models import adapters_disabled, ema_update_, frozen_copy, is_peft, load_causal_lm
+from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm
 from ..models.forward import sequence_logprobs
 from .base import Algorithm
 from .supervised import make_batcher, report_skipped, step_stream, total_steps
@@ -55,8 +55,7 @@ class AdapterReference:
     """The LoRA policy's base model: the policy's own forward with its adapters switched off."""
 
     def __init__(self, algo: "DPO", model):
-        if not is_peft(algo.unwrap(model)):
-            raise ConfigError("dpo.reference='adapter' needs a LoRA policy: set model.lora_r > 0")
+        pass  # DPO.__init__ has checked model.lora_r > 0
 
     @torch.no_grad()
     def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
@@ -107,6 +106,8 @@ class DPO(Algorithm):
 
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer)
+        if cfg.dpo.reference == "adapter" and not cfg.dpo.reference_free and cfg.model.lora_r <= 0:
+            raise ConfigError("dpo.reference='adapter' needs a LoRA policy: set model.lora_r > 0")
         d, tok = cfg.data, trainer.tokenizer
         opts = PairOptions.from_config(d, cfg.dpo.pku_preference)
         self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
@@ -119,9 +120,7 @@ class DPO(Algorithm):
             self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
         self.collate = collate_pairs(tok.pad_token_id)
         self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
-        if cfg.dpo.reference == "adapter" and not cfg.dpo.reference_free and cfg.model.lora_r <= 0:
-            raise ConfigError("dpo.reference='adapter' needs a LoRA policy: set model.lora_r > 0")
-        self.reference = None
+        self.reference = None  # built in prepared(), from the initial policy
 
     # --- set-up ---------------------------------------------------------------------------------
     def unwrap(self, model):

@@ -361,8 +361,14 @@ class PPO(Algorithm):
         if not mb.train_policy:
             pg = pg * 0.0  # critic warm-up; the policy stays in the graph so every rank runs the same backward
         tokens = mb.response_mask.sum().clamp(min=1)
+        # A sampled token that the updated policy's own top-k/top-p filter now drops has log-prob -inf (ratio 0, and
+        # an infinite KL estimate): count those, and measure the approximate KL over the tokens still in support.
+        kept = torch.isfinite(logp.detach())
         stats = {"ppo/policy_loss": pg.detach() / tokens, "ppo/value_loss": vf.detach() / tokens,
-                 "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl": pg_stats["approx_kl"],
+                 "ppo/clipfrac": pg_stats["clipfrac"],
+                 "ppo/approx_kl": masked_mean(KL_ESTIMATORS["k3"](mb.old_logprobs, logp.detach()),
+                                              mb.response_mask * kept),
+                 "ppo/dropped_frac": masked_mean((~kept).float(), mb.response_mask),
                  "ppo/ratio_mean": pg_stats["ratio_mean"], "ppo/early_stop": pg_stats["early_stop"],
                  "ppo/vf_clipfrac": vf_stats["vf_clipfrac"],
                  "critic/value_mean": masked_mean(values.detach(), mb.response_mask)}

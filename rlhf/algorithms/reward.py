@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, RewardSection
 from ..data import BadRows
 from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs, load_pairs
 from ..losses import bradley_terry_loss
@@ -43,22 +43,18 @@ def fold_normalization(head: nn.Linear, mean: float, std: float) -> nn.Linear:
     return folded
 
 
-def apply_score_bias_(model) -> nn.Module:
-    """Give a scalar model loaded with from_pretrained the shift its config carries (`config.score_bias`).
+def pair_objective(r: RewardSection, chosen: torch.Tensor, rejected: torch.Tensor,
+                   margin: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(Bradley-Terry loss summed over the B pairs, batch-mean stats) from [B] chosen and rejected scores.
 
-    Idempotent: a head that already has a bias, or a config without score_bias, is left as it is.
+    With reward.margin the row margins m enter as -log sigmoid(r_c - r_r - m); reward.center_coef adds
+    coef * (r_c + r_r)^2 per pair (TRL's center_rewards_coefficient), keeping scores near 0 during training.
     """
-    bias = getattr(model.config, "score_bias", None)
-    head = model.score
-    if bias is None or head.bias is not None:
-        return model
-    with_bias = nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
-                          dtype=head.weight.dtype)
-    with torch.no_grad():
-        with_bias.weight.copy_(head.weight)
-        with_bias.bias.fill_(float(bias))
-    model.score = with_bias
-    return model
+    loss, stats = bradley_terry_loss(chosen, rejected, margin.to(chosen.device) if r.margin else None)
+    total = loss * chosen.numel()
+    if r.center_coef:
+        total = total + r.center_coef * ((chosen + rejected) ** 2).sum()
+    return total, {"reward/accuracy": stats["accuracy"], "reward/margin": stats["margin"]}
 
 
 class RewardModeling(Algorithm):
@@ -95,23 +91,11 @@ class RewardModeling(Algorithm):
         dev = self.trainer.device
         return scalar_scores(model, batch.input_ids.to(dev), batch.attention_mask.to(dev)).float().chunk(2)
 
-    def objective(self, chosen: torch.Tensor, rejected: torch.Tensor,
-                  margin: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss summed over the B pairs, per-batch mean stats)."""
-        r = self.cfg.reward
-        if r.margin:
-            margin = margin.to(chosen.device)
-        loss, stats = bradley_terry_loss(chosen, rejected, margin if r.margin else None)
-        total = loss * chosen.numel()
-        if r.center_coef:  # keeps scores near 0 during training (TRL's center_rewards_coefficient)
-            total = total + r.center_coef * ((chosen + rejected) ** 2).sum()
-        return total, {"reward/accuracy": stats["accuracy"], "reward/margin": stats["margin"]}
-
     def loss_weight(self, batch: PairBatch) -> float:
         return float(batch.num_pairs)
 
     def loss(self, model, batch: PairBatch):
-        return self.objective(*self.scores(model, batch), batch.margin)
+        return pair_objective(self.cfg.reward, *self.scores(model, batch), batch.margin)
 
     def after_step(self, model, step):
         return dict(self.skipped) if step == 1 else {}
@@ -128,7 +112,7 @@ class RewardModeling(Algorithm):
         for i in range(0, len(share), mb):
             batch = self.collate(share[i:i + mb])
             with t.accelerator.autocast():
-                loss, stats = self.objective(*self.scores(model, batch), batch.margin)
+                loss, stats = pair_objective(self.cfg.reward, *self.scores(model, batch), batch.margin)
             n = batch.num_pairs
             totals += torch.stack([loss.float(), stats["reward/accuracy"] * n, stats["reward/margin"] * n,
                                    torch.tensor(float(n), device=t.device)])
@@ -159,6 +143,8 @@ class RewardModeling(Algorithm):
             super().save_model(target, out_dir)
             return
         pairs = self.train_pairs if r.normalize_on == "train" else self.eval_pairs
+        if not pairs:
+            raise ConfigError(f"reward.normalize_on={r.normalize_on!r}: no pairs left to normalize on")
         scores = self.score_responses(target, pairs)
         mean, std = scores.mean().item(), scores.std(unbiased=False).clamp(min=1e-6).item()
         head = target.score

@@ -11,7 +11,10 @@ Formats (`data.format`; "auto" picks one from the first row's columns, see FORMA
   pku-saferlhf   PKU-Alignment/PKU-SafeRLHF: prompt, response_0, response_1, better_response_id,
                  safer_response_id; `pku_preference` picks which id names the chosen response.
   ultrafeedback  HuggingFaceH4/ultrafeedback_binarized: chosen/rejected are message lists holding the prompt;
-                 margin = score_chosen - score_rejected.
+                 margin = score_chosen - score_rejected. Its splits are train_prefs / test_prefs (data.train_split).
+Responses get the tokenizer's EOS appended and are cut to data.max_length - prompt tokens; bad rows (a missing
+field, an empty response, chosen == rejected, a prompt over data.max_prompt_length) raise DataError naming file,
+row and field, or are counted under data.on_bad_row=skip.
 """
 
 from __future__ import annotations

@@ -32,29 +32,30 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logp
 
 
-def _unwrap_peft(model):
-    """The transformers model inside a peft wrapper (adapters stay active: they are injected in place)."""
+def _unwrap(model):
+    """The transformers model inside distributed wrappers (DDP, DeepSpeed: `.module`) and peft."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
     if hasattr(model, "peft_config") and hasattr(model, "base_model"):
-        return model.base_model.model
+        model = model.base_model.model  # adapters stay active: they are injected in place
     return model
 
 
-def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
-    """Last hidden states [B, T, H] of a sequence-classification model's backbone."""
-    backbone = _unwrap_peft(model).base_model  # transformers: the model under the task head
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.last_hidden_state
-
-
-def _score_head(model):
-    return _unwrap_peft(model).score
-
-
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] scalar head applied at every position (a critic's V(s_t) reads position t)."""
-    hidden = _backbone_hidden(model, input_ids, attention_mask)
-    return _score_head(model)(hidden).squeeze(-1).float()
+    """[B, T] scalar head of a sequence-classification model at every position (V(s_t) reads position t).
+
+    The forward goes through `model` itself, wrappers included, so DDP/DeepSpeed see it and sync
+    gradients; the per-position head outputs are taken with a hook before the model pools them.
+    """
+    head = _unwrap(model).score
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1].squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

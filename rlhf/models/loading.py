@@ -78,6 +78,26 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, path: Optional[str] = None,
     return _finish(model, cfg, tokenizer, trainable)
 
 
+def apply_score_bias_(model) -> torch.nn.Module:
+    """Restore the score shift a calibrated reward model carries in `config.score_bias`.
+
+    Llama/Qwen2 score heads have no bias, so the reward normalization's shift is saved in the config
+    (and in reward_normalization.json) and becomes the head's bias again here. Idempotent: a head
+    that already has a bias, or a config without score_bias, is left as it is.
+    """
+    bias = getattr(model.config, "score_bias", None)
+    head = model.score
+    if bias is None or head.bias is not None:
+        return model
+    with_bias = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                                dtype=head.weight.dtype)
+    with torch.no_grad():
+        with_bias.weight.copy_(head.weight)
+        with_bias.bias.fill_(float(bias))
+    model.score = with_bias
+    return model
+
+
 def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=None, trainable: bool = False,
                       field: str = "reward_model"):
     """A sequence-classification model with one output: a reward model or a critic.
@@ -91,4 +111,4 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
         AutoModelForSequenceClassification, path, field,
         num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
     )
-    return _finish(model, cfg, tokenizer, trainable)
+    return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
