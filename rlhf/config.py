@@ -203,7 +203,8 @@ class PPOSection:
     # critic
     critic_init: Literal["reward_model", "policy"] = opt("reward_model", "Initialize the critic from the reward model or the policy.")
     critic_lr: float = opt(5e-6, "Critic learning rate (actor: optim.lr).")
-    critic_warmup_iters: int = opt(0, "Iterations that train only the critic.")
+    critic_warmup_iters: int = opt(0, "Iterations that train only the critic (the policy loss is zeroed; AdamW's "
+                                      "weight decay, if any, still applies to the policy).")
     # sampling
     max_new_tokens: int = opt(256, "Maximum response tokens.")
     temperature: float = opt(1.0, "Sampling temperature; also applied to every training log-prob.")
@@ -265,7 +266,7 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class PPOConfig(TrainConfig):
-    algorithm: str = "ppo"
+    algorithm: str = opt("ppo", "Which algorithm this config runs.")
     ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "PPO options."})
 
     def validate(self) -> None:

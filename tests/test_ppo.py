@@ -212,7 +212,8 @@ def test_ablation_configs_differ_by_one_factor_each(tiny_model_dir):
     assert (last["ppo.adv_norm"], last["ppo.ref_ema"], last["ppo.num_minibatches"]) == (True, 0.001, 4)
     assert last["ppo.rollout_batch_size"] == 8 * base["ppo.rollout_batch_size"]  # paper: 64 -> 512
     # ppo_tiny.yaml is the full recipe: the last ablation step
-    assert {k for k in base if cfgs["tiny"][k] != last[k]} <= {"logging.run_name", "logging.group", "logging.save_every"}
+    logging_only = {"logging.run_name", "logging.group", "logging.save_every"}
+    assert {k for k in base if cfgs["tiny"][k] != last[k]} <= logging_only
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,7 +237,8 @@ def test_scoring_logprobs_equal_the_sampler_with_temperature_top_k_top_p(tiny_mo
     response = out.sequences[:, P:]
     rmask, _ = response_mask_from_ids(response, tok.eos_token_id)
     # the sampler's own distribution: log-softmax of the processed scores (temperature, top-k, top-p applied)
-    sampler = torch.stack([s.float().log_softmax(-1) for s in out.scores], dim=1).gather(-1, response[..., None])[..., 0]
+    sampler = torch.stack([s.float().log_softmax(-1) for s in out.scores], dim=1)
+    sampler = sampler.gather(-1, response[..., None])[..., 0]
     full_mask = torch.cat([mask, rmask], dim=1)
     with torch.no_grad():
         logp, _ = pair(out.sequences, full_mask, P)  # the training forward (= the scoring pass: ratio 1 at step 1)

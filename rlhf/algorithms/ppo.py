@@ -11,6 +11,13 @@ One iteration, as data (per rank; B rollouts, P prompt width, R response width):
   -> reference EMA after every optimizer step.
 The paper's three factors are config values: ppo.adv_norm, the batch (ppo.rollout_batch_size with
 ppo.num_minibatches) and ppo.ref_ema; configs/ppo_ablation_*.yaml walk through them one at a time.
+
+Metrics (means over all ranks). Once an iteration, in its first step: objective/scores (the reward sources' score),
+objective/kl (per-token KL estimate summed over a response), objective/rlhf_reward (summed per-token rewards),
+objective/kl_coef, reward/<source>, response/length_mean, response/eos_rate, critic/explained_variance,
+time/generate_s, time/score_s; in its last step time/train_s. Every step: ppo/policy_loss, ppo/value_loss (token
+means), ppo/clipfrac, ppo/approx_kl, ppo/ratio_mean, ppo/early_stop, ppo/dropped_frac, ppo/vf_clipfrac,
+critic/value_mean.
 """
 
 from __future__ import annotations
@@ -122,7 +129,8 @@ class PolicyAndCritic(nn.Module):
         self.temperature, self.top_k, self.top_p = sampling.temperature, sampling.top_k, sampling.top_p
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> tuple[Tensor, Tensor]:
-        """(log-probs [B, R] of the response tokens under the sampling distribution, 0 on padding; values V(s_t) [B, R])."""
+        """(log-probs [B, R] of the response tokens under the sampling distribution, 0 on padding;
+        values V(s_t) [B, R])."""
         logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)
         logp = logprobs_from_logits(logits, input_ids[:, prompt_width:], self.temperature, self.top_k, self.top_p)
         values = token_values(self.critic, input_ids, attention_mask)[:, prompt_width - 1:-1]

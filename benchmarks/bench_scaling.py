@@ -1,0 +1,193 @@
+"""DPO and PPO throughput and loss agreement on 1 vs 2 GPUs (DDP, ZeRO-2, ZeRO-3), and TRL's DPOTrainer
+on the same model, data and batch as the competitor baseline, all in one run.
+
+    python benchmarks/bench_scaling.py --out runs/bench --steps 12          # on a machine with 2 GPUs
+
+A ~150M-parameter Llama-architecture model is built from a config (random weights; no hub), with the
+tiny BPE tokenizer trained on the shipped testbeds. Preference rows are made long (about 256 prompt +
+64 response tokens) by joining testbed rows, so the GPU has real work. Every run uses bf16 autocast and
+the same global batch; tokens/s counts prompt+response tokens of both sequences of each pair.
+Prints one table; paste it into BENCHMARKS.md with the device and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_data(out: str, rows: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    src = [json.loads(l) for l in open(os.path.join(ROOT, "data", "assistant", "prefs.jsonl"))]
+    path = os.path.join(out, "prefs_long.jsonl")
+    with open(path, "w") as f:
+        for _ in range(rows):
+            picks = rng.sample(src, 24)
+            prompt = " ".join(p["prompt"] + " " + p["chosen"] for p in picks[:20])
+            chosen = " ".join(p["chosen"] for p in picks[20:])
+            rejected = " ".join(p["rejected"] for p in picks[20:])
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+def make_model(out: str) -> str:
+    sys.path.insert(0, ROOT)
+    from rlhf.models.tiny import build_tiny_model, corpus_lines, train_tokenizer
+
+    path = os.path.join(out, "model")
+    if os.path.isdir(path):
+        return path
+    files = [os.path.join(ROOT, "data", t, f"{s}.jsonl") for t in ("assistant", "code") for s in ("sft", "prefs")]
+    tok = train_tokenizer(corpus_lines(files), vocab_size=1024)
+    model = build_tiny_model(tok, hidden_size=1024, layers=12, heads=16, kv_heads=8, intermediate_size=2816,
+                             max_positions=1024)
+    tok.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+def run(cmd: list[str], env: dict) -> float:
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return time.time() - t0
+
+
+def ours(name: str, cfg: dict, out: str, nproc: int, accelerate_config: str | None) -> dict:
+    cfg = {**cfg, "logging": {"output_dir": out, "run_name": name, "progress": False, "save_every": 10_000}}
+    path = os.path.join(out, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if nproc == 1:
+        env["CUDA_VISIBLE_DEVICES"] = "0"
+        cmd = [sys.executable, "-m", "rlhf", "train", path]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "configs", "accelerate", accelerate_config), "--num_processes", str(nproc),
+               "-m", "rlhf", "train", path]
+    wall = run(cmd, env)
+    records = [json.loads(l) for l in open(os.path.join(out, name, "metrics.jsonl"))]
+    steps = [r for r in records if "time/step_s" in r]
+    return {"wall_s": wall, "step_s": [r["time/step_s"] for r in steps],
+            "loss": [r.get("train/loss") for r in steps], "records": steps}
+
+
+def trl_dpo(model: str, data: str, steps: int, batch: int, micro: int, max_length: int) -> dict:
+    """TRL's DPOTrainer on one GPU, same model, rows, beta, batch and precision."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t = time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            times.append(time.time() - self.t)
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ds = load_dataset("json", data_files=data, split="train")
+    ds = ds.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
+                           "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                           "rejected": [{"role": "assistant", "content": r["rejected"]}]})
+    args = DPOConfig(output_dir="/tmp/trl_dpo", per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=batch // micro, max_steps=steps, learning_rate=1e-5, beta=0.1,
+                     bf16=True, logging_steps=1, report_to=[], save_strategy="no", max_length=max_length,
+                     lr_scheduler_type="constant", dataloader_num_workers=0, seed=0)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args, train_dataset=ds,
+                         processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_s": times, "loss": losses}
+
+
+def median_after_warmup(xs: list[float], warmup: int = 2) -> float:
+    return statistics.median(xs[warmup:] if len(xs) > warmup + 1 else xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=64, help="global pairs per optimizer step")
+    ap.add_argument("--micro", type=int, default=8, help="pairs per forward on one GPU")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--skip-ppo", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    model, data = make_model(a.out), make_data(a.out, rows=a.batch * (a.steps + 2))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    sample = [json.loads(l) for l in open(data)][:64]
+    tokens_per_pair = statistics.mean(
+        2 * len(tok(r["prompt"])["input_ids"]) + len(tok(r["chosen"])["input_ids"]) + len(tok(r["rejected"])["input_ids"])
+        for r in sample)
+    max_length = 512
+    dpo = {"algorithm": "dpo", "seed": 0, "mixed_precision": "bf16", "model": {"name_or_path": model},
+           "data": {"train": data, "max_length": max_length, "max_prompt_length": 448},
+           "dpo": {"beta": 0.1, "reference": "copy"},
+           "optim": {"lr": 1e-5, "batch_size": a.batch, "micro_batch_size": a.micro, "max_steps": a.steps,
+                     "scheduler": "constant"}}
+    results = {}
+    results["dpo 1 GPU"] = ours("dpo_1gpu", dpo, a.out, 1, None)
+    for name, acc in (("DDP", "ddp.yaml"), ("ZeRO-2", "zero2.yaml"), ("ZeRO-3", "zero3.yaml")):
+        results[f"dpo 2 GPU {name}"] = ours(f"dpo_2gpu_{name.lower()}", dpo, a.out, 2, acc)
+    if not a.skip_trl:
+        results["TRL DPOTrainer 1 GPU"] = trl_dpo(model, data, a.steps, a.batch, a.micro, max_length)
+
+    print(f"\nDPO: global batch {a.batch} pairs, micro {a.micro}, ~{tokens_per_pair:.0f} tokens/pair, bf16")
+    print("| run | median step s | pairs/s | tokens/s | scaling eff. | loss step 1 | loss last |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for name, r in results.items():
+        step = median_after_warmup(r["step_s"])
+        tps = a.batch * tokens_per_pair / step
+        if name == "dpo 1 GPU":
+            base = tps
+        eff = f"{tps / (2 * base):.2f}" if base and "2 GPU" in name else ""
+        print(f"| {name} | {step:.3f} | {a.batch / step:.1f} | {tps:,.0f} | {eff} | {r['loss'][0]:.5f} | {r['loss'][-1]:.5f} |")
+
+    if not a.skip_ppo:
+        ppo = {"algorithm": "ppo", "seed": 0, "mixed_precision": "bf16", "model": {"name_or_path": model},
+               "data": {"train": os.path.join(ROOT, "data", "assistant", "prompts_train.jsonl"),
+                        "max_length": 256, "max_prompt_length": 64},
+               "optim": {"lr": 1e-6, "scheduler": "constant"},
+               "ppo": {"reward_fns": ["rlhf.testbeds.assistant:gold_reward"], "critic_init": "policy",
+                       "iterations": 3, "rollout_batch_size": 128, "num_minibatches": 4, "micro_batch_size": 16,
+                       "rollout_micro_batch_size": 64, "max_new_tokens": 64, "ref_ema": 0.001}}
+        pres = {"ppo 1 GPU": ours("ppo_1gpu", ppo, a.out, 1, None)}
+        for name, acc in (("ZeRO-2", "zero2.yaml"), ("ZeRO-3", "zero3.yaml")):
+            pres[f"ppo 2 GPU {name}"] = ours(f"ppo_2gpu_{name.lower()}", ppo, a.out, 2, acc)
+        print("\nPPO: 128 prompts/iteration, 64 new tokens, 4 minibatches, bf16")
+        print("| run | iteration s (gen / score / train) | first-step policy loss | objective/kl (last) |")
+        print("|---|---|---|---|")
+        for name, r in pres.items():
+            firsts = [x for x in r["records"] if "time/generate_s" in x]
+            last = firsts[-1]
+            train = [x.get("time/train_s") for x in r["records"] if "time/train_s" in x][-1]
+            total = last["time/generate_s"] + last["time/score_s"] + train
+            print(f"| {name} | {total:.2f} ({last['time/generate_s']:.2f} / {last['time/score_s']:.2f} / {train:.2f}) "
+                  f"| {r['records'][0].get('ppo/policy_loss', float('nan')):.5f} | {last.get('objective/kl', float('nan')):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
