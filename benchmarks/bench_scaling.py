@@ -40,17 +40,17 @@ def make_data(out: str, rows: int, seed: int = 0) -> str:
     return path
 
 
-def make_model(out: str) -> str:
+def make_model(out: str, hidden: int = 1024, layers: int = 12) -> str:
     sys.path.insert(0, ROOT)
     from rlhf.models.tiny import build_tiny_model, corpus_lines, train_tokenizer
 
     path = os.path.join(out, "model")
-    if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "config.json")):
         return path
     files = [os.path.join(ROOT, "data", t, f"{s}.jsonl") for t in ("assistant", "code") for s in ("sft", "prefs")]
     tok = train_tokenizer(corpus_lines(files), vocab_size=1024)
-    model = build_tiny_model(tok, hidden_size=1024, layers=12, heads=16, kv_heads=8, intermediate_size=2816,
-                             max_positions=1024)
+    model = build_tiny_model(tok, hidden_size=hidden, layers=layers, heads=16, kv_heads=8,
+                             intermediate_size=hidden * 11 // 4, max_positions=1024)
     tok.save_pretrained(path)
     model.save_pretrained(path)
     return path
@@ -96,11 +96,13 @@ def trl_dpo(model: str, data: str, steps: int, batch: int, micro: int, max_lengt
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.t = time.time()
 
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.time() - self.t)
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -131,9 +133,13 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8, help="pairs per forward on one GPU")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-ppo", action="store_true")
+    ap.add_argument("--skip-dpo", action="store_true")
+    ap.add_argument("--hidden", type=int, default=1024, help="model width (1024 x 12 layers: ~150M parameters)")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--stages", default="DDP,ZeRO-2,ZeRO-3", help="2-GPU runs to make")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    model, data = make_model(a.out), make_data(a.out, rows=a.batch * (a.steps + 2))
+    model, data = make_model(a.out, a.hidden, a.layers), make_data(a.out, rows=a.batch * (a.steps + 2))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -149,10 +155,17 @@ def main() -> None:
                      "scheduler": "constant"}}
     results = {}
     results["dpo 1 GPU"] = ours("dpo_1gpu", dpo, a.out, 1, None)
-    for name, acc in (("DDP", "ddp.yaml"), ("ZeRO-2", "zero2.yaml"), ("ZeRO-3", "zero3.yaml")):
-        results[f"dpo 2 GPU {name}"] = ours(f"dpo_2gpu_{name.lower()}", dpo, a.out, 2, acc)
+    stages = {"DDP": "ddp.yaml", "ZeRO-2": "zero2.yaml", "ZeRO-3": "zero3.yaml"}
+    for name in a.stages.split(","):
+        if name:
+            results[f"dpo 2 GPU {name}"] = ours(f"dpo_2gpu_{name.lower()}", dpo, a.out, 2, stages[name])
     if not a.skip_trl:
-        results["TRL DPOTrainer 1 GPU"] = trl_dpo(model, data, a.steps, a.batch, a.micro, max_length)
+        # TRL's Trainer falls back to nn.DataParallel when it sees several GPUs; give it one, like our 1-GPU run
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        try:
+            results["TRL DPOTrainer 1 GPU"] = trl_dpo(model, data, a.steps, a.batch, a.micro, max_length)
+        except Exception as e:  # the baseline needs trl + datasets; report rather than lose our numbers
+            print(f"TRL baseline failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     print(f"\nDPO: global batch {a.batch} pairs, micro {a.micro}, ~{tokens_per_pair:.0f} tokens/pair, bf16")
     print("| run | median step s | pairs/s | tokens/s | scaling eff. | loss step 1 | loss last |")
@@ -175,8 +188,9 @@ def main() -> None:
                        "iterations": 3, "rollout_batch_size": 128, "num_minibatches": 4, "micro_batch_size": 16,
                        "rollout_micro_batch_size": 64, "max_new_tokens": 64, "ref_ema": 0.001}}
         pres = {"ppo 1 GPU": ours("ppo_1gpu", ppo, a.out, 1, None)}
-        for name, acc in (("ZeRO-2", "zero2.yaml"), ("ZeRO-3", "zero3.yaml")):
-            pres[f"ppo 2 GPU {name}"] = ours(f"ppo_2gpu_{name.lower()}", ppo, a.out, 2, acc)
+        for name in a.stages.split(","):
+            if name:
+                pres[f"ppo 2 GPU {name}"] = ours(f"ppo_2gpu_{name.lower()}", ppo, a.out, 2, stages[name])
         print("\nPPO: 128 prompts/iteration, 64 new tokens, 4 minibatches, bf16")
         print("| run | iteration s (gen / score / train) | first-step policy loss | objective/kl (last) |")
         print("|---|---|---|---|")
