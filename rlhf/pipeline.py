@@ -62,6 +62,12 @@ class EvalSpec:
 
 
 @dataclass
+class AblationSpec:
+    variants: dict = opt({}, "Sweep name -> training YAML whose values become the PPO stage (e.g. configs/ppo_ablation_base.yaml).")
+    seeds: list[int] = opt([0, 1, 2], "Seeds of every variant; the report gives mean ± std over them.")
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = opt("runs/demo", "Folder of all stages and the report.")
     seed: int = opt(0, "Seed of every stage.")
@@ -73,6 +79,7 @@ class PipelineConfig:
     per_testbed: dict = opt({}, "Per-testbed overrides of stages: {testbed: {stage: {...}}}.")
     dpo_iter: DPOIterSpec = field(default_factory=DPOIterSpec, metadata={"help": "DPO-Iter rounds."})
     eval: EvalSpec = field(default_factory=EvalSpec, metadata={"help": "Held-out evaluation."})
+    ablation: AblationSpec = field(default_factory=AblationSpec, metadata={"help": "A PPO sweep over configs and seeds."})
     report_title: str = opt("DPO vs PPO on the shipped testbeds", "Report title.")
     wandb_group: str = opt("", "When logging.trackers has wandb: the group shared by this comparison's runs.")
 
@@ -100,8 +107,8 @@ class Pipeline:
         """The training config of a stage: pipeline defaults < stages.<stage> < per_testbed overrides < values."""
         tree: dict = copy.deepcopy(self.cfg.stages.get(stage, {}))
         tree = _merge(tree, copy.deepcopy(self.cfg.per_testbed.get(testbed, {}).get(stage, {})))
-        tree = _merge(tree, values)
         tree["seed"] = self.cfg.seed
+        tree = _merge(tree, values)
         tree.setdefault("logging", {})
         tree["logging"].update(output_dir=os.path.dirname(run_dir), run_name=os.path.basename(run_dir))
         if self.cfg.wandb_group:
@@ -150,7 +157,7 @@ class Pipeline:
                          data={"train": self.data(testbed, "sft")})
         finals = {"sft": sft}
         rm = None
-        if testbed != "code" and ({"ppo", "dpo_iter"} & set(self.cfg.methods)):
+        if testbed != "code" and ({"ppo", "dpo_iter"} & set(self.cfg.methods) or self.cfg.ablation.variants):
             rm = self.train("reward", testbed, os.path.join(root, "rm"), **model(sft),
                             data={"train": self.data(testbed, "prefs")})
         if "dpo" in self.cfg.methods:
@@ -162,8 +169,25 @@ class Pipeline:
             finals["ppo"] = self.train("ppo", testbed, os.path.join(root, "ppo"), **model(sft),
                                        data={"train": self.data(testbed, "prompts_train")},
                                        **self.reward_values(testbed, rm))
+        finals.update(self.ablation(testbed, root, sft, rm))
         for method, final in finals.items():
             self.evaluate(testbed, method, final, sft, rm)
+        return finals
+
+    def ablation(self, testbed: str, root: str, sft: str, rm: Optional[str]) -> dict[str, str]:
+        """Each sweep variant (a PPO training YAML) from the SFT model, once per seed: '<variant>-seed<N>'."""
+        finals = {}
+        for name, path in self.cfg.ablation.variants.items():
+            with open(path) as f:
+                tree = yaml.safe_load(f)
+            tree.pop("logging", None)
+            for seed in self.cfg.ablation.seeds:
+                label = f"{name}-seed{seed}"
+                self.cfg.stages[label] = _merge(tree, {"seed": seed})
+                finals[label] = self.train(label, testbed, os.path.join(root, "ablation", label),
+                                           model={"name_or_path": sft},
+                                           data={"train": self.data(testbed, "prompts_train")},
+                                           **self.reward_values(testbed, rm), seed=seed)
         return finals
 
     def dpo_iter(self, testbed: str, root: str, sft: str, rm: Optional[str]) -> str:
@@ -243,7 +267,7 @@ class Pipeline:
         runs: list[tuple[str, str]] = []
         for testbed in self.cfg.testbeds:
             finals = self.run_testbed(testbed)
-            runs += [(LABELS[m], os.path.dirname(f)) for m, f in finals.items()]
+            runs += [(LABELS.get(m, m), os.path.dirname(f)) for m, f in finals.items()]
         from .report import compare_runs
 
         report = compare_runs([p for _, p in runs], os.path.join(self.cfg.output_dir, "report"),

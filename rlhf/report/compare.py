@@ -122,10 +122,11 @@ def _fmt(values: list[float]) -> str:
 
 
 def table(runs: list[Run], columns: Optional[list[str]] = None) -> tuple[list[str], list[list[str]]]:
+    """One row per run label (seeds aggregated); columns default to the headline metrics present, or all."""
     groups = _group(runs)
     keys = sorted({k for r in runs for k in r.evals})
     if columns is None:
-        columns = [k for k in PREFERRED if k in keys] + [k for k in keys if k not in PREFERRED]
+        columns = [k for k in PREFERRED if k in keys] or keys
     header = ["run", "n"] + columns
     rows = []
     for label, members in groups.items():
@@ -233,7 +234,14 @@ def compare_runs(paths: list[str], out_dir: str, labels: Optional[list[str]] = N
     curves = plot_curves(_distinct_labels(runs), out_dir)
     scatter = [p for p in (plot_reward_vs_kl(merge_same_label(runs), out_dir, tb) for tb in ("assistant", "code")) if p]
     lines = [f"# {title}", "", "Held-out evaluation (mean ± std over seeds where a run has several):", "",
-             markdown_table(header, rows), "", "Runs:", ""]
+             markdown_table(header, rows), ""]
+    all_header, all_rows = table(merge_same_label(runs), sorted({k for r in runs for k in r.evals}))
+    if len(all_header) > len(header):  # every metric, one row per metric, for the curious
+        lines += ["<details><summary>All metrics</summary>", "",
+                  markdown_table(["metric"] + [r[0] for r in all_rows],
+                                 [[m] + [r[i + 2] for r in all_rows] for i, m in enumerate(all_header[2:])]),
+                  "", "</details>", ""]
+    lines += ["Runs:", ""]
     lines += [f"- `{r.label}`: {r.algorithm or '?'} — `{r.path}`" for r in runs]
     if scatter or curves:
         lines += ["", "## Plots", ""]
