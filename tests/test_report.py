@@ -36,7 +36,7 @@ def test_compare_writes_markdown_html_and_pngs(tmp_path):
     report = (out / "report.md").read_text()
     assert "| sft | 1 | 0.400 | 0.000 |" in report and "| ppo | 1 | 0.800 | 2.000 |" in report
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
-    assert "reward_vs_kl_assistant.png" in pngs and "curve_train_loss.png" in pngs
+    assert "reward_vs_kl_assistant.png" in pngs and "curves_ppo.png" in pngs
     for p in pngs:
         with open(out / p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -20,8 +20,12 @@ PREFERRED = [
     "assistant/length/tokens", "code/pass@1", "code/pass@4", "code/pass@5", "code/pass@10", "code/kl/reference",
     "code/length/tokens",
 ]
-CURVES = ["train/loss", "objective/scores", "objective/kl", "objective/rlhf_reward", "rewards/accuracies",
-          "rewards/margins", "reward/accuracy", "response/length_mean", "eval/loss"]
+CURVES = {
+    "sft": ["train/loss", "eval/loss"],
+    "reward": ["train/loss", "reward/accuracy", "reward/margin"],
+    "dpo": ["train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen"],
+    "ppo": ["objective/scores", "objective/kl", "objective/rlhf_reward", "ppo/value_loss", "response/length_mean"],
+}
 
 
 @dataclass
@@ -150,28 +154,36 @@ def _series(run: Run, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot_curves(runs: list[Run], out_dir: str, keys: list[str] = CURVES) -> list[str]:
+def plot_curves(runs: list[Run], out_dir: str, curves: dict[str, list[str]] = CURVES) -> list[str]:
+    """One PNG per algorithm (curves_<algorithm>.png): a panel per metric, a line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for key in keys:
-        series = [(r.label, *_series(r, key)) for r in runs]
-        series = [s for s in series if s[1]]
-        if not series:
+    for algorithm, keys in curves.items():
+        members = [r for r in runs if r.algorithm == algorithm]
+        keys = [k for k in keys if any(_series(r, k)[0] for r in members)]
+        if not keys:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, xs, ys in series:
-            ax.plot(xs, ys, label=label, linewidth=1.5)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key)
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ncols = min(3, len(keys))
+        nrows = math.ceil(len(keys) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows), squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.axis("off")
+        for ax, key in zip(axes.flat, keys):
+            for r in members:
+                xs, ys = _series(r, key)
+                if xs:
+                    ax.plot(xs, ys, label=r.label, linewidth=1.3)
+            ax.set_title(key, fontsize=10)
+            ax.set_xlabel("optimizer step", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{algorithm} training curves", fontsize=11)
         fig.tight_layout()
-        path = os.path.join(out_dir, "curve_" + key.replace("/", "_").replace("@", "") + ".png")
+        path = os.path.join(out_dir, f"curves_{algorithm}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -216,12 +228,20 @@ def plot_reward_vs_kl(runs: list[Run], out_dir: str, testbed: str = "assistant",
 
 
 def _distinct_labels(runs: list[Run]) -> list[Run]:
-    """For curves, a label shared by several runs gets the run folder's parent name appended."""
-    counts: dict[str, int] = {}
+    """For curves, runs sharing a label get the first path component that tells them apart (e.g. the testbed)."""
+    by_label: dict[str, list[Run]] = {}
     for r in runs:
-        counts[r.label] = counts.get(r.label, 0) + 1
-    return [Run(r.path, f"{r.label} ({os.path.basename(os.path.dirname(os.path.normpath(r.path)))})"
-                if counts[r.label] > 1 else r.label, r.algorithm, r.metrics, r.evals) for r in runs]
+        by_label.setdefault(r.label, []).append(r)
+    out = []
+    for r in runs:
+        group = by_label[r.label]
+        suffix = ""
+        if len(group) > 1:
+            parts = [os.path.normpath(g.path).split(os.sep) for g in group]
+            mine = os.path.normpath(r.path).split(os.sep)
+            suffix = next((p for i, p in enumerate(mine) if len({q[i] if i < len(q) else None for q in parts}) > 1), "")
+        out.append(Run(r.path, f"{r.label} ({suffix})" if suffix else r.label, r.algorithm, r.metrics, r.evals))
+    return out
 
 
 def compare_runs(paths: list[str], out_dir: str, labels: Optional[list[str]] = None, title: str = "Run comparison",
