@@ -1,5 +1,6 @@
-# make demo   -- install into .venv, then run the offline end-to-end pipeline on CPU
-# make test   -- install into .venv, then run the test suite
+# make demo      -- install into .venv, then run the offline end-to-end pipeline on CPU (~5-10 min)
+# make test      -- install into .venv, then run the test suite
+# make ablation  -- the paper's PPO ablation as a sweep over 3 seeds (~20 min on CPU)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo ablation test test-fast clean
 
 install: $(STAMP)
 
@@ -19,7 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m rlhf pipeline configs/pipeline_demo.yaml
+	$(PY) -m rlhf pipeline configs/pipeline_demo.yaml --fresh
+
+ablation: install
+	$(PY) -m rlhf pipeline configs/pipeline_ablation.yaml --fresh
 
 test: install
 	$(PY) -m pytest -q -x --durations=15
