@@ -198,6 +198,11 @@ class Pipeline:
             if not os.path.isdir(os.path.join(run_dir, "final")):
                 n = self.label_pairs(testbed, policy, rm, pairs, seed=self.cfg.seed * 1000 + r)
                 self.log(f"[{testbed}] dpo_iter round {r + 1}: {n} pairs from {policy}")
+                if n == 0:  # every prompt's samples scored alike: nothing to prefer, the policy stays
+                    self.log(f"[{testbed}] dpo_iter round {r + 1}: no prompt had two differently scored samples "
+                             f"(raise dpo_iter.samples_per_prompt or the temperature); stopping after "
+                             f"{r} round(s)")
+                    break
             # the reference is the policy this round starts from: reset every round
             policy = self.train("dpo_iter", testbed, run_dir, model={"name_or_path": policy},
                                 data={"train": pairs})
@@ -238,9 +243,6 @@ class Pipeline:
                 if best[0] > worst[0] and best[1] != worst[1] and best[1].strip() and worst[1].strip():
                     f.write(json.dumps({"prompt": row["prompt"], "chosen": best[1], "rejected": worst[1]}) + "\n")
                     written += 1
-        if written == 0:
-            raise RuntimeError(f"DPO-Iter: no prompt of {testbed} had two differently scored samples; raise "
-                               f"dpo_iter.samples_per_prompt or the temperature")
         return written
 
     def evaluate(self, testbed: str, method: str, final: str, sft: str, rm: Optional[str]) -> None:
