@@ -71,6 +71,7 @@ def ours(name: str, cfg: dict, out: str, nproc: int, accelerate_config: str | No
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # the TRL baseline narrows the parent's view to one GPU
     if nproc == 1:
         env["CUDA_VISIBLE_DEVICES"] = "0"
         cmd = [sys.executable, "-m", "rlhf", "train", path]
@@ -121,6 +122,33 @@ def trl_dpo(model: str, data: str, steps: int, batch: int, micro: int, max_lengt
     return {"step_s": times, "loss": losses}
 
 
+def bench_dpo(a, model, data, stages, dpo, tokens_per_pair, max_length) -> None:
+    results = {"dpo 1 GPU": ours("dpo_1gpu", dpo, a.out, 1, None)}
+    for name in a.stages.split(","):
+        if name:
+            results[f"dpo 2 GPU {name}"] = ours(f"dpo_2gpu_{name.lower()}", dpo, a.out, 2, stages[name])
+    if not a.skip_trl:
+        # TRL's Trainer falls back to nn.DataParallel when it sees several GPUs; give it one, like our 1-GPU run
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        try:
+            results["TRL DPOTrainer 1 GPU"] = trl_dpo(model, data, a.steps, a.batch, a.micro, max_length)
+        except Exception as e:  # the baseline needs trl + datasets; report rather than lose our numbers
+            print(f"TRL baseline failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    print(f"\nDPO: global batch {a.batch} pairs, micro {a.micro}, ~{tokens_per_pair:.0f} tokens/pair, bf16")
+    print("| run | median step s | pairs/s | tokens/s | scaling eff. | loss step 1 | loss last |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for name, r in results.items():
+        step = median_after_warmup(r["step_s"])
+        tps = a.batch * tokens_per_pair / step
+        if name == "dpo 1 GPU":
+            base = tps
+        eff = f"{tps / (2 * base):.2f}" if base and "2 GPU" in name else ""
+        print(f"| {name} | {step:.3f} | {a.batch / step:.1f} | {tps:,.0f} | {eff} | {r['loss'][0]:.5f} | {r['loss'][-1]:.5f} |")
+
+
+
 def median_after_warmup(xs: list[float], warmup: int = 2) -> float:
     return statistics.median(xs[warmup:] if len(xs) > warmup + 1 else xs)
 
@@ -153,31 +181,9 @@ def main() -> None:
            "dpo": {"beta": 0.1, "reference": "copy"},
            "optim": {"lr": 1e-5, "batch_size": a.batch, "micro_batch_size": a.micro, "max_steps": a.steps,
                      "scheduler": "constant"}}
-    results = {}
-    results["dpo 1 GPU"] = ours("dpo_1gpu", dpo, a.out, 1, None)
     stages = {"DDP": "ddp.yaml", "ZeRO-2": "zero2.yaml", "ZeRO-3": "zero3.yaml"}
-    for name in a.stages.split(","):
-        if name:
-            results[f"dpo 2 GPU {name}"] = ours(f"dpo_2gpu_{name.lower()}", dpo, a.out, 2, stages[name])
-    if not a.skip_trl:
-        # TRL's Trainer falls back to nn.DataParallel when it sees several GPUs; give it one, like our 1-GPU run
-        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
-        try:
-            results["TRL DPOTrainer 1 GPU"] = trl_dpo(model, data, a.steps, a.batch, a.micro, max_length)
-        except Exception as e:  # the baseline needs trl + datasets; report rather than lose our numbers
-            print(f"TRL baseline failed: {type(e).__name__}: {e}", file=sys.stderr)
-
-    print(f"\nDPO: global batch {a.batch} pairs, micro {a.micro}, ~{tokens_per_pair:.0f} tokens/pair, bf16")
-    print("| run | median step s | pairs/s | tokens/s | scaling eff. | loss step 1 | loss last |")
-    print("|---|---|---|---|---|---|---|")
-    base = None
-    for name, r in results.items():
-        step = median_after_warmup(r["step_s"])
-        tps = a.batch * tokens_per_pair / step
-        if name == "dpo 1 GPU":
-            base = tps
-        eff = f"{tps / (2 * base):.2f}" if base and "2 GPU" in name else ""
-        print(f"| {name} | {step:.3f} | {a.batch / step:.1f} | {tps:,.0f} | {eff} | {r['loss'][0]:.5f} | {r['loss'][-1]:.5f} |")
+    if not a.skip_dpo:
+        bench_dpo(a, model, data, stages, dpo, tokens_per_pair, max_length)
 
     if not a.skip_ppo:
         ppo = {"algorithm": "ppo", "seed": 0, "mixed_precision": "bf16", "model": {"name_or_path": model},
@@ -187,20 +193,20 @@ def main() -> None:
                "ppo": {"reward_fns": ["rlhf.testbeds.assistant:gold_reward"], "critic_init": "policy",
                        "iterations": 3, "rollout_batch_size": 128, "num_minibatches": 4, "micro_batch_size": 16,
                        "rollout_micro_batch_size": 64, "max_new_tokens": 64, "ref_ema": 0.001}}
-        pres = {"ppo 1 GPU": ours("ppo_1gpu", ppo, a.out, 1, None)}
-        for name in a.stages.split(","):
-            if name:
-                pres[f"ppo 2 GPU {name}"] = ours(f"ppo_2gpu_{name.lower()}", ppo, a.out, 2, stages[name])
-        print("\nPPO: 128 prompts/iteration, 64 new tokens, 4 minibatches, bf16")
+        print("\nPPO: 128 prompts/iteration, 64 new tokens, 4 minibatches, bf16", flush=True)
         print("| run | iteration s (gen / score / train) | first-step policy loss | objective/kl (last) |")
-        print("|---|---|---|---|")
-        for name, r in pres.items():
+        print("|---|---|---|---|", flush=True)
+        runs = [("ppo 1 GPU", "ppo_1gpu", 1, None)] + [
+            (f"ppo 2 GPU {name}", f"ppo_2gpu_{name.lower()}", 2, stages[name]) for name in a.stages.split(",") if name]
+        for label, run_name, nproc, acc in runs:
+            r = ours(run_name, ppo, a.out, nproc, acc)
             firsts = [x for x in r["records"] if "time/generate_s" in x]
             last = firsts[-1]
             train = [x.get("time/train_s") for x in r["records"] if "time/train_s" in x][-1]
             total = last["time/generate_s"] + last["time/score_s"] + train
-            print(f"| {name} | {total:.2f} ({last['time/generate_s']:.2f} / {last['time/score_s']:.2f} / {train:.2f}) "
-                  f"| {r['records'][0].get('ppo/policy_loss', float('nan')):.5f} | {last.get('objective/kl', float('nan')):.4f} |")
+            print(f"| {label} | {total:.2f} ({last['time/generate_s']:.2f} / {last['time/score_s']:.2f} / {train:.2f}) "
+                  f"| {r['records'][0].get('ppo/policy_loss', float('nan')):.5f} | "
+                  f"{last.get('objective/kl', float('nan')):.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,9 @@ def logprobs_from_logits(
     otherwise even the first epoch has ratio != 1. top_k=0 and top_p=1.0 switch a filter off.
     logits [B, T, V], labels [B, T] (valid ids everywhere; callers mask afterwards) -> [B, T], float32 for
     half-precision logits (a bf16 log-prob would put ~0.4% noise on every PPO ratio), else logits' dtype.
-    A label that the filter removed gets -inf.
+    The label always stays in the support (the filter never removes it): it was sampled, so it cannot be
+    impossible, yet a scoring pass whose rounding differs from the sampler's (bf16, a KV-cached step vs a
+    full forward) can push it just past the top-k/top-p cut, which would give -inf and a NaN ratio.
 
     Memory: never materializes a full log_softmax. float32/float64 logits with no temperature or filter take
     one logsumexp + gather over the whole batch without copying logits; otherwise rows are processed one at
@@ -162,8 +164,9 @@ def logprobs_from_logits(
     plain = temperature == 1.0 and top_k <= 0 and top_p >= 1.0
 
     def rows(z: Tensor, y: Tensor) -> Tensor:
-        z = _sampling_logits(z, temperature, top_k, top_p, upcast)
-        return z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        label = _sampling_logits(z, temperature, 0, 1.0, upcast).gather(-1, y.unsqueeze(-1))
+        z = _sampling_logits(z, temperature, top_k, top_p, upcast).scatter(-1, y.unsqueeze(-1), label)
+        return label.squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     if plain and not upcast:
         return rows(logits, labels)

@@ -6,6 +6,11 @@
 It owns the accelerator, the optimizer and schedule, gradient accumulation and clipping, the run
 folder (config.yaml, metrics.jsonl, checkpoints/, final/), trackers, progress and resume. The
 algorithm (rlhf/algorithms/) only turns micro-batches into losses and stats.
+
+Several processes: only rank 0 writes logs, metrics and reports; metrics are reduced over ranks first. The
+Trainer names what it is doing (`phase`): a collective that a rank never joins fails after
+RLHF_COLLECTIVE_TIMEOUT_S seconds (default 1800) with a CollectiveError naming the phase, instead of hanging.
+Under DeepSpeed ZeRO-3, `full_model` gives whole weights for generation, scoring, evaluation and export.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import json
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -25,6 +30,34 @@ from .config import ConfigError, TrainConfig, save_config, to_dict
 from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
 
 CHECKPOINT_GLOB = "step_*"
+TIMEOUT_ENV = "RLHF_COLLECTIVE_TIMEOUT_S"
+
+
+class CollectiveError(RuntimeError):
+    """A collective (all-reduce, barrier, all-gather) failed or timed out: some rank did not take part."""
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits in a collective for the others: $RLHF_COLLECTIVE_TIMEOUT_S seconds, default 30 min."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    """gloo raises a RuntimeError naming itself ("Timed out waiting ...", "Connection closed by peer"); NCCL and
+    the c10d store raise torch.distributed.DistError subclasses."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo", "nccl", "c10d", "timed out waiting", "connection closed by peer", "connection reset by peer"))
 
 
 def flat_config(cfg: TrainConfig) -> dict:
@@ -71,19 +104,23 @@ class Trainer:
         # Several processes on a machine without GPUs (torchrun, accelerate launch): start the
         # process group over gloo. Under DeepSpeed the Accelerator then wraps the model in DeepSpeed
         # on top of it (CI's ZeRO tests run this way).
-        cpu_multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        state = PartialState(cpu=True) if cpu_multi else PartialState()
+        # The collective timeout is given to the first call that starts the process group (later ones reuse it).
+        self.timeout = collective_timeout()
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu_multi = multi and not torch.cuda.is_available()
+        timeout = {"timeout": self.timeout} if multi else {}
+        state = PartialState(cpu=True, **timeout) if cpu_multi else PartialState(**timeout)
         if cpu_multi and _use_deepspeed():
             import deepspeed
 
-            deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+            deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=self.timeout)
         cfg.validate_world(state.num_processes)
         self.grad_accum = _grad_accum(cfg, state.num_processes)
         self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
         self.run_dir = self._resolve_run_dir(resume)
         self.resume_from = self._find_checkpoint(resume) if resume else None
         # A collective that never completes fails with a timeout error instead of hanging forever.
-        pg = InitProcessGroupKwargs(timeout=timedelta(minutes=int(os.environ.get("RLHF_COLLECTIVE_TIMEOUT_MIN", 30))))
+        pg = InitProcessGroupKwargs(timeout=self.timeout)
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=self.grad_accum,
@@ -92,9 +129,15 @@ class Trainer:
             kwargs_handlers=[pg],
             deepspeed_plugin=self._deepspeed_plugin(),
         )
+        from .models import zero_stage
+
+        self.zero_stage = zero_stage(self.accelerator)
+        self.current_phase = "set-up"
         from accelerate.utils import set_seed
 
-        set_seed(cfg.seed, device_specific=True)  # per-rank seeds: ranks must sample different responses
+        # per-rank seeds for what draws from torch's global generator (dropout, HF sampling without seeds); PPO's
+        # rollouts draw from per-rollout seeds instead, different per rollout and the same at any world size
+        set_seed(cfg.seed, device_specific=True)
         from .models import load_tokenizer
 
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
@@ -115,6 +158,54 @@ class Trainer:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size(self.cfg)
         plugin.deepspeed_config["train_batch_size"] = micro_batch_size(self.cfg) * self.grad_accum * self.world_size
         return plugin
+
+    def _size_zero3(self, model: torch.nn.Module) -> None:
+        """ZeRO-3 keeps parameters below a size threshold whole on every rank; like transformers' "auto", scale it
+        with the model (10 x hidden size: norms and biases stay whole, matrices are sharded). DeepSpeed's fixed
+        default (1e5 elements) would leave a small model entirely unsharded."""
+        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
+        hidden = next((m.config.hidden_size for m in model.modules()
+                       if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)), None)
+        if hidden and zero.get("stage3_param_persistence_threshold", "auto") == "auto":
+            zero["stage3_param_persistence_threshold"] = 10 * hidden
+
+    # ------------------------------------------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Name what every rank is doing for the block; a collective failing inside becomes a CollectiveError that
+        says where (the innermost phase), on which rank, at which step."""
+        outer, self.current_phase = self.current_phase, name
+        try:
+            yield
+        except CollectiveError:
+            raise
+        except Exception as e:
+            if self.world_size == 1 or not _is_collective_failure(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CollectiveError(
+                f"collective failed during {name} (step {self.step}, rank {self.rank} of {self.world_size}): another "
+                f"rank did not take part within {TIMEOUT_ENV}={self.timeout.total_seconds():g}s or has died; see "
+                f"its own error. Cause: {first}") from e
+        finally:
+            self.current_phase = outer
+
+    @contextmanager
+    def full_model(self, model: Optional[torch.nn.Module] = None) -> Iterator[torch.nn.Module]:
+        """The unwrapped model (default: the one being trained) with whole weights on this rank, for generation,
+        scoring, evaluation and export: forwards inside may differ in number between ranks.
+
+        Under ZeRO-3 the parameters are gathered once for the whole block, not per forward or token, and
+        re-partitioned after (entering is a collective: every rank must enter). Elsewhere the weights are already
+        whole and this only unwraps. Read-only: changes to the parameters inside are dropped under ZeRO-3."""
+        model = self.model if model is None else model
+        if self.zero_stage == 3:
+            from .models import whole_model
+
+            with whole_model(model) as module:
+                yield module
+        else:
+            yield self.accelerator.unwrap_model(model)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -195,19 +286,23 @@ class Trainer:
         acc, cfg, algo = self.accelerator, self.cfg, self.algorithm
         if self.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        model = algo.build_model()
-        optimizer = self._optimizer(model)
-        total = algo.total_steps()
-        scheduler = self._scheduler(optimizer, total)
-        # The schedule is stepped once per optimizer step by hand: a prepared scheduler would step
-        # once per process.
-        model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        algo.prepared(model)
+        with self.phase("set-up"):
+            model = algo.build_model()
+            if self.zero_stage == 3:
+                self._size_zero3(model)
+            optimizer = self._optimizer(model)
+            total = algo.total_steps()
+            scheduler = self._scheduler(optimizer, total)
+            # The schedule is stepped once per optimizer step by hand: a prepared scheduler would step
+            # once per process.
+            model, optimizer = acc.prepare(model, optimizer)
+            acc.register_for_checkpointing(scheduler)
+            self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+            algo.prepared(model)
 
         if self.resume_from:
-            self._load_checkpoint(self.resume_from)
+            with self.phase("resume"):
+                self._load_checkpoint(self.resume_from)
             self.print(f"resumed from {self.resume_from} at step {self.step}")
         elif self.is_main and os.path.exists(self.metrics.path):
             os.remove(self.metrics.path)
@@ -223,11 +318,13 @@ class Trainer:
         step_iter = algo.steps(self.step)
         while self.step < total:
             t0 = time.time()
-            batch = next(step_iter)
-            stats = self._optimizer_step(model, optimizer, scheduler, batch.micro_batches)
-            self.step += 1
-            stats.update(batch.metrics)
-            stats.update(algo.after_step(model, self.step))
+            with self.phase("batch"):  # PPO names its rollout inside
+                batch = next(step_iter)
+            with self.phase("train step"):
+                stats = self._optimizer_step(model, optimizer, scheduler, batch.micro_batches)
+                self.step += 1
+                stats.update(batch.metrics)
+                stats.update(algo.after_step(model, self.step))
             stats["optim/lr"] = scheduler.get_last_lr()[0]
             stats["time/step_s"] = time.time() - t0
             if self.step % cfg.logging.log_every == 0 or self.step == total:
@@ -236,11 +333,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{float(stats[k]):.4g}" for k in algo.progress_keys if k in stats})
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
-                self.log(algo.evaluate(model))
+                self.log(self.evaluate())
             if cfg.logging.save_every and self.step % cfg.logging.save_every == 0 and algo.can_checkpoint(self.step):
                 self.save_checkpoint()
         bar.close()
-        final_eval = algo.evaluate(model)
+        final_eval = self.evaluate()
         if final_eval:
             self.log(final_eval)
             last.update(final_eval)
@@ -287,6 +384,17 @@ class Trainer:
             out["optim/grad_norm"] = float(grad_norm)
         return out
 
+    def evaluate(self) -> dict:
+        """The algorithm's evaluation on whole weights: ranks' shares of the eval set may differ in size."""
+        if not self.algorithm.evaluates() and not self.cfg.logging.eval_testbed:
+            return {}
+        with self.phase("evaluate"), self.full_model() as model:
+            from .eval.callback import testbed_metrics
+
+            metrics = self.algorithm.evaluate(model) if self.algorithm.evaluates() else {}
+            metrics.update(testbed_metrics(self, model))  # the evaluation harness, on rank 0
+            return metrics
+
     def log(self, metrics: dict) -> None:
         if not metrics:
             return
@@ -301,20 +409,21 @@ class Trainer:
         acc = self.accelerator
         final = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:06d}")
         tmp = final + ".tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(tmp)
-        acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the rename
-        state = {"step": self.step, "algorithm": self.algorithm.state_dict()}
-        if self.is_main:
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": self.step}, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            self._prune_checkpoints()
-        acc.wait_for_everyone()
+        with self.phase("checkpoint"):
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            acc.wait_for_everyone()
+            acc.save_state(tmp)  # under ZeRO each rank writes its own shards
+            acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the rename
+            state = {"step": self.step, "algorithm": self.algorithm.state_dict()}
+            if self.is_main:
+                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+                with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                    json.dump({"step": self.step}, f)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                self._prune_checkpoints()
+            acc.wait_for_everyone()
         return final
 
     def _prune_checkpoints(self) -> None:
@@ -333,11 +442,14 @@ class Trainer:
             truncate_metrics(self.metrics.path, self.step)
 
     def save_final(self) -> str:
+        """final/: whole weights written by rank 0 (under ZeRO-3 gathered first), loadable with from_pretrained."""
         out = os.path.join(self.run_dir, "final")
-        self.accelerator.wait_for_everyone()
-        model = self.accelerator.unwrap_model(self.model)
-        if self.is_main:
-            os.makedirs(out, exist_ok=True)
-            self.algorithm.save_model(model, out)
-        self.accelerator.wait_for_everyone()
+        with self.phase("final export"):
+            self.accelerator.wait_for_everyone()
+            with self.full_model() as model:
+                self.algorithm.prepare_export(model)  # every rank: e.g. the reward model's calibration scores
+                if self.is_main:
+                    os.makedirs(out, exist_ok=True)
+                    self.algorithm.save_model(model, out)
+            self.accelerator.wait_for_everyone()
         return out

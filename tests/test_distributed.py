@@ -2,14 +2,23 @@
 
     torchrun --nproc_per_node 2 -m rlhf train CONFIG
     accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhf train CONFIG
+
+Every algorithm, on 2 ranks x micro-batch b, must equal 1 rank x micro-batch 2b (losses and final weights, to float
+tolerance); under ZeRO-2/3 it must also learn, export whole weights, and resume to the same run. PPO samples, so its
+rollouts are made rank-independent in the product itself: each rollout draws from a seed of its global index
+(rlhf.rollout.SeededSampler), and minibatches are stratified by global index (ppo.minibatch_rows). The tiny model is
+really sharded under ZeRO-3: the Trainer scales the persistence threshold with the hidden size (64 -> 640 elements).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -21,6 +30,8 @@ from rlhf.tracking import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.slow
+RECORD_ENV = "RLHF_TEST_RECORD"  # folder where record_reward writes each rank's (prompt, completion) pairs
+SLEEP_ENV = "RLHF_TEST_SLEEP_S"  # seconds rank 1 stalls in sleepy_reward
 
 
 def free_port() -> int:
@@ -29,28 +40,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: dict, tmp_path, name: str, nproc: int = 1, accelerate_config: str | None = None,
-           extra: list[str] = ()) -> str:
-    """Write the config, run it (1 process plain, 2 with torchrun or accelerate), return the run folder."""
+def command(config: dict, tmp_path, name: str, nproc: int = 1, accelerate_config: str | None = None,
+            extra: list[str] = ()) -> list[str]:
+    """Write the config and return the command line that runs it (1 process plain, 2 with torchrun or accelerate)."""
     config = {**config, "logging": {**config.get("logging", {}), "output_dir": str(tmp_path), "run_name": name,
                                     "progress": False}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     train = ["-m", "rlhf", "train", str(path), *extra]
     if accelerate_config:
-        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(ROOT, accelerate_config),
-               "--num_processes", str(nproc), "--main_process_port", str(free_port()), *train]
-    elif nproc > 1:
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *train]
-    else:
-        cmd = [sys.executable, *train]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        return [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(ROOT, accelerate_config),
+                "--num_processes", str(nproc), "--main_process_port", str(free_port()), *train]
+    if nproc > 1:
+        return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+                *train]
+    return [sys.executable, *train]
+
+
+def run_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def launch(config: dict, tmp_path, name: str, nproc: int = 1, accelerate_config: str | None = None,
+           extra: list[str] = (), env: dict | None = None) -> str:
+    """Run the config to completion and return the run folder."""
+    cmd = command(config, tmp_path, name, nproc, accelerate_config, extra)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env(**(env or {})), timeout=600, cwd=ROOT)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return str(tmp_path / name)
 
 
-def sft(model_dir, data, micro, steps=4, **optim):
+def sft(model_dir, data, micro, steps=6, **optim):
     return {"algorithm": "sft", "seed": 0, "model": {"name_or_path": model_dir},
             "data": {"train": data, "max_length": 64, "max_prompt_length": 32},
             "optim": {"lr": 3e-3, "batch_size": 8, "micro_batch_size": micro, "max_steps": steps,
@@ -61,37 +81,351 @@ def losses(run: str) -> list[float]:
     return [r["train/loss"] for r in read_metrics(os.path.join(run, "metrics.jsonl")) if "train/loss" in r]
 
 
-def weights(run: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(run, "final", "model.safetensors"))
+def weights(run: str, sub: str = "") -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(run, "final", sub, "model.safetensors"))
 
 
-def assert_same_weights(a: str, b: str, atol=5e-5):
-    # Adam divides by sqrt(v): float noise in near-zero gradients moves weights by ~1e-5 at lr 3e-3
-    wa, wb = weights(a), weights(b)
+def assert_same_weights(a, b, atol=5e-5, sub: str = ""):
+    # Adam divides by sqrt(v): float noise in near-zero gradients moves weights by ~1e-5 at lr 3e-3 (~1e-4 at 1e-2)
+    wa = weights(a, sub) if isinstance(a, str) else a
+    wb = weights(b, sub) if isinstance(b, str) else b
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
 
 
-def test_ddp_two_ranks_equal_one_rank_with_double_micro_batch(tiny_model_dir, sft_file, tmp_path):
-    one = launch(sft(tiny_model_dir, sft_file, micro=4), tmp_path, "one", nproc=1)
+# --------------------------------------------------------------------------------------------------------------------
+# Configs, reward fns the subprocesses import, one-process reference runs, a stop-and-resume helper
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def e_fraction(completions) -> list[float]:
+    return [10.0 * c.count("e") / max(len(c), 1) for c in completions]
+
+
+def record_reward(prompts, completions, **columns):
+    """10 x the fraction of 'e's; also appends this call's (prompt, completion) pairs to $RLHF_TEST_RECORD/rank<R>."""
+    folder = os.environ.get(RECORD_ENV)
+    if folder:
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
+            f.write(json.dumps(list(zip(prompts, completions))) + "\n")
+    return e_fraction(completions)
+
+
+def sleepy_reward(prompts, completions, **columns):
+    """Rank 1 stalls here (inside PPO's rollout) while rank 0 goes on to the rollout's all-reduce."""
+    if os.environ.get("RANK") == "1":
+        time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
+    return e_fraction(completions)
+
+
+def pairs(algorithm, model_dir, data, eval_data, micro, steps=4, **section):
+    """Reward model or DPO on the preference fixture; 5 eval pairs split 3/2 over two ranks (uneven on purpose)."""
+    return {"algorithm": algorithm, "seed": 0, "model": {"name_or_path": model_dir},
+            "data": {"train": data, "eval": eval_data, "max_length": 64, "max_prompt_length": 32},
+            "optim": {"lr": 1e-2, "batch_size": 8, "micro_batch_size": micro, "max_steps": steps,
+                      "scheduler": "constant"},
+            "logging": {"eval_every": 1, "save_every": steps // 2},
+            {"reward": "reward", "dpo": "dpo"}[algorithm]: section}
+
+
+def ppo(model_dir, prompts, rm_dir, micro, reward="record_reward", iterations=2):
+    """8 prompts x 2 samples = 16 rollouts = 2 minibatches of 8 = (2 ranks x micro 2 | 1 rank x micro 4) x accum 2;
+    2 epochs, so 4 steps an iteration. Reward model (also the critic's start) + a programmatic reward; EMA
+    reference, score normalization: every piece that talks across ranks or lives in a checkpoint."""
+    return {"algorithm": "ppo", "seed": 0, "model": {"name_or_path": model_dir},
+            "data": {"train": prompts, "max_length": 64, "max_prompt_length": 32, "shuffle": False},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "logging": {"save_every": 4},
+            "ppo": {"reward_model": rm_dir, "reward_fns": [f"tests.test_distributed:{reward}"],
+                    "reward_weights": [0.5, 1.0], "critic_init": "reward_model", "critic_lr": 3e-3,
+                    "iterations": iterations, "rollout_batch_size": 8, "samples_per_prompt": 2,
+                    "num_minibatches": 2, "ppo_epochs": 2, "micro_batch_size": micro, "rollout_micro_batch_size": 4,
+                    "max_new_tokens": 8, "on_truncated": "score", "ref_ema": 0.1, "reward_norm": True}}
+
+
+@pytest.fixture(scope="module")
+def eval_pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    with open(os.path.join(ROOT, "tests", "fixtures", "data", "prefs.jsonl")) as f:
+        path.write_text("".join(f.readlines()[:5]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ppo_files(tiny_model_dir, tmp_path_factory):
+    """(prompts, reward model): two prompts alternating, so both ranks see both (ranks must still sample
+    differently); a reward model with a fresh scalar head on the tiny model."""
+    from rlhf.models import load_scalar_model, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("ppo")
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                               for p in ["What color is the sky?", "Tell me the color of the orange."] * 4))
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(1)
+    rm = load_scalar_model(tiny_model_dir, tokenizer=tok)
+    rm.config.score_bias = 0.3  # as `rlhf train` calibrates it: the bias is restored on load (into ZeRO-3 shards)
+    rm.save_pretrained(str(folder / "rm"))
+    tok.save_pretrained(str(folder / "rm"))
+    return str(prompts), str(folder / "rm")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Reference runs on one process, each run once per module and shared by the DDP and ZeRO tests; what
+    record_reward sees goes to <run>.records/."""
+    out, done = tmp_path_factory.mktemp("one"), {}
+
+    def run(name: str, config: dict) -> str:
+        if name not in done:
+            os.makedirs(out / f"{name}.records")
+            done[name] = launch(config, out, name, env={RECORD_ENV: str(out / f"{name}.records")})
+        return done[name]
+    return run
+
+
+def records(folder) -> dict[str, list]:
+    return {name[:-len(".jsonl")]: [json.loads(line) for line in open(os.path.join(folder, name))]
+            for name in sorted(os.listdir(folder))}
+
+
+def straight_then_resumed(config: dict, tmp_path, acc: str, resume_step: int | None, env: dict | None = None):
+    """Run to the end (checkpoints at resume_step and the end), keep its losses and final weights, then resume the
+    same run folder from the resume_step checkpoint and run to the end again: the two must be the same run."""
+    run = launch(config, tmp_path, "run", nproc=2, accelerate_config=acc, env=env)
+    straight = {"losses": losses(run), "metrics": read_metrics(os.path.join(run, "metrics.jsonl")),
+                "final": {sub: weights(run, sub) for sub in ("", "critic")
+                          if os.path.exists(os.path.join(run, "final", sub, "model.safetensors"))}}
+    if resume_step is None:
+        return run, straight
+    checkpoint = os.path.join(run, "checkpoints", f"step_{resume_step:06d}")
+    launch(config, tmp_path, "run", nproc=2, accelerate_config=acc, extra=["--resume", checkpoint], env=env)
+    torch.testing.assert_close(losses(run), straight["losses"], atol=1e-5, rtol=1e-5)
+    for sub, w in straight["final"].items():
+        assert_same_weights(run, w, sub=sub)
+    return run, straight
+
+
+STAGES = ["zero2", "zero3"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SFT: DDP and ZeRO-2/3
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_ddp_two_ranks_equal_one_rank_with_double_micro_batch(tiny_model_dir, sft_file, one_process, tmp_path):
+    one = one_process("sft", sft(tiny_model_dir, sft_file, micro=4))
     two = launch(sft(tiny_model_dir, sft_file, micro=2), tmp_path, "two", nproc=2)
     torch.testing.assert_close(losses(one), losses(two), atol=1e-5, rtol=1e-5)
     assert_same_weights(one, two)
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_deepspeed_sft_learns_saves_and_resumes(stage, tiny_model_dir, sft_file, tmp_path):
-    acc = f"configs/accelerate/{stage}.yaml"
-    cfg = sft(tiny_model_dir, sft_file, micro=2, steps=6)
-    straight = launch(cfg, tmp_path, "straight", nproc=2, accelerate_config=acc)
-    ls = losses(straight)
+@pytest.mark.parametrize("stage", STAGES)
+def test_deepspeed_sft_learns_saves_and_resumes(stage, tiny_model_dir, sft_file, one_process, tmp_path):
+    # stopped at step 3 and resumed to 6 (constant schedule): the same run as the straight one
+    cfg = {**sft(tiny_model_dir, sft_file, micro=2), "logging": {"save_every": 3}}
+    run, straight = straight_then_resumed(cfg, tmp_path, f"configs/accelerate/{stage}.yaml", resume_step=3)
+    ls = straight["losses"]
     assert ls[-1] < 0.9 * ls[0], ls
-    # same global batch on one process without DeepSpeed: same losses
-    single = launch(sft(tiny_model_dir, sft_file, micro=4, steps=6), tmp_path, "single")
+    # same global batch on one process without DeepSpeed: same losses, same whole weights in final/
+    single = one_process("sft", sft(tiny_model_dir, sft_file, micro=4))
     torch.testing.assert_close(ls, losses(single), atol=1e-4, rtol=1e-4)
-    # stop after 3 steps, then resume to 6 (constant schedule, so the two runs are the same run)
-    launch({**cfg, "optim": {**cfg["optim"], "max_steps": 3}}, tmp_path, "resumed", nproc=2, accelerate_config=acc)
-    resumed = launch(cfg, tmp_path, "resumed", nproc=2, accelerate_config=acc, extra=["--resume"])
-    torch.testing.assert_close(losses(resumed), ls, atol=1e-5, rtol=1e-5)
-    assert_same_weights(straight, resumed)
+    assert_same_weights(single, run)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PPO's rank-independent sampler (in process)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampler_draws_from_the_filtered_distribution_row_by_row():
+    """The rank-independent sampler PPO uses: Gumbel-max on the temperature/top-k filtered logits. 20k rows with one
+    seed each give the softmax of the filtered logits (filtered tokens never); a row's draw ignores its batch."""
+    from rlhf.ops import _sampling_logits
+    from rlhf.rollout import SamplingConfig
+    from rlhf.rollout.hf import SeededSampler
+
+    sampling = SamplingConfig(temperature=0.7, top_k=3)
+    logits = torch.tensor([[1.0, 0.5, -0.2, 2.0, 0.9]])
+    n = 20_000
+    draws = SeededSampler(range(n), sampling, torch.device("cpu"))(None, logits.expand(n, -1)).argmax(-1)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expected = _sampling_logits(logits, 0.7, 3, 1.0, upcast=True).softmax(-1)[0].double()
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    assert freq[2] == freq[1] == 0  # the two tokens below the top 3
+    alone = SeededSampler(range(100, 103), sampling, torch.device("cpu"))(None, logits.expand(3, -1)).argmax(-1)
+    torch.testing.assert_close(alone, draws[100:103])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDP (torchrun over gloo): 2 ranks x micro b == 1 rank x micro 2b
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_ddp_two_ranks_equal_one_rank(tiny_model_dir, prefs_file, eval_pairs, one_process, tmp_path):
+    section = {"reference": "precomputed"}
+    one = one_process("dpo-precomputed", pairs("dpo", tiny_model_dir, prefs_file, eval_pairs, 4, **section))
+    two = launch(pairs("dpo", tiny_model_dir, prefs_file, eval_pairs, 2, **section), tmp_path, "two", nproc=2)
+    torch.testing.assert_close(losses(two), losses(one), atol=1e-5, rtol=1e-5)
+    assert_same_weights(one, two)
+    # reduced before logging, and written by rank 0 only: one record per step, equal eval metrics
+    rec_one, rec_two = (read_metrics(os.path.join(r, "metrics.jsonl")) for r in (one, two))
+    assert [r["step"] for r in rec_two] == [r["step"] for r in rec_one]
+    for a, b in zip(rec_one, rec_two):
+        for k in a:
+            if k.startswith(("eval/", "rewards/", "logps/")):
+                assert a[k] == pytest.approx(b[k], abs=1e-4), (a["step"], k)
+
+
+def test_ppo_ddp_two_ranks_equal_one_rank_and_ranks_sample_differently(tiny_model_dir, ppo_files, one_process,
+                                                                          tmp_path):
+    prompts, rm = ppo_files
+    (tmp_path / "records").mkdir()
+    one = one_process("ppo", ppo(tiny_model_dir, prompts, rm, 4))
+    two = launch(ppo(tiny_model_dir, prompts, rm, 2), tmp_path, "two", nproc=2,
+                 env={RECORD_ENV: str(tmp_path / "records")})
+    # the rollouts: one rank's responses are ranks 0 and 1's, in order (per-rollout seeds, not per-rank ones) ...
+    single, split = records(one + ".records")["rank0"], records(tmp_path / "records")
+    assert len(single) == 2 and [a + b for a, b in zip(split["rank0"], split["rank1"])] == single
+    # ... and ranks holding the same prompts still sample different responses, as do two samples of one prompt
+    for prompt in ("What color is the sky?", "Tell me the color of the orange."):
+        by_rank = [{c for p, c in split[r][0] if p == prompt} for r in ("rank0", "rank1")]
+        assert len(by_rank[0]) == len(by_rank[1]) == 4 and not by_rank[0] & by_rank[1], by_rank
+    # the training: advantages whitened and values/scores normalized over all ranks, minibatches by global index
+    torch.testing.assert_close(losses(two), losses(one), atol=1e-5, rtol=1e-4)
+    assert_same_weights(one, two)
+    assert_same_weights(one, two, sub="critic")
+    assert [r["step"] for r in read_metrics(os.path.join(two, "metrics.jsonl"))] == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2/3 (accelerate launch): learns, equals one process, exports whole weights, resumes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deepspeed_reward_model(stage, tiny_model_dir, prefs_file, eval_pairs, one_process, tmp_path):
+    section = {"normalize": True, "normalize_on": "eval"}  # calibrated on the 3/2-split eval pairs, by every rank
+    one = one_process("rm", pairs("reward", tiny_model_dir, prefs_file, eval_pairs, 4, **section))
+    run, straight = straight_then_resumed(pairs("reward", tiny_model_dir, prefs_file, eval_pairs, 2, **section),
+                                          tmp_path, f"configs/accelerate/{stage}.yaml", resume_step=2)
+    evals = [r["eval/loss"] for r in straight["metrics"] if "eval/loss" in r]
+    assert evals[-1] < evals[0] - 0.01, evals  # learns: the held-out Bradley-Terry loss falls
+    torch.testing.assert_close(straight["losses"], losses(one), atol=1e-4, rtol=1e-4)
+    assert_same_weights(one, run, atol=2e-4)  # whole weights in final/, normalization folded in as on one process
+    from rlhf.models import load_scalar_model
+
+    assert load_scalar_model(os.path.join(run, "final")).score.bias is not None  # loadable, calibration restored
+    norm = [json.load(open(os.path.join(r, "final", "reward_normalization.json"))) for r in (one, run)]
+    assert norm[0]["count"] == norm[1]["count"] == 10
+    assert norm[1]["mean"] == pytest.approx(norm[0]["mean"], rel=1e-3)
+    assert norm[1]["std"] == pytest.approx(norm[0]["std"], rel=1e-3)
+
+
+@pytest.mark.parametrize("stage, reference", [("zero2", "copy"), ("zero3", "copy"), ("zero3", "precomputed")])
+def test_deepspeed_dpo(stage, reference, tiny_model_dir, prefs_file, eval_pairs, one_process, tmp_path):
+    # copy: a whole frozen copy, soft-updated from the gathered policy every 2 steps and saved in checkpoints;
+    # precomputed: the reference pass over ranks' uneven shares (41 pairs) before training (its cache on resume is
+    # test_dpo's; resume under ZeRO-3 is the copy's, with more state)
+    copy = reference == "copy"
+    section = {"reference": reference, **({"ref_update_every": 2, "ref_update_alpha": 0.5} if copy else {})}
+    one = one_process(f"dpo-{reference}", pairs("dpo", tiny_model_dir, prefs_file, eval_pairs, 4, **section))
+    run, straight = straight_then_resumed(pairs("dpo", tiny_model_dir, prefs_file, eval_pairs, 2, **section),
+                                          tmp_path, f"configs/accelerate/{stage}.yaml", resume_step=2 if copy else None)
+    ls = straight["losses"]
+    evals = [r["eval/loss"] for r in straight["metrics"] if "eval/loss" in r]
+    # learns: the policy starts as the reference (loss log 2) and ends below it on held-out pairs
+    assert ls[0] == pytest.approx(math.log(2), abs=1e-6) and evals[-1] < math.log(2) - 0.005, (ls, evals)
+    torch.testing.assert_close(ls, losses(one), atol=1e-4, rtol=1e-4)
+    assert_same_weights(one, run, atol=2e-4)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deepspeed_ppo(stage, tiny_model_dir, ppo_files, one_process, tmp_path):
+    prompts, rm = ppo_files
+    one = one_process("ppo", ppo(tiny_model_dir, prompts, rm, 4))
+    run, straight = straight_then_resumed(ppo(tiny_model_dir, prompts, rm, 2), tmp_path,
+                                          f"configs/accelerate/{stage}.yaml", resume_step=4)
+    # learns: within each iteration the second epoch over the same rollouts has lower policy and value losses
+    steps = straight["metrics"]
+    for it in (0, 1):
+        first, second = steps[4 * it:4 * it + 2], steps[4 * it + 2:4 * it + 4]
+        for key in ("ppo/policy_loss", "ppo/value_loss"):
+            assert sum(r[key] for r in second) < sum(r[key] for r in first), (it, key)
+    # the same run as one process (rollouts gathered once per phase under ZeRO-3), policy and critic whole
+    torch.testing.assert_close(straight["losses"], losses(one), atol=1e-4, rtol=1e-4)
+    assert_same_weights(one, run)
+    assert_same_weights(one, run, sub="critic")
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_causal_lm, load_scalar_model
+
+    final = os.path.join(run, "final")
+    assert load_causal_lm(ModelConfig(name_or_path=final)) is not None
+    assert load_scalar_model(os.path.join(final, "critic")).score.bias is not None  # the critic kept the RM's bias
+
+
+ZERO3_GENERATE = """
+import sys, torch
+from rlhf.config import load_config
+from rlhf.data import encode_prompt
+from rlhf.rollout import SamplingConfig, generate
+from rlhf.trainer import Trainer
+
+t = Trainer(load_config(sys.argv[1], []))
+model = t.algorithm.build_model()
+t._size_zero3(model)
+t.model, optimizer = t.accelerator.prepare(model, t._optimizer(model))
+inner = t.accelerator.unwrap_model(t.model)
+assert inner.model.embed_tokens.weight.numel() == 0  # really sharded outside the block
+ids = [encode_prompt(t.tokenizer, "What color is the sky?")] * (1 + 2 * t.rank)
+with t.full_model() as whole:
+    assert whole.model.embed_tokens.weight.shape[0] > 0
+    out = generate(whole, t.tokenizer, prompt_ids=ids, sampling=SamplingConfig(max_new_tokens=4 + 8 * t.rank),
+                   batch_size=1, seeds=list(range(len(ids))))
+assert inner.model.embed_tokens.weight.numel() == 0  # re-partitioned
+x = torch.tensor(ids[:1])
+loss = t.model(input_ids=x, labels=x).loss  # DeepSpeed's hooks are back: training goes on
+t.model.backward(loss)
+t.model.step()
+print(f"rank {t.rank}: {len(ids)} generate calls, {int(out.response_mask.sum())} tokens, then loss {loss.item():.4f}")
+"""
+
+
+def test_zero3_generation_gathers_once_not_per_token(tiny_model_dir, sft_file, tmp_path):
+    """Inside Trainer.full_model ranks generate different numbers of sequences and tokens (1 x 4 vs 3 x 12): with a
+    collective per forward (DeepSpeed's per-module all-gathers, or transformers' synced_gpus) this would deadlock."""
+    script, config = tmp_path / "generate.py", tmp_path / "sft.yaml"
+    script.write_text(ZERO3_GENERATE)
+    config.write_text(yaml.safe_dump({**sft(tiny_model_dir, sft_file, micro=2),
+                                      "logging": {"output_dir": str(tmp_path), "run_name": "gen"}}))
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "configs/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(script), str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=run_env(RLHF_COLLECTIVE_TIMEOUT_S="30"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0: 1 generate calls" in proc.stdout and "rank 1: 3 generate calls" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A rank that stops taking part: a named failure, not a hang
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_stalled_rank_fails_with_a_timeout_naming_the_phase(tiny_model_dir, ppo_files, tmp_path):
+    prompts, rm = ppo_files
+    cmd = command(ppo(tiny_model_dir, prompts, rm, 2, reward="sleepy_reward", iterations=1), tmp_path, "stall",
+                  nproc=2)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=run_env(RLHF_COLLECTIVE_TIMEOUT_S="5", **{SLEEP_ENV: "60"}))
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert "CollectiveError: collective failed during rollout (step 0, rank 0 of 2)" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "RLHF_COLLECTIVE_TIMEOUT_S=5s" in proc.stderr
+    assert elapsed < 45, elapsed  # start-up + 5 s, far from the 60 s stall

@@ -45,7 +45,8 @@ def leftover_pids(result) -> list[int]:
 def assert_failed_fast(result, limits=QUICK):
     assert not result.passed
     assert result.status != PASSED
-    assert result.duration_s < limits.timeout_s + 1.0, result
+    # the wall-clock limit plus the time to kill and reap every process (slower on a loaded machine)
+    assert result.duration_s < limits.timeout_s + 3.0, result
     assert leftover_pids(result) == []
 
 

@@ -121,3 +121,13 @@ logging:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(read_metrics(tmp_path / "runs" / "cli" / "metrics.jsonl")) == 4
+
+
+def test_eval_harness_runs_as_a_training_callback(tiny_model_dir, sft_file, tmp_path):
+    cfg = sft_config(tiny_model_dir, sft_file, str(tmp_path), optim__max_steps=2, logging__eval_every=1,
+                     logging__eval_testbed="assistant", logging__eval_limit=4, logging__eval_max_new_tokens=4)
+    Trainer(cfg).train()
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/assistant/gold/reward" in r]
+    assert [r["step"] for r in evals] == [1, 2]  # every eval_every steps, and at the end
+    for r in evals:
+        assert -2.0 <= r["eval/assistant/gold/reward"] <= 2.0 and r["eval/assistant/length/tokens"] <= 4

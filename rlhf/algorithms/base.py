@@ -63,11 +63,20 @@ class Algorithm:
         return True
 
     # --- evaluation and export -----------------------------------------------------------------
+    def evaluates(self) -> bool:
+        """Whether `evaluate` has anything to do (else the Trainer does not gather a ZeRO-3 model for it)."""
+        return False
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics reduced over ranks; `model` is unwrapped with whole weights (Trainer.full_model)."""
         return {}
 
+    def prepare_export(self, model: torch.nn.Module) -> None:
+        """Runs on every rank just before `save_model`, on the unwrapped model with whole weights: work that needs
+        every rank (forwards of a sharded model, statistics over all ranks' data) goes here."""
+
     def save_model(self, model: torch.nn.Module, out_dir: str) -> None:
-        """Write the trained model so `from_pretrained(out_dir)` loads it."""
+        """Write the trained model so `from_pretrained(out_dir)` loads it. Runs on the main process only."""
         model.save_pretrained(out_dir)
         self.trainer.tokenizer.save_pretrained(out_dir)
 

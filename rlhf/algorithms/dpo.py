@@ -25,7 +25,7 @@ from ..config import ConfigError, DPOSection
 from ..data import BadRows
 from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
 from ..losses import dpo_loss
-from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm
+from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
 from ..models.forward import sequence_logprobs
 from .base import Algorithm
 from .supervised import make_batcher, report_skipped, step_stream, total_steps
@@ -41,10 +41,14 @@ EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 
 
 class CopyReference:
-    """A frozen copy of the initial policy (the only reference that soft updates can move)."""
+    """A frozen copy of the initial policy (the only reference that soft updates can move); whole on every rank,
+    also under ZeRO-3 (rebuilt from the checkpoint and filled from the gathered policy)."""
 
     def __init__(self, algo: "DPO", model):
-        self.model = frozen_copy(algo.unwrap(model))
+        def rebuild():
+            with whole_loading(algo.trainer.accelerator):
+                return algo.build_model()
+        self.model = frozen_copy(algo.unwrap(model), rebuild=rebuild)
 
     @torch.no_grad()
     def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
@@ -162,7 +166,8 @@ class DPO(Algorithm):
     def after_step(self, model, step):
         d = self.cfg.dpo
         if d.ref_update_every and step % d.ref_update_every == 0:
-            ema_update_(self.reference.model, self.unwrap(model), d.ref_update_alpha)
+            with self.trainer.phase("reference update"):  # gathers the policy's shards under ZeRO-3
+                ema_update_(self.reference.model, self.unwrap(model), d.ref_update_alpha)
         return dict(self.skipped) if step == 1 else {}
 
     # --- the precomputed reference ---------------------------------------------------------------
@@ -189,7 +194,8 @@ class DPO(Algorithm):
                 self.trainer.print(f"reference log-probs: reusing {path}")
                 return cached["logps"]
             self.trainer.print(f"reference log-probs: {path} belongs to other pairs or another model; recomputing")
-        table = self._score_pairs(model)
+        with self.trainer.phase("reference precompute"):
+            table = self._score_pairs(model)
         if self.trainer.is_main:
             torch.save({"fingerprint": key, "logps": table}, path)
         self.trainer.print(f"reference log-probs: {len(table)} pairs computed once, cached in {path}")
@@ -200,23 +206,26 @@ class DPO(Algorithm):
         from accelerate.utils import gather_object
 
         t = self.trainer
-        policy = self.unwrap(model)
-        was_training = policy.training
-        policy.eval()
         examples = self.train_pairs + self.eval_pairs
         share, mb, rows = examples[t.rank::t.world_size], self.cfg.optim.micro_batch_size, []
-        for i in range(0, len(share), mb):
-            batch = self.collate(share[i:i + mb])
-            with t.accelerator.autocast():
-                chosen, rejected = self.forward(policy, batch)[0].float().cpu().chunk(2)
-            rows += list(zip(batch.index.tolist(), chosen.tolist(), rejected.tolist()))
-        policy.train(was_training)
+        with t.full_model(model) as policy:  # ranks' shares differ in size: whole weights, no per-forward gathers
+            was_training = policy.training
+            policy.eval()
+            for i in range(0, len(share), mb):
+                batch = self.collate(share[i:i + mb])
+                with t.accelerator.autocast():
+                    chosen, rejected = self.forward(policy, batch)[0].float().cpu().chunk(2)
+                rows += list(zip(batch.index.tolist(), chosen.tolist(), rejected.tolist()))
+            policy.train(was_training)
         table = torch.zeros(len(examples), 2)
         for index, chosen, rejected in gather_object(rows) if t.world_size > 1 else rows:
             table[index] = torch.tensor([chosen, rejected])
         return table
 
     # --- evaluation and state --------------------------------------------------------------------
+    def evaluates(self) -> bool:
+        return bool(self.eval_pairs)
+
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         if not self.eval_pairs:

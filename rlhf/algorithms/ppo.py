@@ -12,17 +12,29 @@ One iteration, as data (per rank; B rollouts, P prompt width, R response width):
 The paper's three factors are config values: ppo.adv_norm, the batch (ppo.rollout_batch_size with
 ppo.num_minibatches) and ppo.ref_ema; configs/ppo_ablation_*.yaml walk through them one at a time.
 
+Over several ranks an iteration is a function of (seed, iteration, weights) alone, whatever the world size:
+- every rollout is sampled from its own seed, derived from the seed and its global index in the iteration (prompt
+  position x samples_per_prompt + sample), not from the rank: different prompts and different samples of a prompt
+  still get different streams, and a prompt draws the same response on any number of ranks (rollout.SeededSampler);
+- minibatches are stratified over groups of num_minibatches consecutive rollouts (a group never straddles two ranks,
+  see PPOConfig.validate_world), so the union of the ranks' minibatch k is the same rollouts at any world size;
+- statistics (advantage whitening, value and score normalization, metrics) are reduced over all ranks.
+Under ZeRO-3 the policy and critic are gathered once per rollout phase (Trainer.full_model), not per token, and the
+reference is a whole copy on every rank.
+
 Metrics (means over all ranks). Once an iteration, in its first step: objective/scores (the reward sources' score),
 objective/kl (per-token KL estimate summed over a response), objective/rlhf_reward (summed per-token rewards),
 objective/kl_coef, reward/<source>, response/length_mean, response/eos_rate, critic/explained_variance,
 time/generate_s, time/score_s; in its last step time/train_s. Every step: ppo/policy_loss, ppo/value_loss (token
-means), ppo/clipfrac, ppo/approx_kl, ppo/ratio_mean, ppo/early_stop, ppo/dropped_frac, ppo/vf_clipfrac,
+means), ppo/clipfrac, ppo/approx_kl, ppo/ratio_mean, ppo/early_stop, ppo/vf_clipfrac,
 critic/value_mean.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, fields, replace
@@ -34,9 +46,9 @@ from torch import Tensor, nn
 from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, load_causal_lm, load_scalar_model, position_ids_from_mask,
-                      token_values)
-from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits,
-                   explained_variance, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten)
+                      token_values, whole_loading)
+from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits, gae,
+                   logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
 from ..rollout import SamplingConfig, generate
 from .base import Algorithm, StepBatch
@@ -86,6 +98,43 @@ def token_rewards(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, scores: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Rank-independent sampling seeds, minibatches and statistics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rollout_seed(seed: int, index: int) -> int:
+    """The sampling seed of the iteration's rollout at global position `index` (iterations continue the count, so
+    no two rollouts of a run share a seed). A hash, so nearby indices give unrelated generator seeds."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63
+
+
+def minibatch_rows(num_rollouts: int, num_minibatches: int, first: int, count: int,
+                   generator: torch.Generator) -> Tensor:
+    """[num_minibatches, count // num_minibatches] local row indices of each minibatch, for the rank holding the
+    global rollouts first .. first + count - 1 of num_rollouts.
+
+    Each group of num_minibatches consecutive rollouts sends one random member to every minibatch; the draw is
+    keyed by global position (the same `generator` state on every rank), and `first` and `count` are multiples of
+    num_minibatches, so minibatch k is the same set of rollouts at any world size.
+    """
+    K = num_minibatches
+    if first % K or count % K:
+        raise ValueError(f"rows {first}..{first + count} of a rank must be whole groups of {K}")
+    keys = torch.rand(num_rollouts, generator=generator)[first:first + count].view(-1, K)
+    pick = keys.argsort(dim=1)  # pick[g, k]: the row of group g that goes to minibatch k
+    return (torch.arange(0, count, K)[:, None] + pick).T
+
+
+def global_explained_variance(count: float, r_sum: float, r_sq: float, e_sum: float, e_sq: float) -> float:
+    """1 - Var[R - V] / Var[R] from token count and the sums of R, R^2, R - V, (R - V)^2 (NaN when Var[R] = 0)."""
+    n = max(count, 1.0)
+    var_r = r_sq / n - (r_sum / n) ** 2
+    var_e = e_sq / n - (e_sum / n) ** 2
+    return 1.0 - var_e / var_r if var_r > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Log-probs of the sampling distribution
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -110,6 +159,7 @@ def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, tem
     rows = []
     for z, s, y in zip(logits, support_logits, labels):
         dropped = _sampling_logits(s, temperature, top_k, top_p, upcast=True) == float("-inf")
+        dropped = dropped.scatter(-1, y.unsqueeze(-1), False)  # the sampled token is always in the support
         rows.append(logprobs_from_logits(z.masked_fill(dropped, float("-inf"))[None], y[None], temperature)[0])
     return torch.stack(rows)
 
@@ -188,7 +238,8 @@ class PPO(Algorithm):
         super().__init__(cfg, trainer)
         p = cfg.ppo
         self.prompts = self._load_prompts()
-        self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
+        with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also under ZeRO-3
+            self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
         self.sampling = SamplingConfig(p.max_new_tokens, p.temperature, p.top_k, p.top_p)
         self.steps_per_iteration = p.num_minibatches * p.ppo_epochs
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
@@ -233,7 +284,10 @@ class PPO(Algorithm):
         return [{"params": trainable(model.policy)}, {"params": trainable(model.critic), "lr": self.cfg.ppo.critic_lr}]
 
     def prepared(self, model) -> None:
-        self.reference = frozen_copy(self._pair(model).policy)
+        def rebuild():
+            with whole_loading(self.trainer.accelerator):
+                return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
+        self.reference = frozen_copy(self._pair(model).policy, rebuild=rebuild)
         if self.cfg.ppo.ref_ema > 0:
             # a half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_)
             self.reference.float()
@@ -256,14 +310,18 @@ class PPO(Algorithm):
                                  else list(range(n))}
         return self._order_cache[epoch]
 
-    def _iteration_prompts(self, iteration: int) -> list[PromptRow]:
-        """This rank's share of the iteration's prompts, each repeated samples_per_prompt times: a pure function of
-        (seed, iteration), so a resumed run draws the same prompts."""
+    def _iteration_prompts(self, iteration: int) -> tuple[list[PromptRow], list[int]]:
+        """(this rank's share of the iteration's prompts, each repeated samples_per_prompt times; each rollout's
+        sampling seed): a pure function of (seed, iteration), so a resumed run draws the same prompts, and of the
+        rollouts' global positions, not of the rank, so any world size samples the same responses."""
         p, world, n = self.cfg.ppo, self.trainer.world_size, len(self.prompts)
         per_rank = p.rollout_batch_size // world
         start = iteration * p.rollout_batch_size + self.trainer.rank * per_rank
         rows = [self.prompts[self._prompt_order(pos // n)[pos % n]] for pos in range(start, start + per_rank)]
-        return [r for r in rows for _ in range(p.samples_per_prompt)]
+        spp = p.samples_per_prompt
+        seeds = [rollout_seed(self.cfg.seed, pos * spp + j)
+                 for pos in range(start, start + per_rank) for j in range(spp)]
+        return [r for r in rows for _ in range(spp)], seeds
 
     @torch.no_grad()
     def _score_pass(self, pair: PolicyAndCritic, ids: Tensor, amask: Tensor, P: int):
@@ -284,19 +342,20 @@ class PPO(Algorithm):
     @torch.no_grad()
     def _experience(self, iteration: int) -> tuple[PPOBatch, dict]:
         p, trainer, acc = self.cfg.ppo, self.trainer, self.trainer.accelerator
-        pair = self._pair()
-        if p.ref_reset_every and iteration and iteration % p.ref_reset_every == 0:
-            ema_update_(self.reference, pair.policy, 1.0)
-        rows = self._iteration_prompts(iteration)
+        rows, seeds = self._iteration_prompts(iteration)
         t0 = time.time()
-        with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
-            rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
-                               sampling=self.sampling, batch_size=p.rollout_micro_batch_size)
-            t1 = time.time()
-            dev, P = trainer.device, rollout.prompt_ids.shape[1]
-            ids, amask = rollout.input_ids.to(dev), rollout.attention_mask.to(dev)
-            mask, eos = rollout.response_mask.to(dev).float(), rollout.eos.to(dev)
-            logp, ref_logp, values, next_values = self._score_pass(pair, ids, amask, P)
+        # generation and scoring on whole weights: under ZeRO-3 gathered once here, not per forward or token
+        with trainer.full_model() as pair:
+            if p.ref_reset_every and iteration and iteration % p.ref_reset_every == 0:
+                soft_update_(self.reference, pair.policy, 1.0)  # the policy is whole in this block
+            with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
+                rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
+                                   sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds)
+                t1 = time.time()
+                dev, P = trainer.device, rollout.prompt_ids.shape[1]
+                ids, amask = rollout.input_ids.to(dev), rollout.attention_mask.to(dev)
+                mask, eos = rollout.response_mask.to(dev).float(), rollout.eos.to(dev)
+                logp, ref_logp, values, next_values = self._score_pass(pair, ids, amask, P)
         columns = {k: [r.columns.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r.columns)}
         raw, per_source = self.reward(ids, amask, [r.text for r in rows], rollout.texts, columns)
         raw = raw.to(dev)
@@ -314,7 +373,7 @@ class PPO(Algorithm):
             values_r, next_r = values, next_values
         advantages, returns = gae(rewards, values_r, mask, p.gamma, p.lam,
                                   next_values=torch.where(scored, torch.zeros_like(next_r), next_r))
-        ev = explained_variance(values_r, returns, mask)
+        returns_r = returns
         if p.adv_norm:  # once, over every token of the whole rollout batch on all ranks, before the minibatch split
             advantages = masked_whiten(advantages, mask, distributed=True)
         if p.value_norm:
@@ -328,11 +387,15 @@ class PPO(Algorithm):
         names = ["objective/scores", "objective/kl", "objective/rlhf_reward", "response/length_mean",
                  "response/eos_rate"] + [f"reward/{k}" for k in per_source]
         sums = torch.stack([raw.sum(), seq_kl.sum(), seq_reward.sum(), mask.sum(), eos.float().sum()]
-                           + [v.to(dev).sum() for v in per_source.values()]).float()
-        count = torch.tensor(float(len(ids)), device=dev)
-        totals = acc.reduce(torch.cat([sums, count[None], ev.float()[None].to(dev)]), reduction="sum")
+                           + [v.to(dev).sum() for v in per_source.values()]).double()
+        count = torch.tensor(float(len(ids)), device=dev, dtype=torch.float64)
+        # explained variance over every token of all ranks: moments of returns R and residuals R - V
+        residual = returns_r - values_r
+        moments = torch.stack([mask.sum(), masked_sum(returns_r, mask), masked_sum(returns_r ** 2, mask),
+                               masked_sum(residual, mask), masked_sum(residual ** 2, mask)]).double()
+        totals = acc.reduce(torch.cat([sums, count[None], moments]), reduction="sum")
         metrics = {k: (totals[i] / totals[len(names)]).item() for i, k in enumerate(names)}
-        metrics["critic/explained_variance"] = (totals[-1] / trainer.world_size).item()
+        metrics["critic/explained_variance"] = global_explained_variance(*totals[len(names) + 1:].tolist())
         metrics["objective/kl_coef"] = kl_coef
         metrics["time/generate_s"], metrics["time/score_s"] = t1 - t0, t2 - t1
         self.kl_ctl.update(metrics["objective/kl"], p.rollout_batch_size * p.samples_per_prompt)
@@ -344,14 +407,16 @@ class PPO(Algorithm):
             raise RuntimeError(f"PPO resumes only at an iteration boundary (every {self.steps_per_iteration} steps); "
                                f"got step {start_step}")
         micro, accum = p.micro_batch_size, self.trainer.grad_accum
+        total = p.rollout_batch_size * p.samples_per_prompt
         for iteration in itertools.count(start_step // self.steps_per_iteration):
-            batch, metrics = self._experience(iteration)
+            with self.trainer.phase("rollout"):
+                batch, metrics = self._experience(iteration)
             self._train_start = time.time()
-            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + iteration) * 1009 + self.trainer.rank)
+            n = len(batch.input_ids)
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + iteration)  # the same on every rank
             for _ in range(p.ppo_epochs):
-                order = torch.randperm(len(batch.input_ids), generator=g).to(batch.input_ids.device)
-                for k in range(p.num_minibatches):
-                    idx = order[k * micro * accum:(k + 1) * micro * accum]
+                rows = minibatch_rows(total, p.num_minibatches, self.trainer.rank * n, n, g)
+                for idx in rows.to(batch.input_ids.device):
                     yield StepBatch([batch.select(idx[j * micro:(j + 1) * micro]) for j in range(accum)], metrics)
                     metrics = {}
 
@@ -369,14 +434,10 @@ class PPO(Algorithm):
         if not mb.train_policy:
             pg = pg * 0.0  # critic warm-up; the policy stays in the graph so every rank runs the same backward
         tokens = mb.response_mask.sum().clamp(min=1)
-        # A sampled token that the updated policy's own top-k/top-p filter now drops has log-prob -inf (ratio 0, and
-        # an infinite KL estimate): count those, and measure the approximate KL over the tokens still in support.
-        kept = torch.isfinite(logp.detach())
+        # log-probs keep the sampled token in the top-k/top-p support (ops.logprobs_from_logits), so they are finite
         stats = {"ppo/policy_loss": pg.detach() / tokens, "ppo/value_loss": vf.detach() / tokens,
                  "ppo/clipfrac": pg_stats["clipfrac"],
-                 "ppo/approx_kl": masked_mean(KL_ESTIMATORS["k3"](mb.old_logprobs, logp.detach()),
-                                              mb.response_mask * kept),
-                 "ppo/dropped_frac": masked_mean((~kept).float(), mb.response_mask),
+                 "ppo/approx_kl": masked_mean(KL_ESTIMATORS["k3"](mb.old_logprobs, logp.detach()), mb.response_mask),
                  "ppo/ratio_mean": pg_stats["ratio_mean"], "ppo/early_stop": pg_stats["early_stop"],
                  "ppo/vf_clipfrac": vf_stats["vf_clipfrac"],
                  "critic/value_mean": masked_mean(values.detach(), mb.response_mask)}
@@ -385,7 +446,8 @@ class PPO(Algorithm):
     def after_step(self, model, step: int) -> dict:
         p = self.cfg.ppo
         if p.ref_ema > 0:  # paper: theta_ref <- eta * theta_actor + (1 - eta) * theta_ref after every actor step
-            ema_update_(self.reference, self._pair(model).policy, p.ref_ema)
+            with self.trainer.phase("reference update"):  # gathers the policy's shards under ZeRO-3
+                ema_update_(self.reference, self._pair(model).policy, p.ref_ema)
         out = dict(self.skipped) if step == 1 else {}
         if step % self.steps_per_iteration == 0:
             out["time/train_s"] = time.time() - self._train_start

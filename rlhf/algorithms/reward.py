@@ -74,6 +74,7 @@ class RewardModeling(Algorithm):
             self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
         self.collate = collate_pairs(tok.pad_token_id)
         self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
+        self._export_scores: Optional[torch.Tensor] = None  # [2N] all ranks' normalization scores (prepare_export)
 
     def build_model(self):
         return load_scalar_model(self.cfg.model.name_or_path, self.cfg.model, self.trainer.tokenizer,
@@ -99,6 +100,9 @@ class RewardModeling(Algorithm):
 
     def after_step(self, model, step):
         return dict(self.skipped) if step == 1 else {}
+
+    def evaluates(self) -> bool:
+        return bool(self.eval_pairs)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -132,20 +136,40 @@ class RewardModeling(Algorithm):
             with self.trainer.accelerator.autocast():
                 out += [s.cpu() for s in self.scores(model, self.collate(pairs[i:i + mb]))]
         model.train(was_training)
-        return torch.cat(out).double()
+        return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)
+
+    def _normalization_pairs(self) -> list[PairExample]:
+        r = self.cfg.reward
+        pairs = self.train_pairs if r.normalize_on == "train" else self.eval_pairs
+        if not pairs:
+            raise ConfigError(f"reward.normalize_on={r.normalize_on!r}: no pairs left to normalize on")
+        return pairs
+
+    def prepare_export(self, model) -> None:
+        """Every rank scores a strided share of the normalization set; all ranks get all the scores."""
+        self._export_scores = None
+        if not self.cfg.reward.normalize:
+            return
+        t = self.trainer
+        share = self._normalization_pairs()[t.rank::t.world_size]
+        scores = self.score_responses(model, share)
+        if t.world_size > 1:
+            from accelerate.utils import gather_object
+
+            scores = torch.tensor(gather_object(scores.tolist()), dtype=torch.float64)
+        self._export_scores = scores
 
     def save_model(self, model, out_dir: str) -> None:
-        """Save with the normalization folded in; runs on the main process only."""
+        """Save with the normalization folded in; runs on the main process only (after prepare_export on all)."""
         r = self.cfg.reward
         # a LoRA reward model is saved merged, so from_pretrained loads a complete scorer
         target = copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
         if not r.normalize:
             super().save_model(target, out_dir)
             return
-        pairs = self.train_pairs if r.normalize_on == "train" else self.eval_pairs
-        if not pairs:
-            raise ConfigError(f"reward.normalize_on={r.normalize_on!r}: no pairs left to normalize on")
-        scores = self.score_responses(target, pairs)
+        scores = self._export_scores
+        if scores is None:  # called outside Trainer.save_final: one process scores everything
+            scores = self.score_responses(target, self._normalization_pairs())
         mean, std = scores.mean().item(), scores.std(unbiased=False).clamp(min=1e-6).item()
         head = target.score
         folded = fold_normalization(head, mean, std)

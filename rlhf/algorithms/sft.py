@@ -108,6 +108,9 @@ class SFT(Algorithm):
     def after_step(self, model, step):
         return self.skipped if step == 1 else {}
 
+    def evaluates(self) -> bool:
+        return bool(self.eval_examples)
+
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         if not self.eval_examples:

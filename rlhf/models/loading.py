@@ -91,7 +91,9 @@ def apply_score_bias_(model) -> torch.nn.Module:
         return model
     with_bias = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
                                 dtype=head.weight.dtype)
-    with torch.no_grad():
+    from .sharded import gathered
+
+    with torch.no_grad(), gathered([head.weight]):  # loaded into ZeRO-3 shards: whole for the copy
         with_bias.weight.copy_(head.weight)
         with_bias.bias.fill_(float(bias))
     model.score = with_bias

@@ -39,6 +39,24 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def whole_loading(accelerator) -> Iterator[None]:
+    """from_pretrained inside the block loads whole weights. With a ZeRO-3 plugin active, transformers otherwise loads
+    straight into partitions (deepspeed.zero.Init), which only a DeepSpeed engine can run: right for the trained
+    model, wrong for a frozen reference or reward model that lives whole on every rank."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _offload(engine):
     """The object holding the engine's ZeRO-3 module hooks (DeepSpeedZeRoOffload)."""
     optimizer = engine.optimizer
@@ -53,14 +71,20 @@ def whole_model(engine) -> Iterator[torch.nn.Module]:
     recipe as deepspeed.runtime.zero.stage3.unwrap_model_for_generation and TRL's, with the hooks restored on error.
     Peak memory: the whole model on every rank for the block."""
     offload = _offload(engine)
-    params = list(engine.module.parameters())
+    root, params = offload.module, list(engine.module.parameters())
     with gathered(params):
         for p in params:
             p.ds_active_sub_modules.clear()  # else re-partitioning on exit refuses "active" parameters
         for hook in offload.forward_hooks + offload.backward_hooks:
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
+        # The root module's start-of-forward hook checks, by a collective, that ranks traced the same modules: with
+        # ranks running different numbers of forwards it would hang or pair with another collective. Off as well.
+        start_of_forward = root._forward_pre_hooks.get(offload.fwd_pre_hook.id)
+        offload.fwd_pre_hook.remove()
         try:
             yield engine.module
         finally:
-            offload._register_deepspeed_module(offload.module)
+            if start_of_forward is not None:
+                offload.fwd_pre_hook = root.register_forward_pre_hook(start_of_forward, prepend=True)
+            offload._register_deepspeed_module(root)

@@ -13,11 +13,13 @@ ENGINES = {"hf": HFEngine}
 
 def generate(model, tokenizer, prompts: Sequence[Prompt] = (), sampling: Optional[SamplingConfig] = None,
              batch_size: int = 32, prompt_ids: Optional[Sequence[Sequence[int]]] = None,
-             engine: str = "hf") -> Rollout:
-    """Sample one response per prompt (text/messages, or pre-tokenized `prompt_ids`)."""
+             engine: str = "hf", seeds: Optional[Sequence[int]] = None) -> Rollout:
+    """Sample one response per prompt (text/messages, or pre-tokenized `prompt_ids`); with `seeds` (one per prompt)
+    each response depends only on its prompt and seed, whatever the batch, rank or world size."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    return ENGINES[engine]().generate(model, tokenizer, prompt_ids, sampling or SamplingConfig(), batch_size)
+    return ENGINES[engine]().generate(model, tokenizer, prompt_ids, sampling or SamplingConfig(), batch_size,
+                                      seeds=seeds)
 
 
 __all__ = ["ENGINES", "Engine", "HFEngine", "Rollout", "SamplingConfig", "generate", "join_rollouts",

@@ -52,7 +52,7 @@ class Rollout:
 
 class Engine(Protocol):
     def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 batch_size: int = 32) -> Rollout: ...
+                 batch_size: int = 32, seeds: Optional[Sequence[int]] = None) -> Rollout: ...
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
