@@ -28,7 +28,7 @@ from ..losses import dpo_loss
 from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
 from ..models.forward import sequence_logprobs
 from .base import Algorithm
-from .supervised import make_batcher, report_skipped, step_stream, total_steps
+from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
 
 REF_CACHE = "ref_logps.pt"
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -226,26 +226,16 @@ class DPO(Algorithm):
     def evaluates(self) -> bool:
         return bool(self.eval_pairs)
 
-    @torch.no_grad()
     def evaluate(self, model) -> dict:
         if not self.eval_pairs:
             return {}
-        t = self.trainer
-        was_training = model.training
-        model.eval()
-        share, mb = self.eval_pairs[t.rank::t.world_size], self.cfg.optim.micro_batch_size
-        totals = torch.zeros(len(EVAL_KEYS) + 1, device=t.device)  # per-key sums over pairs, then the pair count
-        for i in range(0, len(share), mb):
-            batch = self.collate(share[i:i + mb])
-            with t.accelerator.autocast():
-                losses, stats = self.pair_losses(model, batch)
+
+        def sums(model, batch):
+            losses, stats = self.pair_losses(model, batch)
             stats["loss"] = losses
-            sums = [stats[k].float().sum() for k in EVAL_KEYS]
-            totals += torch.stack(sums + [torch.tensor(float(len(losses)), device=t.device)])
-        model.train(was_training)
-        totals = t.accelerator.reduce(totals, "sum")
-        count = totals[-1].clamp(min=1)
-        return {f"eval/{k}": (totals[i] / count).item() for i, k in enumerate(EVAL_KEYS)}
+            return [stats[k].float().sum() for k in EVAL_KEYS], len(losses)
+        return sharded_eval(self.trainer, model, self.eval_pairs, self.cfg.optim.micro_batch_size, self.collate,
+                            EVAL_KEYS, sums)
 
     def state_dict(self) -> dict:
         if self.cfg.dpo.ref_update_every:  # a moving reference is part of the training state

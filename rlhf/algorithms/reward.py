@@ -26,7 +26,7 @@ from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs
 from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model, scalar_scores
 from .base import Algorithm
-from .supervised import make_batcher, report_skipped, step_stream, total_steps
+from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
 
 NORMALIZATION_FILE = "reward_normalization.json"
 EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")
@@ -104,26 +104,16 @@ class RewardModeling(Algorithm):
     def evaluates(self) -> bool:
         return bool(self.eval_pairs)
 
-    @torch.no_grad()
     def evaluate(self, model) -> dict:
         if not self.eval_pairs:
             return {}
-        t = self.trainer
-        was_training = model.training
-        model.eval()
-        share, mb = self.eval_pairs[t.rank::t.world_size], self.cfg.optim.micro_batch_size
-        totals = torch.zeros(len(EVAL_KEYS) + 1, device=t.device)  # per-key sums over pairs, then the pair count
-        for i in range(0, len(share), mb):
-            batch = self.collate(share[i:i + mb])
-            with t.accelerator.autocast():
-                loss, stats = pair_objective(self.cfg.reward, *self.scores(model, batch), batch.margin)
+
+        def sums(model, batch):
+            loss, stats = pair_objective(self.cfg.reward, *self.scores(model, batch), batch.margin)
             n = batch.num_pairs
-            totals += torch.stack([loss.float(), stats["reward/accuracy"] * n, stats["reward/margin"] * n,
-                                   torch.tensor(float(n), device=t.device)])
-        model.train(was_training)
-        totals = t.accelerator.reduce(totals, "sum")
-        count = totals[-1].clamp(min=1)
-        return {f"eval/{k}": (totals[i] / count).item() for i, k in enumerate(EVAL_KEYS)}
+            return [loss.float(), stats["reward/accuracy"] * n, stats["reward/margin"] * n], n
+        return sharded_eval(self.trainer, model, self.eval_pairs, self.cfg.optim.micro_batch_size, self.collate,
+                            EVAL_KEYS, sums)
 
     # --- calibration and export ------------------------------------------------------------------
     @torch.no_grad()

@@ -12,7 +12,7 @@ from ..data.templates import split_messages
 from ..models import load_causal_lm, token_logprobs
 from ..ops import masked_mean, masked_sum
 from .base import Algorithm
-from .supervised import make_batcher, report_skipped, step_stream, total_steps
+from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
 
 IGNORE = -100
 
@@ -115,18 +115,11 @@ class SFT(Algorithm):
     def evaluate(self, model) -> dict:
         if not self.eval_examples:
             return {}
-        model.eval()
-        collate = collate_sft(self.trainer.tokenizer.pad_token_id)
-        mb = self.cfg.optim.micro_batch_size
-        total, count = torch.zeros((), device=self.trainer.device), torch.zeros((), device=self.trainer.device)
-        # each rank scores a strided share; the sums are reduced
-        share = self.eval_examples[self.trainer.rank::self.trainer.world_size]
-        for i in range(0, len(share), mb):
-            nll, mask = sft_token_loss(model, collate(share[i:i + mb]))
-            total += nll.float()
-            count += mask.sum()
-        model.train()
-        total = self.trainer.accelerator.reduce(total, "sum")
-        count = self.trainer.accelerator.reduce(count, "sum")
-        loss = (total / count.clamp(min=1)).item()
-        return {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(loss)))}
+
+        def sums(model, batch):
+            nll, mask = sft_token_loss(model, batch)
+            return [nll], float(mask.sum())
+        out = sharded_eval(self.trainer, model, self.eval_examples, self.cfg.optim.micro_batch_size,
+                           collate_sft(self.trainer.tokenizer.pad_token_id), ("loss",), sums)
+        out["eval/perplexity"] = float(torch.exp(torch.tensor(out["eval/loss"])))
+        return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+import torch
 
 from ..data.batching import StepBatcher
 from .base import StepBatch
@@ -35,3 +37,26 @@ def report_skipped(trainer, bad, name: str) -> dict:
     if bad.skipped:
         trainer.print(f"{name}: {bad.summary()}")
     return {f"data/{name}_skipped_rows": len(bad.skipped)}
+
+
+@torch.no_grad()
+def sharded_eval(trainer, model, items: list, micro_batch_size: int, collate: Callable, keys: Sequence[str],
+                 sums: Callable) -> dict[str, float]:
+    """Means over the whole eval set, each rank scoring a strided share in micro-batches.
+
+    sums(model, batch) -> (per-key sums over the batch's units, in `keys` order; the number of units).
+    Shares may differ in size between ranks (the model holds whole weights here); the sums are reduced.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(len(keys) + 1, device=trainer.device)
+    share = items[trainer.rank::trainer.world_size]
+    for i in range(0, len(share), micro_batch_size):
+        with trainer.accelerator.autocast():
+            values, count = sums(model, collate(share[i:i + micro_batch_size]))
+        totals += torch.stack([torch.as_tensor(v, device=trainer.device).float() for v in values]
+                              + [torch.tensor(float(count), device=trainer.device)])
+    model.train(was_training)
+    totals = trainer.accelerator.reduce(totals, "sum")
+    count = totals[-1].clamp(min=1)
+    return {f"eval/{k}": (totals[i] / count).item() for i, k in enumerate(keys)}
