@@ -35,18 +35,26 @@ def prefs_file() -> str:
     return os.path.join(FIXTURES, "prefs.jsonl")
 
 
-def sft_config(model_dir: str, train: str, out: str, **over):
-    """A small SFT config for tests; keyword overrides use section__key=value."""
+def train_config(algorithm: str, model_dir: str, train: str, out: str, optim: dict, **over):
+    """A small training config for tests; keyword overrides use section__key=value."""
     from rlhf.config import config_from_dict
 
     values = {
-        "algorithm": "sft", "seed": 0,
+        "algorithm": algorithm, "seed": 0,
         "model": {"name_or_path": model_dir},
         "data": {"train": train, "max_length": 64, "max_prompt_length": 32},
-        "optim": {"lr": 3e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 6, "warmup_ratio": 0.0},
+        "optim": dict(optim),
         "logging": {"output_dir": out, "run_name": "run", "progress": False},
     }
     for key, value in over.items():
         section, name = key.split("__")
         values.setdefault(section, {})[name] = value
     return config_from_dict(values)
+
+
+def sft_config(model_dir: str, train: str, out: str, **over):
+    return train_config("sft", model_dir, train, out, {"lr": 3e-3, "batch_size": 8, "micro_batch_size": 4,
+                                                        "max_steps": 6, "warmup_ratio": 0.0}, **over)
+
+
+PAIR_OPTIM = {"lr": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2}

@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
+from tests.conftest import PAIR_OPTIM, train_config
 from rlhf import Trainer
 from rlhf.algorithms.dpo import REF_CACHE, DPO, pair_objective
-from rlhf.config import ConfigError, DPOSection, config_from_dict
+from rlhf.config import ConfigError, DPOSection
 from rlhf.data.preference import PairExample, collate_pairs
 from rlhf.models.forward import sequence_logprobs
 from rlhf.tracking import read_metrics
@@ -24,18 +25,7 @@ SHIPPED_PREFS = os.path.join(ROOT, "data", "assistant", "prefs.jsonl")
 
 
 def dpo_config(model_dir, train, out, **over):
-    """A small DPO config; keyword overrides use section__key=value."""
-    values = {
-        "algorithm": "dpo", "seed": 0,
-        "model": {"name_or_path": model_dir},
-        "data": {"train": train, "max_length": 64, "max_prompt_length": 32},
-        "optim": {"lr": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2},
-        "logging": {"output_dir": out, "run_name": "run", "progress": False},
-    }
-    for key, value in over.items():
-        section, name = key.split("__")
-        values.setdefault(section, {})[name] = value
-    return config_from_dict(values)
+    return train_config("dpo", model_dir, train, out, PAIR_OPTIM, **over)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import PAIR_OPTIM, train_config
 from rlhf import Trainer
 from rlhf.algorithms.reward import NORMALIZATION_FILE, fold_normalization, pair_objective
 from rlhf.models.loading import apply_score_bias_
-from rlhf.config import RewardSection, config_from_dict
+from rlhf.config import RewardSection
 from rlhf.data import DataError
 from rlhf.models import load_scalar_model
 from tests.test_dpo import heldout_split, testbed_model_dir  # noqa: F401  (a fixture)
@@ -23,17 +24,7 @@ HUB = os.path.join(os.path.dirname(__file__), "fixtures", "hub")
 
 
 def rm_config(model_dir, train, out, **over):
-    values = {
-        "algorithm": "reward", "seed": 0,
-        "model": {"name_or_path": model_dir},
-        "data": {"train": train, "max_length": 64, "max_prompt_length": 32},
-        "optim": {"lr": 1e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2},
-        "logging": {"output_dir": out, "run_name": "run", "progress": False},
-    }
-    for key, value in over.items():
-        section, name = key.split("__")
-        values.setdefault(section, {})[name] = value
-    return config_from_dict(values)
+    return train_config("reward", model_dir, train, out, PAIR_OPTIM, **over)
 
 
 def test_score_is_read_at_the_last_real_token(tiny_model_dir, prefs_file, tmp_path):
