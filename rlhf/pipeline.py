@@ -183,11 +183,10 @@ class Pipeline:
             tree.pop("logging", None)
             for seed in self.cfg.ablation.seeds:
                 label = f"{name}-seed{seed}"
-                self.cfg.stages[label] = _merge(tree, {"seed": seed})
-                finals[label] = self.train(label, testbed, os.path.join(root, "ablation", label),
-                                           model={"name_or_path": sft},
-                                           data={"train": self.data(testbed, "prompts_train")},
-                                           **self.reward_values(testbed, rm), seed=seed)
+                values = _merge(tree, {"model": {"name_or_path": sft}, "seed": seed,
+                                       "data": {"train": self.data(testbed, "prompts_train")},
+                                       **self.reward_values(testbed, rm)})
+                finals[label] = self.train(label, testbed, os.path.join(root, "ablation", label), **values)
         return finals
 
     def dpo_iter(self, testbed: str, root: str, sft: str, rm: Optional[str]) -> str:
@@ -206,9 +205,7 @@ class Pipeline:
             # the reference is the policy this round starts from: reset every round
             policy = self.train("dpo_iter", testbed, run_dir, model={"name_or_path": policy},
                                 data={"train": pairs})
-        os.makedirs(os.path.join(root, "dpo_iter"), exist_ok=True)
-        # the last round's folder is the method's run folder for the report
-        return policy
+        return policy  # the last round's final/: its run folder stands for DPO-Iter in the report
 
     def label_pairs(self, testbed: str, policy: str, rm: Optional[str], out: str, seed: int) -> int:
         import torch
