@@ -10,7 +10,7 @@ algorithm (rlhf/algorithms/) only turns micro-batches into losses and stats.
 Several processes: only rank 0 writes logs, metrics and reports; metrics are reduced over ranks first. The
 Trainer names what it is doing (`phase`): a collective that a rank never joins fails after
 RLHF_COLLECTIVE_TIMEOUT_S seconds (default 1800) with a CollectiveError naming the phase, instead of hanging.
-Under DeepSpeed ZeRO-3, `full_model` gives whole weights for generation, scoring, evaluation and export.
+Under DeepSpeed ZeRO-3 and FSDP, `full_model` gives whole weights for generation, scoring, evaluation and export.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ def _use_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def _use_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def micro_batch_size(cfg: TrainConfig) -> int:
     ppo = getattr(cfg, "ppo", None)
     return ppo.micro_batch_size if ppo is not None else cfg.optim.micro_batch_size
@@ -114,6 +118,11 @@ class Trainer:
             import deepspeed
 
             deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=self.timeout)
+        if cpu_multi and _use_fsdp():
+            # accelerate selects FSDP only on accelerators; torch's FSDP2 also shards over gloo on CPU (CI runs it so)
+            from accelerate.utils import DistributedType
+
+            state.distributed_type = DistributedType.MULTI_GPU  # the Accelerator below upgrades it to FSDP
         cfg.validate_world(state.num_processes)
         self.grad_accum = _grad_accum(cfg, state.num_processes)
         self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
@@ -132,6 +141,9 @@ class Trainer:
         from .models import zero_stage
 
         self.zero_stage = zero_stage(self.accelerator)
+        self.fsdp = self.accelerator.is_fsdp2
+        if self.accelerator.distributed_type.name == "FSDP" and not self.fsdp:
+            raise ConfigError("FSDP: set fsdp_config.fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
         self.current_phase = "set-up"
         from accelerate.utils import set_seed
 
@@ -195,15 +207,20 @@ class Trainer:
         """The unwrapped model (default: the one being trained) with whole weights on this rank, for generation,
         scoring, evaluation and export: forwards inside may differ in number between ranks.
 
-        Under ZeRO-3 the parameters are gathered once for the whole block, not per forward or token, and
-        re-partitioned after (entering is a collective: every rank must enter). Elsewhere the weights are already
-        whole and this only unwraps. Read-only: changes to the parameters inside are dropped under ZeRO-3."""
+        Under ZeRO-3 and FSDP the parameters are gathered once for the whole block, not per forward or token, and
+        re-sharded after (entering is a collective: every rank must enter). Elsewhere the weights are already
+        whole and this only unwraps. Read-only: changes to the parameters inside are dropped when sharded."""
         model = self.model if model is None else model
         if self.zero_stage == 3:
             from .models import whole_model
 
             with whole_model(model) as module:
                 yield module
+        elif self.fsdp:
+            from .models import whole_fsdp_model
+
+            with whole_fsdp_model(model) as module:
+                yield self.accelerator.unwrap_model(module)
         else:
             yield self.accelerator.unwrap_model(model)
 

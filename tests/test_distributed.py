@@ -207,7 +207,7 @@ def straight_then_resumed(config: dict, tmp_path, acc: str, resume_step: int | N
     return run, straight
 
 
-STAGES = ["zero2", "zero3"]
+STAGES = ["zero2", "zero3", "fsdp"]  # accelerate configs: DeepSpeed ZeRO-2/3, FSDP2
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -326,7 +326,8 @@ def test_deepspeed_reward_model(stage, tiny_model_dir, prefs_file, eval_pairs, o
     assert norm[1]["std"] == pytest.approx(norm[0]["std"], rel=1e-3)
 
 
-@pytest.mark.parametrize("stage, reference", [("zero2", "copy"), ("zero3", "copy"), ("zero3", "precomputed")])
+@pytest.mark.parametrize("stage, reference", [("zero2", "copy"), ("zero3", "copy"), ("zero3", "precomputed"),
+                                               ("fsdp", "copy"), ("fsdp", "precomputed")])
 def test_deepspeed_dpo(stage, reference, tiny_model_dir, prefs_file, eval_pairs, one_process, tmp_path):
     # copy: a whole frozen copy, soft-updated from the gathered policy every 2 steps and saved in checkpoints;
     # precomputed: the reference pass over ranks' uneven shares (41 pairs) before training (its cache on resume is
@@ -368,42 +369,55 @@ def test_deepspeed_ppo(stage, tiny_model_dir, ppo_files, one_process, tmp_path):
     assert load_scalar_model(os.path.join(final, "critic")).score.bias is not None  # the critic kept the RM's bias
 
 
-ZERO3_GENERATE = """
+SHARDED_GENERATE = """
 import sys, torch
+from torch.distributed.tensor import DTensor
 from rlhf.config import load_config
 from rlhf.data import encode_prompt
 from rlhf.rollout import SamplingConfig, generate
 from rlhf.trainer import Trainer
 
+
+def sharded(w):  # a ZeRO-3 partition is empty outside its block; an FSDP2 DTensor holds half the rows here
+    return w.numel() == 0 if hasattr(w, "ds_id") else isinstance(w, DTensor) and w.to_local().shape[0] < w.shape[0]
+
+
 t = Trainer(load_config(sys.argv[1], []))
 model = t.algorithm.build_model()
-t._size_zero3(model)
+if t.zero_stage == 3:
+    t._size_zero3(model)
 t.model, optimizer = t.accelerator.prepare(model, t._optimizer(model))
 inner = t.accelerator.unwrap_model(t.model)
-assert inner.model.embed_tokens.weight.numel() == 0  # really sharded outside the block
+assert sharded(inner.model.embed_tokens.weight)  # really sharded outside the block
 ids = [encode_prompt(t.tokenizer, "What color is the sky?")] * (1 + 2 * t.rank)
 with t.full_model() as whole:
-    assert whole.model.embed_tokens.weight.shape[0] > 0
+    assert not sharded(whole.model.embed_tokens.weight) and whole.model.embed_tokens.weight.shape[0] == 512
     out = generate(whole, t.tokenizer, prompt_ids=ids, sampling=SamplingConfig(max_new_tokens=4 + 8 * t.rank),
                    batch_size=1, seeds=list(range(len(ids))))
-assert inner.model.embed_tokens.weight.numel() == 0  # re-partitioned
+    if t.rank == 1:  # what a rank-0-only export reads: whole tensors, no collective
+        state = whole.state_dict()
+        assert not any(isinstance(v, DTensor) for v in state.values())
+        assert state["model.embed_tokens.weight"].shape[0] == 512
+assert sharded(inner.model.embed_tokens.weight)  # re-sharded
 x = torch.tensor(ids[:1])
-loss = t.model(input_ids=x, labels=x).loss  # DeepSpeed's hooks are back: training goes on
-t.model.backward(loss)
-t.model.step()
+loss = t.model(input_ids=x, labels=x).loss  # the per-module hooks are back: training goes on
+t.accelerator.backward(loss)
+optimizer.step()
 print(f"rank {t.rank}: {len(ids)} generate calls, {int(out.response_mask.sum())} tokens, then loss {loss.item():.4f}")
 """
 
 
-def test_zero3_generation_gathers_once_not_per_token(tiny_model_dir, sft_file, tmp_path):
+@pytest.mark.parametrize("stage", ["zero3", "fsdp"])
+def test_sharded_generation_gathers_once_not_per_token(stage, tiny_model_dir, sft_file, tmp_path):
     """Inside Trainer.full_model ranks generate different numbers of sequences and tokens (1 x 4 vs 3 x 12): with a
-    collective per forward (DeepSpeed's per-module all-gathers, or transformers' synced_gpus) this would deadlock."""
+    collective per forward (ZeRO-3's or FSDP's per-module all-gathers, or transformers' synced_gpus) this would
+    deadlock."""
     script, config = tmp_path / "generate.py", tmp_path / "sft.yaml"
-    script.write_text(ZERO3_GENERATE)
+    script.write_text(SHARDED_GENERATE)
     config.write_text(yaml.safe_dump({**sft(tiny_model_dir, sft_file, micro=2),
                                       "logging": {"output_dir": str(tmp_path), "run_name": "gen"}}))
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
-           os.path.join(ROOT, "configs/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port",
+           os.path.join(ROOT, f"configs/accelerate/{stage}.yaml"), "--num_processes", "2", "--main_process_port",
            str(free_port()), str(script), str(config)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=run_env(RLHF_COLLECTIVE_TIMEOUT_S="30"))

@@ -8,4 +8,4 @@ __all__ = [
     "position_ids_from_mask", "scalar_scores", "token_logprobs", "token_values",
 ]
 from .reference import adapters_disabled, ema_update_, frozen_copy, is_peft  # noqa: E402
-from .sharded import gathered, whole_loading, whole_model, zero_stage  # noqa: E402
+from .sharded import gathered, is_fsdp, whole_fsdp_model, whole_loading, whole_model, zero_stage  # noqa: E402

@@ -1,6 +1,6 @@
 """Reference models: a frozen copy, the LoRA base with adapters disabled, or an EMA of the policy.
 
-Under ZeRO-3 the policy's parameters are shards: a copy is built anew (`rebuild`, from the checkpoint) and filled
+Under ZeRO-3 or FSDP the policy's parameters are shards: a copy is built anew (`rebuild`, from the checkpoint) and filled
 from the gathered policy, and an EMA update gathers each policy parameter before reading it. The reference itself is
 a whole model on every rank (it has no optimizer state to shard, and PPO's EMA needs it whole to save and update).
 """
@@ -13,19 +13,19 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import soft_update_
-from .sharded import gathered, is_sharded
+from .sharded import is_sharded, whole_tensor
 
 
 def frozen_copy(model: torch.nn.Module, rebuild: Optional[Callable[[], torch.nn.Module]] = None) -> torch.nn.Module:
     """A detached copy in eval mode with no gradients (call on the unwrapped model).
 
-    A ZeRO-3 model cannot be deep-copied (that copies empty shards and DeepSpeed's hooks): `rebuild()` must then
+    A ZeRO-3 or FSDP model cannot be deep-copied (that copies empty shards and DeepSpeed's hooks): `rebuild()` must then
     return a fresh module of the same structure (e.g. the policy loaded again from its checkpoint, LoRA included),
     which takes the policy's current values, gathered one parameter at a time. The rebuilt copy lands on the device
     of the policy's first parameter."""
     if any(is_sharded(p) for p in model.parameters()):
         if rebuild is None:
-            raise ValueError("frozen_copy of a ZeRO-3 model needs `rebuild` (a module of the same structure)")
+            raise ValueError("frozen_copy of a sharded (ZeRO-3, FSDP) model needs `rebuild` (a module of the same structure)")
         device = next(model.parameters()).device
         ref = rebuild().to(device)
         ema_update_(ref, model, 1.0)
@@ -50,8 +50,8 @@ def adapters_disabled(model: torch.nn.Module):
 def ema_update_(reference: torch.nn.Module, policy: torch.nn.Module, eta: float) -> None:
     """theta_ref <- eta * theta_policy + (1 - eta) * theta_ref (eta=1 resets the reference).
 
-    ZeRO-3 policy parameters are gathered one at a time (peak memory: one whole tensor), so every rank must call
-    this together; call it outside any block that has already gathered them (deepspeed forbids nesting)."""
+    ZeRO-3 and FSDP policy parameters are gathered one at a time (peak memory: one whole tensor), so every rank must
+    call this together; call it outside any block that has already gathered them (deepspeed forbids nesting)."""
     targets, sources = list(reference.parameters()), list(policy.parameters())
     if not any(is_sharded(p) for p in sources):
         soft_update_(targets, sources, eta)
@@ -59,5 +59,5 @@ def ema_update_(reference: torch.nn.Module, policy: torch.nn.Module, eta: float)
     if len(targets) != len(sources):
         raise ValueError(f"ema_update_: the reference has {len(targets)} parameters, the policy {len(sources)}")
     for tgt, src in zip(targets, sources):
-        with gathered([src]):
-            soft_update_([tgt], [src], eta)
+        with whole_tensor(src) as whole:
+            soft_update_([tgt], [whole], eta)

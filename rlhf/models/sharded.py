@@ -1,10 +1,14 @@
-"""Whole weights out of DeepSpeed ZeRO-3 shards: for generation, scoring, reference updates and export.
+"""Whole weights out of DeepSpeed ZeRO-3 and FSDP2 shards: for generation, scoring, reference updates and export.
 
 Under ZeRO-3 each rank holds a flat slice of every parameter (`p.data` is empty) and DeepSpeed's per-module hooks
 all-gather a module's weights around each of its forwards. That suits training, where every rank runs the same
 forwards in step. It does not suit generation (one all-gather per module per token, and a hang as soon as ranks stop
 at different lengths), nor work that only some ranks do (uneven evaluation shares, an export on rank 0), nor a
 reference model built from the policy. DeepSpeed is imported here only when ZeRO-3 is on.
+
+FSDP2 (torch `fully_shard`, what accelerate's FSDP config with fsdp_version 2 builds) has the same shape: each rank
+holds a DTensor shard of every parameter, and per-module hooks all-gather around forwards. `whole_fsdp_model` is its
+gather-once block.
 """
 
 from __future__ import annotations
@@ -22,7 +26,36 @@ def zero_stage(accelerator) -> int:
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
+    """A ZeRO-3 partition or an FSDP2 DTensor shard: reading it whole takes a collective."""
+    return hasattr(param, "ds_id") or _is_dtensor(param)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether `model` (or a submodule) was sharded by FSDP2's fully_shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def whole_tensor(param: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`param` whole on this rank, read-only: a ZeRO-3 partition gathered, an FSDP2 shard all-gathered into a new
+    tensor, anything else as it is. A collective for sharded parameters: every rank must call it together."""
+    if _is_dtensor(param):
+        yield param.full_tensor()
+        return
+    with gathered([param]):
+        yield param
 
 
 @contextmanager
@@ -88,3 +121,47 @@ def whole_model(engine) -> Iterator[torch.nn.Module]:
             if start_of_forward is not None:
                 offload.fwd_pre_hook = root.register_forward_pre_hook(start_of_forward, prepend=True)
             offload._register_deepspeed_module(root)
+
+
+@contextmanager
+def whole_fsdp_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """FSDP2's counterpart of `whole_model`: every FSDP module of `model` all-gathered ONCE for the block and kept
+    whole after each forward, so forwards inside run locally (any number per rank, no collective per module or
+    token); `state_dict()` (hence `save_pretrained`) inside reads the whole weights on any single rank. Resharded on
+    exit. Entering is a collective (every rank must enter); use it between optimizer steps, not in a backward.
+    With FSDP mixed precision the whole weights are in its param_dtype (the dtype the training forward sees)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    try:
+        kept = [g.post_forward_mesh_info for g in groups]  # not None: reshard after each forward
+    except AttributeError as e:  # torch's FSDP2 internals moved: say so instead of hanging in a collective later
+        raise RuntimeError(f"whole_fsdp_model: this torch version's FSDP2 lacks {e.name!r}") from e
+    for g in groups:
+        g.post_forward_mesh_info = None
+    lifted = []
+    try:
+        for m in modules:
+            m.unshard()  # also FSDP's lazy init on first use, which registers the state-dict hooks lifted next
+        # FSDP's state_dict pre-hook reshards (a DTensor state dict, whose full_tensor is a collective that a
+        # rank-0-only export cannot run): lifted for the block, so state_dict returns the whole parameters.
+        for g in groups:
+            for m, h in g._module_to_pre_save_state_dict_hook_handle.items():
+                if h.id in m._state_dict_pre_hooks:
+                    lifted.append((m, h.id, m._state_dict_pre_hooks.pop(h.id)))
+        yield model
+    finally:
+        for g, mesh_info in zip(groups, kept):
+            g.post_forward_mesh_info = mesh_info
+        for m in modules:
+            m.reshard()
+        for m, hook_id, hook in lifted:
+            m._state_dict_pre_hooks[hook_id] = hook
+        # forwards in the block were recorded for backward prefetching; the next training step starts afresh
+        order = getattr(getattr(groups[0], "comm_ctx", None), "post_forward_order", None) if groups else None
+        if order is not None:
+            order.clear()
+        for g in groups:
+            if hasattr(g, "_post_forward_indices"):
+                g._post_forward_indices.clear()
