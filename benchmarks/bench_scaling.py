@@ -1,7 +1,13 @@
-"""DPO and PPO throughput and loss agreement on 1 vs 2 GPUs (DDP, ZeRO-2, ZeRO-3), and TRL's DPOTrainer
+"""DPO and PPO throughput and loss agreement on 1 vs 2 GPUs (DDP, ZeRO-2, ZeRO-3, FSDP), and TRL's DPOTrainer
 on the same model, data and batch as the competitor baseline, all in one run.
 
     python benchmarks/bench_scaling.py --out runs/bench --steps 12          # on a machine with 2 GPUs
+    python benchmarks/bench_scaling.py --skip-dpo --ppo-precision no        # PPO losses across world sizes
+
+PPO's rollouts are drawn from per-rollout seeds, so 1 and 2 GPUs sample the same responses up to float noise in the
+logits; in bf16 that noise flips near-tie tokens and the runs part ways, in float32 (`--ppo-precision no`) they stay
+together. Each PPO run records its responses, and the table says how many match the 1-GPU run's, token for token,
+next to the largest loss difference.
 
 A ~150M-parameter Llama-architecture model is built from a config (random weights; no hub), with the
 tiny BPE tokenizer trained on the shipped testbeds. Preference rows are made long (about 256 prompt +
@@ -24,6 +30,27 @@ import time
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+RECORD_ENV = "RLHF_BENCH_RECORD"
+
+
+def record_gold_reward(prompts, completions, **columns):
+    """The assistant testbed's gold reward; also appends each rank's (prompt, response) pairs to $RLHF_BENCH_RECORD."""
+    from rlhf.testbeds.assistant import gold_reward
+
+    folder = os.environ.get(RECORD_ENV)
+    if folder:
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
+            f.write(json.dumps(list(zip(prompts, completions))) + "\n")
+    return gold_reward(prompts, completions, **columns)
+
+
+def recorded(folder: str) -> list[list]:
+    """Per reward call (one per iteration), the (prompt, response) pairs of all ranks in global rollout order."""
+    ranks = sorted(os.listdir(folder))
+    calls = [[json.loads(line) for line in open(os.path.join(folder, r))] for r in ranks]
+    return [sum(parts, []) for parts in zip(*calls)]
 
 
 def make_data(out: str, rows: int, seed: int = 0) -> str:
@@ -65,12 +92,19 @@ def run(cmd: list[str], env: dict) -> float:
     return time.time() - t0
 
 
-def ours(name: str, cfg: dict, out: str, nproc: int, accelerate_config: str | None) -> dict:
+def ours(name: str, cfg: dict, out: str, nproc: int, accelerate_config: str | None, record: bool = False) -> dict:
     cfg = {**cfg, "logging": {"output_dir": out, "run_name": name, "progress": False, "save_every": 10_000}}
     path = os.path.join(out, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    folder = os.path.join(out, f"{name}.records")
+    if record:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        env[RECORD_ENV] = folder
     env.pop("CUDA_VISIBLE_DEVICES", None)  # the TRL baseline narrows the parent's view to one GPU
     if nproc == 1:
         env["CUDA_VISIBLE_DEVICES"] = "0"
@@ -83,7 +117,8 @@ def ours(name: str, cfg: dict, out: str, nproc: int, accelerate_config: str | No
     records = [json.loads(l) for l in open(os.path.join(out, name, "metrics.jsonl"))]
     steps = [r for r in records if "time/step_s" in r]
     return {"wall_s": wall, "step_s": [r["time/step_s"] for r in steps],
-            "loss": [r.get("train/loss") for r in steps], "records": steps}
+            "loss": [r.get("train/loss") for r in steps], "records": steps,
+            "rollouts": recorded(folder) if record else None}
 
 
 def trl_dpo(model: str, data: str, steps: int, batch: int, micro: int, max_length: int) -> dict:
@@ -164,7 +199,9 @@ def main() -> None:
     ap.add_argument("--skip-dpo", action="store_true")
     ap.add_argument("--hidden", type=int, default=1024, help="model width (1024 x 12 layers: ~150M parameters)")
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--stages", default="DDP,ZeRO-2,ZeRO-3", help="2-GPU runs to make")
+    ap.add_argument("--stages", default="DDP,ZeRO-2,ZeRO-3", help="2-GPU runs to make (DDP, ZeRO-2, ZeRO-3, FSDP)")
+    ap.add_argument("--ppo-precision", default="bf16", choices=["bf16", "no"], help="PPO's mixed_precision")
+    ap.add_argument("--ppo-iterations", type=int, default=3)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     model, data = make_model(a.out, a.hidden, a.layers), make_data(a.out, rows=a.batch * (a.steps + 2))
@@ -181,33 +218,44 @@ def main() -> None:
            "dpo": {"beta": 0.1, "reference": "copy"},
            "optim": {"lr": 1e-5, "batch_size": a.batch, "micro_batch_size": a.micro, "max_steps": a.steps,
                      "scheduler": "constant"}}
-    stages = {"DDP": "ddp.yaml", "ZeRO-2": "zero2.yaml", "ZeRO-3": "zero3.yaml"}
+    stages = {"DDP": "ddp.yaml", "ZeRO-2": "zero2.yaml", "ZeRO-3": "zero3.yaml", "FSDP": "fsdp.yaml"}
     if not a.skip_dpo:
         bench_dpo(a, model, data, stages, dpo, tokens_per_pair, max_length)
 
     if not a.skip_ppo:
-        ppo = {"algorithm": "ppo", "seed": 0, "mixed_precision": "bf16", "model": {"name_or_path": model},
-               "data": {"train": os.path.join(ROOT, "data", "assistant", "prompts_train.jsonl"),
-                        "max_length": 256, "max_prompt_length": 64},
-               "optim": {"lr": 1e-6, "scheduler": "constant"},
-               "ppo": {"reward_fns": ["rlhf.testbeds.assistant:gold_reward"], "critic_init": "policy",
-                       "iterations": 3, "rollout_batch_size": 128, "num_minibatches": 4, "micro_batch_size": 16,
-                       "rollout_micro_batch_size": 64, "max_new_tokens": 64, "ref_ema": 0.001}}
-        print("\nPPO: 128 prompts/iteration, 64 new tokens, 4 minibatches, bf16", flush=True)
-        print("| run | iteration s (gen / score / train) | first-step policy loss | objective/kl (last) |")
-        print("|---|---|---|---|", flush=True)
-        runs = [("ppo 1 GPU", "ppo_1gpu", 1, None)] + [
-            (f"ppo 2 GPU {name}", f"ppo_2gpu_{name.lower()}", 2, stages[name]) for name in a.stages.split(",") if name]
-        for label, run_name, nproc, acc in runs:
-            r = ours(run_name, ppo, a.out, nproc, acc)
-            firsts = [x for x in r["records"] if "time/generate_s" in x]
-            last = firsts[-1]
-            train = [x.get("time/train_s") for x in r["records"] if "time/train_s" in x][-1]
-            total = last["time/generate_s"] + last["time/score_s"] + train
-            print(f"| {label} | {total:.2f} ({last['time/generate_s']:.2f} / {last['time/score_s']:.2f} / {train:.2f}) "
-                  f"| {r['records'][0].get('ppo/policy_loss', float('nan')):.5f} | "
-                  f"{last.get('objective/kl', float('nan')):.4f} |", flush=True)
+        bench_ppo(a, model, stages)
 
+
+def bench_ppo(a, model: str, stages: dict) -> None:
+    ppo = {"algorithm": "ppo", "seed": 0, "mixed_precision": a.ppo_precision, "model": {"name_or_path": model},
+           "data": {"train": os.path.join(ROOT, "data", "assistant", "prompts_train.jsonl"),
+                    "max_length": 256, "max_prompt_length": 64},
+           "optim": {"lr": 1e-6, "scheduler": "constant"},
+           "ppo": {"reward_fns": ["benchmarks.bench_scaling:record_gold_reward"], "critic_init": "policy",
+                   "iterations": a.ppo_iterations, "rollout_batch_size": 128, "num_minibatches": 4,
+                   "micro_batch_size": 16, "rollout_micro_batch_size": 64, "max_new_tokens": 64, "ref_ema": 0.001}}
+    precision = {"no": "float32", "bf16": "bf16"}.get(a.ppo_precision, a.ppo_precision)
+    print(f"\nPPO: 128 prompts/iteration, 64 new tokens, 4 minibatches, {precision}", flush=True)
+    print("| run | iteration s (gen / score / train) | same responses as 1 GPU (it. 1 / all) | "
+          "max abs loss diff vs 1 GPU | loss step 1 | loss last |")
+    print("|---|---|---|---|---|---|", flush=True)
+    runs = [("ppo 1 GPU", "ppo_1gpu", 1, None)] + [
+        (f"ppo 2 GPU {name}", f"ppo_2gpu_{name.lower()}", 2, stages[name]) for name in a.stages.split(",") if name]
+    base = None
+    for label, run_name, nproc, acc in runs:
+        r = ours(run_name, ppo, a.out, nproc, acc, record=True)
+        firsts = [x for x in r["records"] if "time/generate_s" in x]
+        last = firsts[-1]
+        train = [x.get("time/train_s") for x in r["records"] if "time/train_s" in x][-1]
+        total = last["time/generate_s"] + last["time/score_s"] + train
+        base = base or r
+        same_first = sum(x == y for x, y in zip(r["rollouts"][0], base["rollouts"][0]))
+        same_all = sum(x == y for it, bit in zip(r["rollouts"], base["rollouts"]) for x, y in zip(it, bit))
+        count = sum(len(it) for it in base["rollouts"])
+        diff = max(abs(x - y) for x, y in zip(r["loss"], base["loss"]))
+        print(f"| {label} | {total:.2f} ({last['time/generate_s']:.2f} / {last['time/score_s']:.2f} / {train:.2f}) "
+              f"| {same_first}/{len(base['rollouts'][0])} / {same_all}/{count} | {diff:.2e} | {r['loss'][0]:.5f} | "
+              f"{r['loss'][-1]:.5f} |", flush=True)
 
 if __name__ == "__main__":
     main()

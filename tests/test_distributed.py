@@ -235,6 +235,29 @@ def test_deepspeed_sft_learns_saves_and_resumes(stage, tiny_model_dir, sft_file,
     assert_same_weights(single, run)
 
 
+def test_two_nodes_equal_one_process(tiny_model_dir, sft_file, one_process, tmp_path):
+    """The README's multi-node launch, two "nodes" on this host: the same accelerate command on each, differing only
+    in --machine_rank, one process per node, DeepSpeed's standard (torchrun) multi-node launcher, ZeRO-3."""
+    config = {**sft(tiny_model_dir, sft_file, micro=2), "logging": {"output_dir": str(tmp_path), "run_name": "nodes",
+                                                                   "progress": False}}
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(config))
+    port, procs = free_port(), []
+    for rank in (0, 1):
+        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+               os.path.join(ROOT, "configs/accelerate/zero3.yaml"), "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--deepspeed_multinode_launcher", "standard", "-m", "rlhf", "train", str(tmp_path / "nodes.yaml")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env=run_env(RLHF_COLLECTIVE_TIMEOUT_S="120")))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    run = str(tmp_path / "nodes")
+    single = one_process("sft", sft(tiny_model_dir, sft_file, micro=4))
+    torch.testing.assert_close(losses(run), losses(single), atol=1e-4, rtol=1e-4)
+    assert_same_weights(single, run)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # PPO's rank-independent sampler (in process)
 # --------------------------------------------------------------------------------------------------------------------
