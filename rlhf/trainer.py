@@ -123,6 +123,12 @@ class Trainer:
             from accelerate.utils import DistributedType
 
             state.distributed_type = DistributedType.MULTI_GPU  # the Accelerator below upgrades it to FSDP
+        if multi:
+            # NCCL's watchdog ends a timed-out collective with abort() (unless TORCH_NCCL_BLOCKING_WAIT=1, which
+            # turns it into a CollectiveError naming the phase): print where every thread of this rank stood then
+            import faulthandler
+
+            faulthandler.enable(all_threads=True)
         cfg.validate_world(state.num_processes)
         self.grad_accum = _grad_accum(cfg, state.num_processes)
         self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process

@@ -3,12 +3,14 @@
 ablation configs, log-probs that match the sampler, and tiny end-to-end runs through the Trainer: PPO learns,
 resume at an iteration boundary reproduces an uninterrupted run, critic warm-up leaves the policy alone."""
 
+import glob
 import json
 import math
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhf.algorithms.ppo import PolicyAndCritic, final_scores, response_logits, support_logprobs, token_rewards
 from rlhf.config import ConfigError, ModelConfig, config_from_dict, load_config, to_dict
@@ -312,7 +314,9 @@ def test_resume_at_an_iteration_boundary_reproduces_the_uninterrupted_run(tiny_m
 def test_reward_model_source_and_critic_warmup(tiny_model_dir, sft_file, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     rm_dir = str(tmp_path / "rm")
-    load_scalar_model(tiny_model_dir, tokenizer=tok).save_pretrained(rm_dir)
+    rm = load_scalar_model(tiny_model_dir, tokenizer=tok)
+    rm.config.score_bias = 0.25  # a calibrated reward model's shift: the critic starts from it and trains it
+    rm.save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
     cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=1, ppo__reward_model=rm_dir,
                      ppo__reward_weights=[1.0, 0.5], ppo__critic_init="reward_model", ppo__critic_warmup_iters=1)
@@ -326,6 +330,10 @@ def test_reward_model_source_and_critic_warmup(tiny_model_dir, sft_file, tmp_pat
         assert torch.equal(p0, p1), name
     rm, critic = load_scalar_model(rm_dir).state_dict(), load_scalar_model(os.path.join(final, "critic")).state_dict()
     assert not torch.equal(rm["score.weight"], critic["score.weight"])
+    # the reloaded critic has its trained bias (as in the last checkpoint), not the reward model's 0.25
+    trained = load_file(sorted(glob.glob(os.path.join(tmp_path, "run", "checkpoints", "step_*", "model.safetensors")))[-1])
+    assert trained["critic.score.bias"].item() != pytest.approx(0.25, abs=1e-6)
+    torch.testing.assert_close(critic["score.bias"], trained["critic.score.bias"])
 
 
 def test_overlong_prompt_names_file_and_line(tiny_model_dir, tmp_path):

@@ -459,6 +459,9 @@ class PPO(Algorithm):
         tok = self.trainer.tokenizer
         model.policy.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
+        head = model.critic.score
+        if head.bias is not None:  # a bias-free head type (Llama, Qwen2) drops score.bias on load: the config keeps it
+            model.critic.config.score_bias = float(head.bias.item())
         model.critic.save_pretrained(os.path.join(out_dir, "critic"))
         tok.save_pretrained(os.path.join(out_dir, "critic"))
 
