@@ -150,6 +150,8 @@ class Trainer:
         self.fsdp = self.accelerator.is_fsdp2
         if self.accelerator.distributed_type.name == "FSDP" and not self.fsdp:
             raise ConfigError("FSDP: set fsdp_config.fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+        if self.fsdp and cfg.mixed_precision != "no":
+            self._fsdp_precision(cfg.mixed_precision)
         self.current_phase = "set-up"
         from accelerate.utils import set_seed
 
@@ -176,6 +178,17 @@ class Trainer:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size(self.cfg)
         plugin.deepspeed_config["train_batch_size"] = micro_batch_size(self.cfg) * self.grad_accum * self.world_size
         return plugin
+
+    def _fsdp_precision(self, precision: str) -> None:
+        """FSDP2 mixed precision: whole weights in half precision for forwards, as under DeepSpeed, but gradients
+        reduced in float32 (as DDP does) and module outputs left as computed. accelerate's default policy also casts
+        every module's output to half precision, which rounds PPO's log-probs (a ratio that is not 1 on the first
+        step) and values, and a reward model's scores."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=low, reduce_dtype=torch.float32)
 
     def _size_zero3(self, model: torch.nn.Module) -> None:
         """ZeRO-3 keeps parameters below a size threshold whole on every rank; like transformers' "auto", scale it

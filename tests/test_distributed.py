@@ -392,6 +392,18 @@ def test_deepspeed_ppo(stage, tiny_model_dir, ppo_files, one_process, tmp_path):
     assert load_scalar_model(os.path.join(final, "critic")).score.bias is not None  # the critic kept the RM's bias
 
 
+@pytest.mark.parametrize("stage", ["zero3", "fsdp"])
+def test_sharded_bf16_ppo_first_ratio_is_one(stage, tiny_model_dir, ppo_files, tmp_path):
+    """In bf16 the rollout's log-probs (whole weights, gathered once) and the first training forward (sharded) must
+    agree exactly: ratio 1 and KL(old || new) 0 before any update. FSDP's default mixed precision, which casts module
+    outputs to bf16, breaks this."""
+    prompts, rm = ppo_files
+    config = {**ppo(tiny_model_dir, prompts, rm, 2, iterations=1), "mixed_precision": "bf16"}
+    run = launch(config, tmp_path, "bf16", nproc=2, accelerate_config=f"configs/accelerate/{stage}.yaml")
+    first = read_metrics(os.path.join(run, "metrics.jsonl"))[0]
+    assert first["ppo/ratio_mean"] == 1.0 and first["ppo/approx_kl"] == 0.0, first
+
+
 SHARDED_GENERATE = """
 import sys, torch
 from torch.distributed.tensor import DTensor
