@@ -179,6 +179,15 @@ class Trainer:
         plugin.deepspeed_config["train_batch_size"] = micro_batch_size(self.cfg) * self.grad_accum * self.world_size
         return plugin
 
+    def _build_model(self) -> torch.nn.Module:
+        """The algorithm's model, with what it initializes at random (LoRA adapters, fresh score heads) drawn from
+        `seed` alone: the same on every rank and at any world size. DDP and DeepSpeed would copy rank 0's values
+        over anyway; FSDP shards each rank's own, so rank-dependent draws would mix into one parameter."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed)
+            return self.algorithm.build_model()
+
     def _fsdp_precision(self, precision: str) -> None:
         """FSDP2 mixed precision: whole weights in half precision for forwards, as under DeepSpeed, but gradients
         reduced in float32 (as DDP does) and module outputs left as computed. accelerate's default policy also casts
@@ -323,7 +332,7 @@ class Trainer:
         if self.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         with self.phase("set-up"):
-            model = algo.build_model()
+            model = self._build_model()
             if self.zero_stage == 3:
                 self._size_zero3(model)
             optimizer = self._optimizer(model)

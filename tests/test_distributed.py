@@ -368,6 +368,24 @@ def test_deepspeed_dpo(stage, reference, tiny_model_dir, prefs_file, eval_pairs,
     assert_same_weights(one, run, atol=2e-4)
 
 
+@pytest.mark.parametrize("stage", ["zero3", "fsdp"])
+def test_sharded_lora_dpo(stage, tiny_model_dir, prefs_file, eval_pairs, one_process, tmp_path):
+    # LoRA adapters start at random (A) and zero (B): every rank must draw the same A, or FSDP, which shards each
+    # rank's own values, trains a mix; the reference is the policy with its adapters off
+    lora = {"lora_r": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj", "v_proj"]}
+
+    def config(micro):
+        cfg = pairs("dpo", tiny_model_dir, prefs_file, eval_pairs, micro, reference="adapter")
+        return {**cfg, "model": {**cfg["model"], **lora}}
+    one = one_process("dpo-lora", config(4))
+    run = launch(config(2), tmp_path, "lora", nproc=2, accelerate_config=f"configs/accelerate/{stage}.yaml")
+    torch.testing.assert_close(losses(run), losses(one), atol=1e-5, rtol=1e-5)
+    adapters = [load_file(os.path.join(r, "final", "adapter_model.safetensors")) for r in (one, run)]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 8
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], atol=5e-5, rtol=1e-4, msg=k)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_deepspeed_ppo(stage, tiny_model_dir, ppo_files, one_process, tmp_path):
     prompts, rm = ppo_files
