@@ -1,13 +1,14 @@
-"""Several processes on CPU (gloo): DDP invariance and DeepSpeed ZeRO-2/3, each launched as a user would.
+"""Several processes on CPU (gloo): DDP invariance, DeepSpeed ZeRO-2/3 and FSDP2, each launched as a user would.
 
     torchrun --nproc_per_node 2 -m rlhf train CONFIG
-    accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhf train CONFIG
+    accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhf train CONFIG     (zero2, fsdp likewise)
 
 Every algorithm, on 2 ranks x micro-batch b, must equal 1 rank x micro-batch 2b (losses and final weights, to float
-tolerance); under ZeRO-2/3 it must also learn, export whole weights, and resume to the same run. PPO samples, so its
-rollouts are made rank-independent in the product itself: each rollout draws from a seed of its global index
+tolerance); under ZeRO-2/3 and FSDP it must also learn, export whole weights, and resume to the same run. PPO samples,
+so its rollouts are made rank-independent in the product itself: each rollout draws from a seed of its global index
 (rlhf.rollout.SeededSampler), and minibatches are stratified by global index (ppo.minibatch_rows). The tiny model is
 really sharded under ZeRO-3: the Trainer scales the persistence threshold with the hidden size (64 -> 640 elements).
+Two "nodes" on this host run the README's multi-node launch.
 """
 
 from __future__ import annotations
@@ -378,7 +379,7 @@ def test_sharded_lora_dpo(stage, tiny_model_dir, prefs_file, eval_pairs, one_pro
         cfg = pairs("dpo", tiny_model_dir, prefs_file, eval_pairs, micro, reference="adapter")
         return {**cfg, "model": {**cfg["model"], **lora}}
     one = one_process("dpo-lora", config(4))
-    run = launch(config(2), tmp_path, "lora", nproc=2, accelerate_config=f"configs/accelerate/{stage}.yaml")
+    run, _ = straight_then_resumed(config(2), tmp_path, f"configs/accelerate/{stage}.yaml", resume_step=2)
     torch.testing.assert_close(losses(run), losses(one), atol=1e-5, rtol=1e-5)
     adapters = [load_file(os.path.join(r, "final", "adapter_model.safetensors")) for r in (one, run)]
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 8
