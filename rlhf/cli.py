@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from typing import Callable, Optional
@@ -48,7 +49,12 @@ def _train(argv: list[str]) -> int:
     from .trainer import Trainer
 
     cfg = load_config(path, rest)
-    Trainer(cfg, resume=resume).train()
+    trainer = Trainer(cfg, resume=resume)
+    trainer.train()  # ends with accelerate's end_training: trackers closed, process group destroyed
+    # Free the model now, while the interpreter is whole: with several processes over gloo, collective work still
+    # holding its tensors (FSDP's last gradient reduction) can otherwise abort the process during interpreter exit.
+    del trainer
+    gc.collect()
     return 0
 
 

@@ -458,6 +458,7 @@ loss = t.model(input_ids=x, labels=x).loss  # the per-module hooks are back: tra
 t.accelerator.backward(loss)
 optimizer.step()
 print(f"rank {t.rank}: {len(ids)} generate calls, {int(out.response_mask.sum())} tokens, then loss {loss.item():.4f}")
+t.accelerator.end_training()  # destroys the process group, as `rlhf train` does
 """
 
 
