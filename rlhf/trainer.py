@@ -110,6 +110,9 @@ class Trainer:
         # on top of it (CI's ZeRO tests run this way).
         # The collective timeout is given to the first call that starts the process group (later ones reuse it).
         self.timeout = collective_timeout()
+        if _use_fsdp() and os.environ.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError(f"FSDP: fsdp_config.fsdp_version is {os.environ.get('FSDP_VERSION', '1')} in the "
+                              "accelerate config; set it to 2 (FSDP1 is not supported)")
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu_multi = multi and not torch.cuda.is_available()
         timeout = {"timeout": self.timeout} if multi else {}
@@ -148,8 +151,6 @@ class Trainer:
 
         self.zero_stage = zero_stage(self.accelerator)
         self.fsdp = self.accelerator.is_fsdp2
-        if self.accelerator.distributed_type.name == "FSDP" and not self.fsdp:
-            raise ConfigError("FSDP: set fsdp_config.fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
         if self.fsdp and cfg.mixed_precision != "no":
             self._fsdp_precision(cfg.mixed_precision)
         self.current_phase = "set-up"

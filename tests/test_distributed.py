@@ -259,6 +259,16 @@ def test_two_nodes_equal_one_process(tiny_model_dir, sft_file, one_process, tmp_
     assert_same_weights(single, run)
 
 
+def test_fsdp1_config_is_refused_at_start_up(tiny_model_dir, sft_file, tmp_path):
+    acc = tmp_path / "accelerate_fsdp1.yaml"
+    acc.write_text(open(os.path.join(ROOT, "configs/accelerate/fsdp.yaml")).read().replace("fsdp_version: 2",
+                                                                                             "fsdp_version: 1"))
+    cmd = command(sft(tiny_model_dir, sft_file, micro=2), tmp_path, "fsdp1", nproc=2, accelerate_config=str(acc))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "error: config: FSDP: fsdp_config.fsdp_version is 1 in the accelerate config; set it to 2" in proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # PPO's rank-independent sampler (in process)
 # --------------------------------------------------------------------------------------------------------------------
