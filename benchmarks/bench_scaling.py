@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,8 +101,6 @@ def ours(name: str, cfg: dict, out: str, nproc: int, accelerate_config: str | No
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     folder = os.path.join(out, f"{name}.records")
     if record:
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         env[RECORD_ENV] = folder

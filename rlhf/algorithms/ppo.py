@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
-from ..models import (ema_update_, frozen_copy, load_causal_lm, load_scalar_model, position_ids_from_mask,
-                      token_values, whole_loading)
+from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
+                      position_ids_from_mask, token_values, whole_loading)
 from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits, gae,
                    logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
@@ -459,9 +459,7 @@ class PPO(Algorithm):
         tok = self.trainer.tokenizer
         model.policy.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
-        head = model.critic.score
-        if head.bias is not None:  # a bias-free head type (Llama, Qwen2) drops score.bias on load: the config keeps it
-            model.critic.config.score_bias = float(head.bias.item())
+        keep_score_bias_(model.critic)  # the critic's trained bias, not the reward model's, on reload
         model.critic.save_pretrained(os.path.join(out_dir, "critic"))
         tok.save_pretrained(os.path.join(out_dir, "critic"))
 

@@ -100,6 +100,14 @@ def apply_score_bias_(model) -> torch.nn.Module:
     return model
 
 
+def keep_score_bias_(model) -> None:
+    """Before save_pretrained: put a scalar head's bias into `config.score_bias`, where `apply_score_bias_` finds it on
+    load (a bias-free head type drops a saved score.bias). No-op for a head without bias."""
+    bias = model.score.bias
+    if bias is not None:
+        model.config.score_bias = float(bias.item())
+
+
 def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=None, trainable: bool = False,
                       field: str = "reward_model"):
     """A sequence-classification model with one output: a reward model or a critic.

@@ -1,8 +1,9 @@
 """Reference models: a frozen copy, the LoRA base with adapters disabled, or an EMA of the policy.
 
-Under ZeRO-3 or FSDP the policy's parameters are shards: a copy is built anew (`rebuild`, from the checkpoint) and filled
-from the gathered policy, and an EMA update gathers each policy parameter before reading it. The reference itself is
-a whole model on every rank (it has no optimizer state to shard, and PPO's EMA needs it whole to save and update).
+Under ZeRO-3 or FSDP the policy's parameters are shards: a copy is built anew (`rebuild`, from the checkpoint) and
+filled from the gathered policy, and an EMA update gathers each policy parameter before reading it. The reference
+itself is a whole model on every rank (it has no optimizer state to shard, and PPO's EMA needs it whole to save and
+update).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def frozen_copy(model: torch.nn.Module, rebuild: Optional[Callable[[], torch.nn.
     of the policy's first parameter."""
     if any(is_sharded(p) for p in model.parameters()):
         if rebuild is None:
-            raise ValueError("frozen_copy of a sharded (ZeRO-3, FSDP) model needs `rebuild` (a module of the same structure)")
+            raise ValueError("frozen_copy of a sharded (ZeRO-3, FSDP) model needs `rebuild` "
+                             "(a module of the same structure)")
         device = next(model.parameters()).device
         ref = rebuild().to(device)
         ema_update_(ref, model, 1.0)

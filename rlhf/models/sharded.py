@@ -38,15 +38,6 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def is_fsdp(model: torch.nn.Module) -> bool:
-    """Whether `model` (or a submodule) was sharded by FSDP2's fully_shard."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 @contextmanager
 def whole_tensor(param: torch.Tensor) -> Iterator[torch.Tensor]:
     """`param` whole on this rank, read-only: a ZeRO-3 partition gathered, an FSDP2 shard all-gathered into a new
