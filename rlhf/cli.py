@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
+import traceback
 from typing import Callable, Optional
 
 from .config import CONFIGS, ConfigError, help_lines
@@ -46,11 +48,19 @@ def _train(argv: list[str]) -> int:
             resume = True
             del rest[i]
     from .config import load_config
-    from .trainer import Trainer
+    from .trainer import CollectiveError, Trainer
 
     cfg = load_config(path, rest)
-    trainer = Trainer(cfg, resume=resume)
-    trainer.train()  # ends with accelerate's end_training: trackers closed, process group destroyed
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        trainer.train()  # ends with accelerate's end_training: trackers closed, process group destroyed
+    except CollectiveError:
+        # A rank is missing: NCCL's teardown at interpreter exit would wait for it (seen: until the stalled rank came
+        # back). Say why and leave now; checkpoints and metrics written so far stay, and --resume continues from them.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     # Free the model now, while the interpreter is whole: with several processes over gloo, collective work still
     # holding its tensors (FSDP's last gradient reduction) can otherwise abort the process during interpreter exit.
     del trainer

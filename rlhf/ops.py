@@ -8,6 +8,8 @@ mark the valid response tokens of right-padded rows.
 from __future__ import annotations
 
 import math
+import os
+from datetime import timedelta
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -55,10 +57,36 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return var
 
 
+TIMEOUT_ENV = "RLHF_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits in a collective for the others: $RLHF_COLLECTIVE_TIMEOUT_S seconds, default 30 min."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        from .config import ConfigError
+
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def all_reduce_sum_(t: Tensor) -> Tensor:
-    """SUM all-reduce of `t` in place across ranks; a no-op in a single process. Returns `t`."""
+    """SUM all-reduce of `t` in place across ranks; a no-op in a single process. Returns `t`.
+
+    A rank whose peer does not arrive gets an error from torch after the process group's timeout. gloo's
+    all-reduce raises by itself. NCCL's returns at once and the rank would then block in its next host sync for
+    good (torch's watchdog only logs the timeout, and TORCH_NCCL_BLOCKING_WAIT does not cover synchronous
+    collectives in torch 2.11), so on GPUs the host waits for the result with `collective_timeout()` and torch
+    raises DistBackendError."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if t.is_cuda:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True).wait(collective_timeout())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

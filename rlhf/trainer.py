@@ -21,32 +21,18 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterator, Optional, Union
 
 import torch
 
 from .config import ConfigError, TrainConfig, save_config, to_dict
+from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
 from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
 
 CHECKPOINT_GLOB = "step_*"
-TIMEOUT_ENV = "RLHF_COLLECTIVE_TIMEOUT_S"
-
-
 class CollectiveError(RuntimeError):
     """A collective (all-reduce, barrier, all-gather) failed or timed out: some rank did not take part."""
-
-
-def collective_timeout() -> timedelta:
-    """How long a rank waits in a collective for the others: $RLHF_COLLECTIVE_TIMEOUT_S seconds, default 30 min."""
-    raw = os.environ.get(TIMEOUT_ENV, "1800")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
-    return timedelta(seconds=seconds)
 
 
 def _is_collective_failure(e: BaseException) -> bool:
@@ -400,7 +386,7 @@ class Trainer:
         # Normalize by the step's global unit count (tokens, pairs): the loss is then the same
         # whatever the split into ranks and micro-batches.
         weight = torch.tensor(float(sum(algo.loss_weight(mb) for mb in micro_batches)), device=self.device)
-        weight = acc.reduce(weight, reduction="sum").clamp(min=1.0)
+        weight = all_reduce_sum_(weight).clamp(min=1.0)
         scale = self.world_size * self.grad_accum / weight
         sums: dict[str, torch.Tensor] = {}
         total_loss = torch.zeros((), device=self.device)
@@ -421,7 +407,7 @@ class Trainer:
         scheduler.step()
         keys = sorted(sums)
         packed = torch.stack([total_loss] + [sums[k] / len(micro_batches) for k in keys])
-        packed = acc.reduce(packed, reduction="mean")
+        packed = all_reduce_sum_(packed) / self.world_size
         out = {"train/loss": packed[0].item() * self.world_size}
         out.update({k: packed[i + 1].item() for i, k in enumerate(keys)})
         if grad_norm is None and hasattr(model, "get_global_grad_norm"):

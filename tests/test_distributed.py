@@ -495,16 +495,23 @@ def test_sharded_generation_gathers_once_not_per_token(stage, tiny_model_dir, sf
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_stalled_rank_fails_with_a_timeout_naming_the_phase(tiny_model_dir, ppo_files, tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs"))])
+def test_stalled_rank_fails_with_a_timeout_naming_the_phase(backend, tiny_model_dir, ppo_files, tmp_path):
+    """On NCCL a plain all-reduce returns at once and the rank would then wait for its peer in the next host sync,
+    with no timeout (torch's watchdog only logs one); the trainer's all-reduces wait with the timeout instead."""
     prompts, rm = ppo_files
     cmd = command(ppo(tiny_model_dir, prompts, rm, 2, reward="sleepy_reward", iterations=1), tmp_path, "stall",
                   nproc=2)
+    # NCCL builds its communicator inside the first collective: leave that more than 5 s
+    timeout = {"gloo": 5, "nccl": 20}[backend]
+    env = {"CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {}
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=run_env(RLHF_COLLECTIVE_TIMEOUT_S="5", **{SLEEP_ENV: "60"}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env=run_env(RLHF_COLLECTIVE_TIMEOUT_S=str(timeout), **{SLEEP_ENV: "90"}, **env))
     elapsed = time.time() - t0
     assert proc.returncode != 0
     assert "CollectiveError: collective failed during rollout (step 0, rank 0 of 2)" in proc.stderr, \
         proc.stderr[-3000:]
-    assert "RLHF_COLLECTIVE_TIMEOUT_S=5s" in proc.stderr
-    assert elapsed < 45, elapsed  # start-up + 5 s, far from the 60 s stall
+    assert f"RLHF_COLLECTIVE_TIMEOUT_S={timeout}s" in proc.stderr
+    assert elapsed < 40 + timeout, elapsed  # start-up + the timeout, far from the 90 s stall

@@ -50,6 +50,37 @@ def test_left_padding_does_not_change_logprobs_or_scores(tiny_model_dir):
     assert torch.allclose(s1, token_values(rm, ids, torch.ones_like(ids))[:, -1])
 
 
+def test_fresh_score_head_is_drawn_on_the_cpu_whatever_transformers_drew(tiny_model_dir, tmp_path, monkeypatch):
+    """A causal LM loaded as a scalar model gets a head N(0, initializer_range) drawn from the CPU generator as seeded,
+    also when transformers' own draw came from elsewhere (under ZeRO-3 on GPUs: the GPU's generator)."""
+    from transformers import LlamaForSequenceClassification
+
+    def hand_drawn(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.empty(1, 64).normal_(0.0, 0.02, generator=g), g.get_state()
+
+    expected, after = hand_drawn(7)
+    torch.manual_seed(7)
+    head = load_scalar_model(tiny_model_dir).score.weight.detach()
+    assert head.shape == (1, 64)
+    assert torch.equal(head, expected)
+    assert torch.equal(torch.random.get_rng_state(), after)  # later draws as on one process
+    # a trained head (a reward model's) is loaded, not drawn
+    rm = load_scalar_model(tiny_model_dir)
+    rm.score.weight.data.fill_(0.25)
+    rm.save_pretrained(tmp_path / "rm")
+    assert torch.all(load_scalar_model(str(tmp_path / "rm")).score.weight == 0.25)
+
+    def drawn_elsewhere(self, module):  # transformers' init touching neither the values we expect nor the generator
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.fill_(0.5)
+
+    monkeypatch.setattr(LlamaForSequenceClassification, "_init_weights", drawn_elsewhere)
+    torch.manual_seed(7)
+    assert torch.equal(load_scalar_model(tiny_model_dir).score.weight.detach(), expected)
+    assert torch.equal(torch.random.get_rng_state(), after)
+
+
 def test_last_token_index():
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
     assert last_token_index(mask).tolist() == [1, 3, 3]

@@ -47,8 +47,8 @@ from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
                       position_ids_from_mask, token_values, whole_loading)
-from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits, gae,
-                   logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
+from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits,
+                   all_reduce_sum_, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
 from ..rollout import SamplingConfig, generate
 from .base import Algorithm, StepBatch
@@ -393,7 +393,7 @@ class PPO(Algorithm):
         residual = returns_r - values_r
         moments = torch.stack([mask.sum(), masked_sum(returns_r, mask), masked_sum(returns_r ** 2, mask),
                                masked_sum(residual, mask), masked_sum(residual ** 2, mask)]).double()
-        totals = acc.reduce(torch.cat([sums, count[None], moments]), reduction="sum")
+        totals = all_reduce_sum_(torch.cat([sums, count[None], moments]))
         metrics = {k: (totals[i] / totals[len(names)]).item() for i, k in enumerate(names)}
         metrics["critic/explained_variance"] = global_explained_variance(*totals[len(names) + 1:].tolist())
         metrics["objective/kl_coef"] = kl_coef

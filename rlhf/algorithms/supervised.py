@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..data.batching import StepBatcher
+from ..ops import all_reduce_sum_
 from .base import StepBatch
 
 
@@ -57,6 +58,6 @@ def sharded_eval(trainer, model, items: list, micro_batch_size: int, collate: Ca
         totals += torch.stack([torch.as_tensor(v, device=trainer.device).float() for v in values]
                               + [torch.tensor(float(count), device=trainer.device)])
     model.train(was_training)
-    totals = trainer.accelerator.reduce(totals, "sum")
+    totals = all_reduce_sum_(totals)
     count = totals[-1].clamp(min=1)
     return {f"eval/{k}": (totals[i] / count).item() for i, k in enumerate(keys)}

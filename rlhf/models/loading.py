@@ -117,8 +117,27 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     from transformers import AutoModelForSequenceClassification
 
     cfg = cfg or ModelConfig(name_or_path=path)
-    model = _from_pretrained(
+    rng = torch.random.get_rng_state()
+    model, info = _from_pretrained(
         AutoModelForSequenceClassification, path, field,
-        num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+        num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, output_loading_info=True,
     )
+    if "score.weight" in info.get("missing_keys", ()):
+        draw_fresh_head_(model, rng)
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
+
+
+def draw_fresh_head_(model, rng_state: torch.Tensor) -> None:
+    """Draw a freshly initialised scalar head, N(0, initializer_range), on the CPU from the global generator as it
+    stood before loading: the very values transformers draws when the model loads on the CPU (the head is its one
+    draw). Loaded into ZeRO-3 partitions on GPUs (deepspeed.zero.Init) the head is otherwise drawn by the GPU's
+    generator, and a critic or reward model would start from another head than on one GPU. The global generator
+    is left where that draw leaves it."""
+    from .sharded import gathered
+
+    head = model.score.weight
+    generator = torch.Generator().set_state(rng_state)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad(), gathered([head], write=True):
+        head.copy_(torch.empty(head.shape, dtype=head.dtype).normal_(0.0, std, generator=generator))
+    torch.random.set_rng_state(generator.get_state())

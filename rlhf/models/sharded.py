@@ -50,16 +50,17 @@ def whole_tensor(param: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """The ZeRO-3 parameters among `params` whole on this rank for the block, read-only (modifier_rank=None: changes
-    are dropped on exit). A collective: every rank must enter with the same parameters. No-op for plain tensors."""
+def gathered(params: Iterable[torch.Tensor], write: bool = False) -> Iterator[None]:
+    """The ZeRO-3 parameters among `params` whole on this rank for the block: read-only (changes are dropped on
+    exit), or with `write` rank 0's changes partitioned back to every rank on exit. A collective: every rank must
+    enter with the same parameters. No-op for plain tensors."""
     params = [p for p in params if is_sharded(p)]
     if not params:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None):
         yield
 
 
@@ -124,7 +125,7 @@ def whole_fsdp_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    groups = [g for m in modules for g in _fsdp_param_groups(m)]
     try:
         kept = [g.post_forward_mesh_info for g in groups]  # not None: reshard after each forward
     except AttributeError as e:  # torch's FSDP2 internals moved: say so instead of hanging in a collective later
@@ -156,3 +157,16 @@ def whole_fsdp_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         for g in groups:
             if hasattr(g, "_post_forward_indices"):
                 g._post_forward_indices.clear()
+
+
+def _fsdp_param_groups(module) -> list:
+    """An FSDP2 module's parameter groups: a list from torch 2.12 on (`_fsdp_param_groups`), at most one before
+    (`_fsdp_param_group`, None for a module that owns no parameters)."""
+    state = module._get_fsdp_state()
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    if hasattr(state, "_fsdp_param_group"):
+        group = state._fsdp_param_group
+        return [group] if group is not None else []
+    raise RuntimeError("whole_fsdp_model: this torch version's FSDP2 state has no parameter groups "
+                       "(_fsdp_param_groups / _fsdp_param_group)")
