@@ -113,8 +113,8 @@ class Trainer:
 
             state.distributed_type = DistributedType.MULTI_GPU  # the Accelerator below upgrades it to FSDP
         if multi:
-            # NCCL's watchdog ends a timed-out collective with abort() (unless TORCH_NCCL_BLOCKING_WAIT=1, which
-            # turns it into a CollectiveError naming the phase): print where every thread of this rank stood then
+            # a collective torch's watchdog aborts (inside DeepSpeed or FSDP; the trainer's own all-reduces raise a
+            # CollectiveError instead): print where every thread of this rank stood then
             import faulthandler
 
             faulthandler.enable(all_threads=True)

@@ -27,6 +27,7 @@ from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
 from ..losses import dpo_loss
 from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
 from ..models.forward import sequence_logprobs
+from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
 
@@ -203,24 +204,22 @@ class DPO(Algorithm):
 
     @torch.no_grad()
     def _score_pairs(self, model) -> torch.Tensor:
-        from accelerate.utils import gather_object
-
+        """Each rank scores a strided share; one all-reduce of a table zero outside a rank's rows gives every rank
+        all of them (exactly: each row is summed with zeros)."""
         t = self.trainer
         examples = self.train_pairs + self.eval_pairs
-        share, mb, rows = examples[t.rank::t.world_size], self.cfg.optim.micro_batch_size, []
+        share, mb = examples[t.rank::t.world_size], self.cfg.optim.micro_batch_size
+        table = torch.zeros(len(examples), 2, dtype=torch.float64, device=t.device)
         with t.full_model(model) as policy:  # ranks' shares differ in size: whole weights, no per-forward gathers
             was_training = policy.training
             policy.eval()
             for i in range(0, len(share), mb):
                 batch = self.collate(share[i:i + mb])
                 with t.accelerator.autocast():
-                    chosen, rejected = self.forward(policy, batch)[0].float().cpu().chunk(2)
-                rows += list(zip(batch.index.tolist(), chosen.tolist(), rejected.tolist()))
+                    chosen, rejected = self.forward(policy, batch)[0].float().chunk(2)
+                table[batch.index.to(t.device)] = torch.stack([chosen, rejected], 1).double()
             policy.train(was_training)
-        table = torch.zeros(len(examples), 2)
-        for index, chosen, rejected in gather_object(rows) if t.world_size > 1 else rows:
-            table[index] = torch.tensor([chosen, rejected])
-        return table
+        return all_reduce_sum_(table).float().cpu()
 
     # --- evaluation and state --------------------------------------------------------------------
     def evaluates(self) -> bool:

@@ -25,6 +25,7 @@ from ..data import BadRows
 from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs, load_pairs
 from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model, scalar_scores
+from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
 
@@ -141,12 +142,14 @@ class RewardModeling(Algorithm):
         if not self.cfg.reward.normalize:
             return
         t = self.trainer
-        share = self._normalization_pairs()[t.rank::t.world_size]
-        scores = self.score_responses(model, share)
-        if t.world_size > 1:
-            from accelerate.utils import gather_object
-
-            scores = torch.tensor(gather_object(scores.tolist()), dtype=torch.float64)
+        pairs = self._normalization_pairs()
+        scores = self.score_responses(model, pairs[t.rank::t.world_size])
+        if t.world_size > 1:  # the ranks' scores one after another, in rank order: zeros outside this rank's slot
+            sizes = [2 * len(pairs[r::t.world_size]) for r in range(t.world_size)]
+            table = torch.zeros(sum(sizes), dtype=torch.float64, device=t.device)
+            start = sum(sizes[:t.rank])
+            table[start:start + sizes[t.rank]] = scores.to(t.device, torch.float64)
+            scores = all_reduce_sum_(table).cpu()
         self._export_scores = scores
 
     def save_model(self, model, out_dir: str) -> None:
