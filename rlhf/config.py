@@ -167,7 +167,7 @@ class DPOSection:
 @dataclass
 class PPOSection:
     # reward sources
-    reward_model: str = opt("", "Folder of a trained reward model (scalar score at the last token).")
+    reward_model: str = opt("", "Folder of a trained reward model (scalar score at the last token); with a tokenizer of its own it reads the texts.")
     reward_fns: list[str] = opt([], "Programmatic rewards as 'module:callable' import paths: fn(prompts, completions, **columns) -> list[float].")
     reward_weights: list[float] = opt([], "Weights of [reward_model, *reward_fns] in the summed score (default all 1).")
     # batching: rollout_batch_size x samples_per_prompt = num_minibatches x minibatch; minibatch = world x micro x accum

@@ -8,7 +8,9 @@ where `columns` are the prompt rows' other dataset fields, each a list aligned w
 (e.g. the tests of a coding problem, or a gold answer). A reward model is a sequence-classification
 checkpoint with one output; its score is read at the last real token (the EOS of a finished
 response), so a reward model trained and calibrated by `rlhf train` (algorithm: reward) scores
-exactly as it did in training. The reward model must share the policy's tokenizer.
+exactly as it did in training. A reward model with a tokenizer of its own (another vocabulary or chat
+template than the policy's) reads the prompt and response texts encoded with its tokenizer and template, as
+it would have in its own training; one that shares the policy's tokenizer reads the policy's tokens directly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .config import ConfigError, ModelConfig
-from .models import load_scalar_model, scalar_scores
+from .data.batching import attention_mask as padding_mask, pad
+from .data.templates import Prompt, encode_prompt, encode_response
+from .models import load_scalar_model, load_tokenizer, scalar_scores
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -40,8 +44,17 @@ def import_reward_fn(path: str, field: str = "ppo.reward_fns") -> RewardFn:
     return fn
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers turn text and chats into the same ids: vocabulary, chat template, pad and EOS."""
+    return (a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
+            and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id)
+
+
 class ModelReward:
-    """A frozen reward model on the device; scores [B] at each row's last real token."""
+    """A frozen reward model on the device; scores [B] at each row's last real token.
+
+    `tokenizer` is the policy's. When the reward model's folder carries a tokenizer that differs from it,
+    `shares_tokenizer` is False and the texts are scored (`score_texts`) instead of the policy's tokens."""
 
     name = "model"
 
@@ -49,9 +62,29 @@ class ModelReward:
                  device: Optional[torch.device] = None, batch_size: int = 32):
         cfg = ModelConfig(name_or_path=path, dtype=model_cfg.dtype if model_cfg else "float32",
                           trust_remote_code=model_cfg.trust_remote_code if model_cfg else False)
-        self.model = load_scalar_model(path, cfg, tokenizer, trainable=False, field="ppo.reward_model")
+        own = None
+        if tokenizer is not None:
+            try:
+                own = load_tokenizer(path, field="ppo.reward_model", trust_remote_code=cfg.trust_remote_code)
+            except ConfigError:  # a folder without tokenizer files reads the policy's tokens
+                own = None
+        self.shares_tokenizer = own is None or same_tokenizer(own, tokenizer)
+        self.tokenizer = tokenizer if self.shares_tokenizer else own
+        self.model = load_scalar_model(path, cfg, self.tokenizer, trainable=False, field="ppo.reward_model")
         self.model.to(device or torch.device("cpu"))
         self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score_texts(self, prompts: Sequence[Prompt], responses: Sequence[str],
+                    finished: Optional[Sequence[bool]] = None) -> torch.Tensor:
+        """[B] scores of prompt/response texts encoded with the reward model's tokenizer and chat template, as
+        reward-model training encodes them; a finished response ends with EOS, an unfinished one (cut at the
+        token limit) does not."""
+        finished = [True] * len(responses) if finished is None else list(finished)
+        tok = self.tokenizer
+        seqs = [encode_prompt(tok, p) + encode_response(tok, r, add_eos=bool(f))
+                for p, r, f in zip(prompts, responses, finished)]
+        return self(pad(seqs, tok.pad_token_id), padding_mask(seqs))
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -98,16 +131,21 @@ class RewardSources:
                 fn.name = fn.path
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: list[str],
-                 completions: list[str], columns: Optional[dict[str, list]] = None
+                 completions: list[str], columns: Optional[dict[str, list]] = None,
+                 chats: Optional[Sequence[Prompt]] = None, finished: Optional[Sequence[bool]] = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted score [B] on CPU, each source's own scores [B] keyed by its name).
 
-        input_ids/attention_mask: [B, P + R] prompt and response (what the reward model reads);
-        prompts, completions: B texts; columns: the prompt rows' other fields, B values each.
+        input_ids/attention_mask: [B, P + R] prompt and response in the policy's tokens (what a reward model that
+        shares its tokenizer reads); prompts, completions: B texts; columns: the prompt rows' other fields, B values
+        each; chats: the prompts as given in the data (text or messages) and finished: whether each response ended
+        with EOS, for a reward model with a tokenizer of its own (default: `prompts`, all finished).
         """
         parts: dict[str, torch.Tensor] = {}
-        if self.model is not None:
+        if self.model is not None and self.model.shares_tokenizer:
             parts[self.model.name] = self.model(input_ids, attention_mask).cpu()
+        elif self.model is not None:
+            parts[self.model.name] = self.model.score_texts(chats or prompts, completions, finished).cpu()
         for fn in self.fns:
             parts[fn.name] = fn(prompts, completions, columns or {})
         total = sum(w * s for w, s in zip(self.weights, parts.values()))

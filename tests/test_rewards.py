@@ -2,6 +2,8 @@
 """Reward sources: a trained reward model scores as in training, programmatic rewards get the dataset columns,
 several sources sum with their weights, and a broken source fails naming itself."""
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from rlhf.data import encode_prompt, encode_response
 from rlhf.data.batching import attention_mask, pad
 from rlhf.models import load_scalar_model, load_tokenizer, scalar_scores
 from rlhf.rewards import FunctionReward, ModelReward, RewardSources, build_reward, import_reward_fn
+from tests.conftest import FIXTURES
 
 SEEN = {}
 
@@ -96,3 +99,76 @@ def test_build_reward_from_a_ppo_section_and_weight_count():
         RewardSources(None, [FunctionReward("tests.test_rewards:length_reward")], [1.0, 1.0])
     with pytest.raises(ConfigError, match="no reward source"):
         RewardSources()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A reward model with a tokenizer of its own
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_tokenizer_rm(tmp_path_factory):
+    """A reward model whose tokenizer (300 tokens, trained on other text) differs from the tiny policy's (512)."""
+    from rlhf.models.tiny import init_tiny
+
+    base = init_tiny(str(tmp_path_factory.mktemp("other") / "base"), [os.path.join(FIXTURES, "prefs.jsonl")],
+                     vocab_size=300,
+                     hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, seed=3)
+    out = str(tmp_path_factory.mktemp("other_rm"))
+    tok = load_tokenizer(base)
+    load_scalar_model(base, tokenizer=tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_reward_model_with_its_own_tokenizer_scores_the_texts(tiny_model_dir, rm_dir, own_tokenizer_rm):
+    policy_tok = load_tokenizer(tiny_model_dir)
+    assert ModelReward(rm_dir, tokenizer=policy_tok).shares_tokenizer
+    reward = ModelReward(own_tokenizer_rm, tokenizer=policy_tok)
+    assert not reward.shares_tokenizer and len(reward.tokenizer) != len(policy_tok)
+    ids, mask = batch(policy_tok)  # the policy's tokens: meaningless to this reward model
+    chats = ["What color is the sky?", [{"role": "user", "content": "Which color is the sun?"}]]
+    completions = ["Blue.", "The sun is yellow."]
+    total, parts = RewardSources(reward)(ids, mask, ["p0", "p1"], completions, chats=chats, finished=[True, False])
+    # by hand: each prompt through the reward model's own chat template, the finished response with its EOS
+    rm_tok, rm = load_tokenizer(own_tokenizer_rm), load_scalar_model(own_tokenizer_rm)
+    rows = [encode_prompt(rm_tok, chats[0]) + encode_response(rm_tok, completions[0]),
+            encode_prompt(rm_tok, chats[1]) + encode_response(rm_tok, completions[1], add_eos=False)]
+    assert rows[0][-1] == rm_tok.eos_token_id and rows[1][-1] != rm_tok.eos_token_id
+    expected = torch.cat([scalar_scores(rm, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+                          for r in rows]).detach()
+    torch.testing.assert_close(parts["model"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(total, expected, atol=1e-5, rtol=0)
+
+
+def test_ppo_with_a_reward_model_of_its_own_tokenizer(tiny_model_dir, sft_file, own_tokenizer_rm, tmp_path):
+    from rlhf.trainer import Trainer
+    from rlhf.tracking import read_metrics
+    from tests.test_ppo import ppo_config
+
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=1, ppo__reward_model=own_tokenizer_rm,
+                     ppo__reward_fns=[], ppo__critic_init="reward_model")
+    # the critic reads the policy's tokens: it cannot start from this reward model
+    with pytest.raises(ConfigError, match=r"critic_init=reward_model: .*tokenizer of its own \(300 tokens\).*"
+                                          r"policy's \(512 tokens\).*set ppo.critic_init: policy"):
+        Trainer(cfg)
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=1, ppo__reward_model=own_tokenizer_rm,
+                     ppo__reward_fns=[], ppo__critic_init="policy")
+    Trainer(cfg).train()
+    first = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))[0]
+    assert first["objective/scores"] == pytest.approx(first["reward/model"], abs=1e-6)
+
+
+def test_eval_harness_scores_with_the_reward_models_own_tokenizer(tiny_model_dir, own_tokenizer_rm):
+    from rlhf.eval.runner import EvalSettings, evaluate_model
+    from rlhf.models import load_causal_lm
+    from rlhf.config import ModelConfig
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok, trainable=False)
+    reward = ModelReward(own_tokenizer_rm, tokenizer=tok)
+    metrics, records = evaluate_model(policy, tok, EvalSettings(limit=3, max_new_tokens=6), reward)
+    assert metrics["rm/score"] == pytest.approx(sum(r["rm_score"] for r in records) / 3, abs=1e-6)
+    for r in records:  # each score is the reward model's on the texts, as finished or as cut at the token limit
+        options = [reward.score_texts([r["prompt"]], [r["response"]], [f]).item() for f in (True, False)]
+        assert min(abs(r["rm_score"] - o) for o in options) < 1e-5, (r["rm_score"], options)

@@ -38,11 +38,12 @@ import math
 import os
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
@@ -197,6 +198,7 @@ class PromptRow:
     ids: list[int]  # the encoded prompt (chat template applied)
     text: str  # the prompt as reward fns receive it
     columns: dict  # the row's other fields, passed to reward fns by name
+    chat: Union[str, list] = ""  # the prompt as the data gives it (text or messages), for a reward model's own template
 
 
 @dataclass
@@ -240,6 +242,12 @@ class PPO(Algorithm):
         self.prompts = self._load_prompts()
         with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also under ZeRO-3
             self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
+        rm = self.reward.model
+        if rm is not None and not rm.shares_tokenizer and p.critic_init == "reward_model":
+            raise ConfigError(
+                f"ppo.critic_init=reward_model: the reward model '{p.reward_model}' has a tokenizer of its own "
+                f"({len(rm.tokenizer)} tokens) that differs from the policy's ({len(trainer.tokenizer)} tokens); the "
+                "critic reads the policy's tokens, so set ppo.critic_init: policy")
         self.sampling = SamplingConfig(p.max_new_tokens, p.temperature, p.top_k, p.top_p)
         self.steps_per_iteration = p.num_minibatches * p.ppo_epochs
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
@@ -263,7 +271,7 @@ class PPO(Algorithm):
                 bad(e)
                 continue
             text = prompt if isinstance(prompt, str) else prompt_text(tok, prompt)
-            out.append(PromptRow(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}))
+            out.append(PromptRow(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}, prompt))
         self.skipped = report_skipped(self.trainer, bad, "train")
         if not out:
             raise DataError(d.train, 0, "prompt", "no usable prompt rows")
@@ -357,7 +365,8 @@ class PPO(Algorithm):
                 mask, eos = rollout.response_mask.to(dev).float(), rollout.eos.to(dev)
                 logp, ref_logp, values, next_values = self._score_pass(pair, ids, amask, P)
         columns = {k: [r.columns.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r.columns)}
-        raw, per_source = self.reward(ids, amask, [r.text for r in rows], rollout.texts, columns)
+        raw, per_source = self.reward(ids, amask, [r.text for r in rows], rollout.texts, columns,
+                                      chats=[r.chat for r in rows], finished=eos.tolist())
         raw = raw.to(dev)
         t2 = time.time()
 

@@ -110,9 +110,11 @@ def _response_token_mask(rollout) -> torch.Tensor:
 
 
 def _reward_model_scorer(reward_model: Any, tokenizer, batch_size: int) -> Callable[..., list[float]]:
-    """A text scorer from a reward model that shares the policy's tokenizer."""
+    """A text scorer from a reward model: texts encoded with its tokenizer (the policy's, unless it has its own)."""
     from rlhf.data.templates import encode_prompt, encode_response
     from rlhf.data.batching import attention_mask, pad
+
+    tokenizer = tokenizer if getattr(reward_model, "shares_tokenizer", True) else reward_model.tokenizer
 
     def scorer(prompts: Sequence[str], responses: Sequence[str], **_: Any) -> list[float]:
         seqs = [encode_prompt(tokenizer, p) + encode_response(tokenizer, r) for p, r in zip(prompts, responses)]
@@ -134,9 +136,9 @@ def evaluate_model(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate on the held-out prompts and score. Returns (metrics, per-sample records).
 
-    reward_model: a callable (input_ids, attention_mask) -> [B] scores, such as
-    rlhf.rewards.ModelReward, sharing the policy's tokenizer. reference_model: a causal LM for the KL
-    and the win rate against its own responses.
+    reward_model: a callable (input_ids, attention_mask) -> [B] scores on the policy's tokens, or an
+    rlhf.rewards.ModelReward (which scores the texts when it has a tokenizer of its own). reference_model: a
+    causal LM for the KL and the win rate against its own responses.
     """
     from rlhf.rollout import generate
 
@@ -201,7 +203,10 @@ def evaluate_model(
         gold_scorer = TESTBEDS["assistant"].gold_reward
     rm_scorer = None
     if reward_model is not None:
-        rm_scores = reward_model(rollout.input_ids, rollout.attention_mask).tolist()
+        if getattr(reward_model, "shares_tokenizer", True):
+            rm_scores = reward_model(rollout.input_ids, rollout.attention_mask).tolist()
+        else:
+            rm_scores = reward_model.score_texts(flat_prompts, responses, rollout.eos.tolist()).tolist()
         metrics["rm/score"] = sum(rm_scores) / len(rm_scores)
         for record, s in zip(records, rm_scores):
             record["rm_score"] = s
@@ -307,7 +312,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--model", required=True, help="Policy folder or hub name (from_pretrained).")
     p.add_argument("--testbed", required=True, choices=TESTBED_CHOICES, help="Held-out prompts and their scoring.")
     p.add_argument("--reward-model", default=None,
-                   help="Reward model folder (same tokenizer): adds rm/score and an RM-judged win rate.")
+                   help="Reward model folder (its own tokenizer, if it has one, reads the texts): adds rm/score and an "
+                        "RM-judged win rate.")
     p.add_argument("--reference", default=None,
                    help="Reference policy folder: adds kl/reference and win rates against its responses.")
     p.add_argument("--out", default=None, help="Output folder for eval.json and eval.md (default: <model>/eval).")
