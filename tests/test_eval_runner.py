@@ -101,3 +101,40 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, tmp_path):
     metrics = json.loads((out2 / "eval.json").read_text())["metrics"]
     assert set(metrics) >= {"code/pass@1", "code/pass@2", "gold/reward"}
     assert os.path.exists(out2 / "eval.md")
+
+
+def test_kl_to_reference_is_estimated_on_policy_samples(tiny_model_dir):
+    """One response token: the exact KL(pi || pi_ref) of each prompt's first-token distributions, and its variance,
+    are computed here from the logits; the reported estimate must agree within 4 standard errors, also when the
+    evaluated responses are greedy (the estimate then draws its own samples)."""
+    from rlhf.config import ModelConfig
+    from rlhf.data import encode_prompt
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok, trainable=False)
+    reference = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok, trainable=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        reference.lm_head.weight.add_(0.5 * torch.randn(reference.lm_head.weight.shape, generator=g))
+    n = 96
+    prompts = [r["prompt"] for r in TESTBEDS["assistant"].load("prompts_eval")[:n]]
+    kls, variances = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([encode_prompt(tok, p)])
+            lp = torch.log_softmax(policy(ids).logits[0, -1].double(), -1)
+            lq = torch.log_softmax(reference(ids).logits[0, -1].double(), -1)
+            ratio, prob = lp - lq, lp.exp()
+            kl = float((prob * ratio).sum())
+            kls.append(kl)
+            variances.append(float((prob * ratio ** 2).sum()) - kl ** 2)
+    exact, stderr = sum(kls) / n, (sum(variances) ** 0.5) / n
+    assert exact > 10 * stderr  # the two models really differ
+    for temperature in (0.0, 1.0):  # greedy responses (fresh samples drawn) and sampled ones (reused)
+        metrics, _ = evaluate_model(policy, tok, EvalSettings(limit=n, max_new_tokens=1, temperature=temperature),
+                                    reference_model=reference)
+        assert abs(metrics["kl/reference"] - exact) < 4 * stderr, (temperature, metrics["kl/reference"], exact, stderr)
+    # the reference itself: zero
+    metrics, _ = evaluate_model(policy, tok, EvalSettings(limit=8, max_new_tokens=4), reference_model=policy)
+    assert metrics["kl/reference"] == pytest.approx(0.0, abs=1e-6)

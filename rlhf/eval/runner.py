@@ -102,6 +102,23 @@ def _response_logprobs(model, rollout, batch_size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _sampled_kl(model, reference_model, tokenizer, prompts, rollout, settings: EvalSettings) -> float:
+    """KL(pi || pi_ref) estimated on responses sampled from pi itself at temperature 1 (mean over samples of the
+    summed per-token log-ratio). The evaluated responses serve when they were so sampled; greedy or tempered ones
+    do not (their log-ratio is no KL), and fresh ones are drawn, seeded, one per prompt."""
+    from rlhf.rollout import SamplingConfig, generate
+
+    sampled = settings.temperature == 1.0 and settings.top_p >= 1.0
+    if not sampled:
+        torch.manual_seed(settings.seed + 1)
+        plain = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                               do_sample=True)
+        rollout = generate(model, tokenizer, prompts, plain, batch_size=settings.batch_size)
+    logp = _response_logprobs(model, rollout, settings.batch_size)
+    ref_logp = _response_logprobs(reference_model, rollout, settings.batch_size)
+    return kl_to_reference(logp, ref_logp, _response_token_mask(rollout))
+
+
 def _response_token_mask(rollout) -> torch.Tensor:
     """[B, T-1] 1 where the predicted token (t+1) is a response token, aligned with token_logprobs."""
     prompt_width = rollout.prompt_ids.shape[1]
@@ -213,9 +230,7 @@ def evaluate_model(
         rm_scorer = _reward_model_scorer(reward_model, tokenizer, settings.batch_size)
 
     if reference_model is not None:
-        logp = _response_logprobs(model, rollout, settings.batch_size)
-        ref_logp = _response_logprobs(reference_model, rollout, settings.batch_size)
-        metrics["kl/reference"] = kl_to_reference(logp, ref_logp, _response_token_mask(rollout))
+        metrics["kl/reference"] = _sampled_kl(model, reference_model, tokenizer, flat_prompts, rollout, settings)
         torch.manual_seed(settings.seed)
         reference_texts = list(generate(reference_model, tokenizer, flat_prompts, sampling,
                                         batch_size=settings.batch_size).texts)
