@@ -160,8 +160,8 @@ def whole_fsdp_model(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def _fsdp_param_groups(module) -> list:
-    """An FSDP2 module's parameter groups: a list from torch 2.12 on (`_fsdp_param_groups`), at most one before
-    (`_fsdp_param_group`, None for a module that owns no parameters)."""
+    """An FSDP2 module's parameter groups: a list in torch 2.13 (`_fsdp_param_groups`), at most one in torch 2.11
+    (`_fsdp_param_group`, None for a module that owns no parameters); both were run."""
     state = module._get_fsdp_state()
     if hasattr(state, "_fsdp_param_groups"):
         return list(state._fsdp_param_groups)
