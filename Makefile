@@ -1,6 +1,6 @@
 # make demo      -- install into .venv, then run the offline end-to-end pipeline on CPU (~5-10 min)
 # make test      -- install into .venv, then run the test suite
-# make ablation  -- the paper's PPO ablation as a sweep over 3 seeds (~20 min on CPU)
+# make ablation  -- the paper's PPO ablation as a sweep over 3 seeds (~15 min on 2 CPU cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
