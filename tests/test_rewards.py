@@ -141,7 +141,7 @@ def test_reward_model_with_its_own_tokenizer_scores_the_texts(tiny_model_dir, rm
     torch.testing.assert_close(total, expected, atol=1e-5, rtol=0)
 
 
-def test_ppo_with_a_reward_model_of_its_own_tokenizer(tiny_model_dir, sft_file, own_tokenizer_rm, tmp_path):
+def test_ppo_with_a_reward_model_of_its_own_tokenizer(tiny_model_dir, sft_file, own_tokenizer_rm, tmp_path, capsys):
     from rlhf.trainer import Trainer
     from rlhf.tracking import read_metrics
     from tests.test_ppo import ppo_config
@@ -155,6 +155,8 @@ def test_ppo_with_a_reward_model_of_its_own_tokenizer(tiny_model_dir, sft_file, 
     cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=1, ppo__reward_model=own_tokenizer_rm,
                      ppo__reward_fns=[], ppo__critic_init="policy")
     Trainer(cfg).train()
+    assert "a tokenizer of its own (300 tokens, the policy's 512); it scores the prompt and response texts" in \
+        capsys.readouterr().out
     first = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))[0]
     assert first["objective/scores"] == pytest.approx(first["reward/model"], abs=1e-6)
 

@@ -248,6 +248,9 @@ class PPO(Algorithm):
                 f"ppo.critic_init=reward_model: the reward model '{p.reward_model}' has a tokenizer of its own "
                 f"({len(rm.tokenizer)} tokens) that differs from the policy's ({len(trainer.tokenizer)} tokens); the "
                 "critic reads the policy's tokens, so set ppo.critic_init: policy")
+        if rm is not None and not rm.shares_tokenizer:
+            trainer.print(f"reward model {p.reward_model}: a tokenizer of its own ({len(rm.tokenizer)} tokens, the "
+                          f"policy's {len(trainer.tokenizer)}); it scores the prompt and response texts")
         self.sampling = SamplingConfig(p.max_new_tokens, p.temperature, p.top_k, p.top_p)
         self.steps_per_iteration = p.num_minibatches * p.ppo_epochs
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
