@@ -67,7 +67,7 @@ class ModelReward:
             try:
                 own = load_tokenizer(path, field="ppo.reward_model", trust_remote_code=cfg.trust_remote_code)
             except ConfigError:  # a folder without tokenizer files reads the policy's tokens
-                own = None
+                pass
         self.shares_tokenizer = own is None or same_tokenizer(own, tokenizer)
         self.tokenizer = tokenizer if self.shares_tokenizer else own
         self.model = load_scalar_model(path, cfg, self.tokenizer, trainable=False, field="ppo.reward_model")

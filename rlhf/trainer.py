@@ -31,6 +31,8 @@ from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
 from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
 
 CHECKPOINT_GLOB = "step_*"
+
+
 class CollectiveError(RuntimeError):
     """A collective (all-reduce, barrier, all-gather) failed or timed out: some rank did not take part."""
 
@@ -407,9 +409,9 @@ class Trainer:
         scheduler.step()
         keys = sorted(sums)
         packed = torch.stack([total_loss] + [sums[k] / len(micro_batches) for k in keys])
-        packed = all_reduce_sum_(packed) / self.world_size
-        out = {"train/loss": packed[0].item() * self.world_size}
-        out.update({k: packed[i + 1].item() for i, k in enumerate(keys)})
+        packed = all_reduce_sum_(packed)  # the loss: already per global unit, so summed; the stats: rank means
+        out = {"train/loss": packed[0].item()}
+        out.update({k: (packed[i + 1] / self.world_size).item() for i, k in enumerate(keys)})
         if grad_norm is None and hasattr(model, "get_global_grad_norm"):
             grad_norm = model.get_global_grad_norm()
         if grad_norm is not None:

@@ -243,12 +243,12 @@ class PPO(Algorithm):
         with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also under ZeRO-3
             self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
         rm = self.reward.model
-        if rm is not None and not rm.shares_tokenizer and p.critic_init == "reward_model":
-            raise ConfigError(
-                f"ppo.critic_init=reward_model: the reward model '{p.reward_model}' has a tokenizer of its own "
-                f"({len(rm.tokenizer)} tokens) that differs from the policy's ({len(trainer.tokenizer)} tokens); the "
-                "critic reads the policy's tokens, so set ppo.critic_init: policy")
         if rm is not None and not rm.shares_tokenizer:
+            if p.critic_init == "reward_model":
+                raise ConfigError(
+                    f"ppo.critic_init=reward_model: the reward model '{p.reward_model}' has a tokenizer of its own "
+                    f"({len(rm.tokenizer)} tokens) that differs from the policy's ({len(trainer.tokenizer)} tokens); "
+                    "the critic reads the policy's tokens, so set ppo.critic_init: policy")
             trainer.print(f"reward model {p.reward_model}: a tokenizer of its own ({len(rm.tokenizer)} tokens, the "
                           f"policy's {len(trainer.tokenizer)}); it scores the prompt and response texts")
         self.sampling = SamplingConfig(p.max_new_tokens, p.temperature, p.top_k, p.top_p)

@@ -126,20 +126,11 @@ def _response_token_mask(rollout) -> torch.Tensor:
     return torch.cat([lead, rollout.response_mask.cpu()], dim=1)
 
 
-def _reward_model_scorer(reward_model: Any, tokenizer, batch_size: int) -> Callable[..., list[float]]:
-    """A text scorer from a reward model: texts encoded with its tokenizer (the policy's, unless it has its own)."""
-    from rlhf.data.templates import encode_prompt, encode_response
-    from rlhf.data.batching import attention_mask, pad
-
-    tokenizer = tokenizer if getattr(reward_model, "shares_tokenizer", True) else reward_model.tokenizer
+def _reward_model_scorer(reward_model: Any) -> Callable[..., list[float]]:
+    """A text scorer from a reward model (rlhf.rewards.ModelReward), for win rates: finished responses."""
 
     def scorer(prompts: Sequence[str], responses: Sequence[str], **_: Any) -> list[float]:
-        seqs = [encode_prompt(tokenizer, p) + encode_response(tokenizer, r) for p, r in zip(prompts, responses)]
-        scores = []
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            scores += reward_model(pad(chunk, tokenizer.pad_token_id), attention_mask(chunk)).tolist()
-        return scores
+        return reward_model.score_texts(prompts, responses).tolist()
 
     return scorer
 
@@ -153,9 +144,8 @@ def evaluate_model(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate on the held-out prompts and score. Returns (metrics, per-sample records).
 
-    reward_model: a callable (input_ids, attention_mask) -> [B] scores on the policy's tokens, or an
-    rlhf.rewards.ModelReward (which scores the texts when it has a tokenizer of its own). reference_model: a
-    causal LM for the KL and the win rate against its own responses.
+    reward_model: an rlhf.rewards.ModelReward (it reads the policy's tokens, or the texts when it has a tokenizer
+    of its own). reference_model: a causal LM for the KL and the win rate against its own responses.
     """
     from rlhf.rollout import generate
 
@@ -220,14 +210,14 @@ def evaluate_model(
         gold_scorer = TESTBEDS["assistant"].gold_reward
     rm_scorer = None
     if reward_model is not None:
-        if getattr(reward_model, "shares_tokenizer", True):
+        if reward_model.shares_tokenizer:
             rm_scores = reward_model(rollout.input_ids, rollout.attention_mask).tolist()
         else:
             rm_scores = reward_model.score_texts(flat_prompts, responses, rollout.eos.tolist()).tolist()
         metrics["rm/score"] = sum(rm_scores) / len(rm_scores)
         for record, s in zip(records, rm_scores):
             record["rm_score"] = s
-        rm_scorer = _reward_model_scorer(reward_model, tokenizer, settings.batch_size)
+        rm_scorer = _reward_model_scorer(reward_model)
 
     if reference_model is not None:
         metrics["kl/reference"] = _sampled_kl(model, reference_model, tokenizer, flat_prompts, rollout, settings)
