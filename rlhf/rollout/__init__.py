@@ -7,8 +7,18 @@ from typing import Optional, Sequence
 from ..data.templates import Prompt, encode_prompt
 from .base import Engine, Rollout, SamplingConfig, join_rollouts, response_mask_from_ids
 from .hf import HFEngine
+from .static import StaticEngine, unsupported
 
-ENGINES = {"hf": HFEngine}
+ENGINES = {"hf": HFEngine, "static": StaticEngine}
+ENGINE_CHOICES = ("auto", *ENGINES)
+
+
+def resolve_engine(name: str, model) -> str:
+    """'auto': the static engine on CUDA for a model it supports, else hf (the only engine used on CPU by default)."""
+    if name != "auto":
+        return name
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "static" if on_cuda and unsupported(model) is None else "hf"
 
 
 def generate(model, tokenizer, prompts: Sequence[Prompt] = (), sampling: Optional[SamplingConfig] = None,
@@ -18,9 +28,9 @@ def generate(model, tokenizer, prompts: Sequence[Prompt] = (), sampling: Optiona
     each response depends only on its prompt and seed, whatever the batch, rank or world size."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    return ENGINES[engine]().generate(model, tokenizer, prompt_ids, sampling or SamplingConfig(), batch_size,
+    return ENGINES[resolve_engine(engine, model)]().generate(model, tokenizer, prompt_ids, sampling or SamplingConfig(), batch_size,
                                       seeds=seeds)
 
 
-__all__ = ["ENGINES", "Engine", "HFEngine", "Rollout", "SamplingConfig", "generate", "join_rollouts",
+__all__ = ["ENGINES", "ENGINE_CHOICES", "Engine", "HFEngine", "StaticEngine", "resolve_engine", "unsupported", "Rollout", "SamplingConfig", "generate", "join_rollouts",
            "response_mask_from_ids"]

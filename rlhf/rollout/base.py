@@ -27,6 +27,8 @@ class Rollout:
     response_mask:  [B, R] 1 on generated tokens up to and including EOS
     eos:            [B] bool, True where the response ended with EOS (not truncated)
     texts:          decoded responses without special tokens
+    logprobs:       [B, R] float32 log-prob of each response token under the sampling distribution (0 on padding),
+                    from engines that return it (the static engine); None otherwise
     """
 
     prompt_ids: torch.Tensor
@@ -35,6 +37,7 @@ class Rollout:
     response_mask: torch.Tensor
     eos: torch.Tensor
     texts: list[str]
+    logprobs: Optional[torch.Tensor] = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -84,4 +87,6 @@ def join_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         response_mask=torch.cat([widen(p.response_mask, R, 0, False) for p in parts]),
         eos=torch.cat([p.eos for p in parts]),
         texts=[t for p in parts for t in p.texts],
+        logprobs=(torch.cat([widen(p.logprobs, R, 0, False) for p in parts])
+                  if all(p.logprobs is not None for p in parts) else None),
     )

@@ -1,0 +1,150 @@
+"""Rollout speed: the static-cache CUDA-graph engine against transformers' `generate` (dynamic and static cache),
+at real model shapes, in one run on one GPU.
+
+    python benchmarks/bench_rollout.py                                   # Qwen2.5-0.5B shape, batch 64 and 512
+    python benchmarks/bench_rollout.py --shape 1.5b --batches 512 --engines static
+    python benchmarks/bench_rollout.py --batches 8 --new-tokens 32       # a quick smoke run
+
+Models are built from the Qwen2.5 configs (random init, bf16, vocabulary 151,936) with no download; prompts are
+random token ids of --prompt-len tokens, and EOS is set to an id the model never samples in practice, so every row
+generates --new-tokens tokens and the engines do equal work. Each engine samples at temperature 1 with no top-k /
+top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9).
+
+The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
+2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
+steps' bounds. Prints a markdown table (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {  # Qwen2.5 configs: hidden, layers, heads, kv heads, intermediate, tied embeddings
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, tie_word_embeddings=False, vocab_size=152064),
+}
+HBM_BYTES_PER_S = 4.8e12  # H200
+PEAK_FLOPS = 790e12  # H200 dense bf16, as measured on this machine with an 8192^3 matrix product
+
+
+class _Tok:
+    """The few tokenizer members the engines use (random ids need no vocabulary)."""
+
+    def __init__(self, vocab: int):
+        self.pad_token_id, self.eos_token_id, self.vocab = 0, vocab - 1, vocab
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["" for _ in range(len(ids))]
+
+
+def build(shape: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(SHAPES[shape])
+    kw.setdefault("vocab_size", 151936)
+    cfg = Qwen2Config(**kw, max_position_embeddings=4096, rope_theta=1e6)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    return model, cfg
+
+
+def decode_bound(model, cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = params * 2
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2  # bytes, k and v in bf16
+    total = 0.0
+    for step in range(new_tokens):
+        mem = (weight_bytes + batch * (prompt_len + step) * kv_per_token) / HBM_BYTES_PER_S
+        flops = 2 * params * batch / PEAK_FLOPS
+        total += max(mem, flops)
+    return batch * new_tokens / total
+
+
+def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dict) -> float:
+    """Seconds for one generation of every prompt (after one warm-up call at the same shapes)."""
+    from rlhf.rollout import SamplingConfig
+    from rlhf.rollout.static import StaticEngine
+
+    if name.startswith("static"):
+        s = SamplingConfig(max_new_tokens=new_tokens, **sampling_kw)
+        seeds = list(range(len(prompts)))
+
+        def call():
+            return StaticEngine().generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
+    else:
+        ids = torch.tensor(prompts, device="cuda")
+        mask = torch.ones_like(ids)
+        cache = {"hf-dynamic": None, "hf-static": "static"}[name]
+
+        def call():
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  cache_implementation=cache)
+    call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = call()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    width = out.response_ids.shape[1] if hasattr(out, "response_ids") else out.shape[1] - len(prompts[0])
+    if width != new_tokens:
+        raise RuntimeError(f"{name}: generated {width} tokens per row, expected {new_tokens}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="0.5b", choices=list(SHAPES))
+    ap.add_argument("--batches", default="64,512")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--engines", default="static,static-ppo,hf-dynamic,hf-static")
+    ap.add_argument("--skip-hf-above", type=int, default=64, help="run transformers' generate only up to this batch")
+    ap.add_argument("--out", default="runs/bench/rollout.md")
+    a = ap.parse_args()
+    model, cfg = build(a.shape)
+    tok = _Tok(cfg.vocab_size)
+    rows = []
+    for batch in [int(b) for b in a.batches.split(",")]:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(1, cfg.vocab_size - 1, (batch, a.prompt_len), generator=g).tolist()
+        bound = decode_bound(model, cfg, batch, a.prompt_len, a.new_tokens)
+        for name in a.engines.split(","):
+            if name.startswith("hf") and batch > a.skip_hf_above:
+                continue
+            kw = {"top_k": 200, "top_p": 0.9} if name == "static-ppo" else {}
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            seconds = run_engine(name, model, tok, prompts, a.new_tokens, kw)
+            tps = batch * a.new_tokens / seconds
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            rows.append((a.shape, batch, name, seconds, tps, tps / bound, bound, peak))
+            print(f"{a.shape} batch {batch} {name}: {seconds:.2f} s, {tps:,.0f} tokens/s, "
+                  f"{100 * tps / bound:.1f}% of the decode bound ({bound:,.0f}), peak {peak:.1f} GiB", flush=True)
+    lines = ["| shape | batch | engine | s | generated tokens/s | fraction of decode bound | decode bound tokens/s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s} | {b} | {n} | {sec:.2f} | {tps:,.0f} | {frac:.3f} | {bd:,.0f} | {pk:.1f} |"
+              for s, b, n, sec, tps, frac, bd, pk in rows]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Rollouts on a static KV cache: one batched prefill, then decode steps replayed from a captured CUDA graph.
+
+The engine drives the model's own modules (embedding, norms, q/k/v/o projections, MLPs, LM head, rotary
+embedding) with its own attention over a preallocated cache, so it reads the live weights with no copy: LoRA
+adapters (merged or not) act inside their projection modules, and ZeRO-3 / FSDP whole-weight blocks hand it whole
+parameters. Decoder-only models of the Llama family (llama, qwen2, qwen3, mistral) are supported; `unsupported()`
+says why another model is not, and the caller falls back to the HF engine.
+
+Sampling happens on the device inside the graph. The logits are filtered exactly as training log-probs filter them
+(ops._sampling_logits: temperature, top-k, top-p), then the Gumbel-max trick picks a token with noise from a
+counter-based hash of (row seed, step, token id): a row's tokens depend on its seed and its own logits only, never
+on the rows it shares a batch, a rank or a world size with. No generator state is kept, so nothing is synchronized
+with the host per token; the loop checks for "every row has emitted EOS" every `check_every` steps.
+
+On a CPU the same code runs eagerly (no graph): tests compare it with a full forward there.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import attention_mask, pad
+from ..ops import _sampling_logits
+from .base import Rollout, SamplingConfig, response_mask_from_ids
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+_M32 = 0xFFFFFFFF
+# top-k takes this many extra candidates so that logits tied with the k-th survive, as in ops._top_k_filter
+_TIE_SLACK = 16
+
+
+def _causal_lm(model):
+    """The transformers model inside DDP/DeepSpeed (`.module`) and peft wrappers (adapters stay active)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
+        model = model.base_model.model
+    return model
+
+
+def unsupported(model) -> Optional[str]:
+    """None when the engine can run this model, else the reason it cannot."""
+    lm = _causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"model type {kind!r} (the static engine runs {', '.join(SUPPORTED_TYPES)})"
+    base = getattr(lm, "model", None)
+    if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(lm, "lm_head"):
+        return f"{type(lm).__name__} does not have the Llama-family module layout"
+    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3", "yarn"):
+        return f"rope type {rope.get('rope_type')!r} depends on the sequence length"
+    return None
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding values in [0, 2^32): a bijection that mixes bits."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def hash_uniform(seeds: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[B, K] uniforms in (0, 1), a pure function of (seed [B], step [] or [B], token id [B, K] or [K]).
+
+    Counter-based: no state advances, so the draw of a row at a step is the same in any batch and on any device.
+    Products of two 32-bit values wrap in int64 before the mask; the low 32 bits are exact either way.
+    """
+    seeds = seeds.long()
+    h = _fmix32(_fmix32(seeds & _M32) ^ ((seeds >> 32) & _M32))
+    h = _fmix32(h ^ (step.long() & _M32))
+    h = _fmix32(h.unsqueeze(-1) ^ (token_ids.long() & _M32))
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, sampling: SamplingConfig):
+    """([B] token, [B] its log-prob under the filtered distribution) from float32 logits [B, V].
+
+    The filter is ops._sampling_logits, the one training log-probs apply. With top-k, only the k (+ ties) best
+    logits are candidates, so the nucleus sort and the noise cover k columns instead of the vocabulary. Greedy
+    (do_sample false) takes the argmax and reports its log-prob under the same filtered distribution.
+    """
+    s = sampling
+    V = logits.shape[-1]
+    if s.top_k > 0 and s.top_k + _TIE_SLACK < V:
+        cand, ids = torch.topk(logits, s.top_k + _TIE_SLACK, dim=-1)
+    else:
+        cand, ids = logits, None
+    z = _sampling_logits(cand, s.temperature, s.top_k, s.top_p, upcast=False)
+    if s.do_sample:
+        vocab = ids if ids is not None else torch.arange(V, device=logits.device)
+        u = hash_uniform(seeds, step, vocab)
+        pick = (z - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
+    else:
+        pick = z.argmax(-1, keepdim=True)
+    logp = (z.gather(-1, pick) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(-1)
+    token = (ids.gather(-1, pick) if ids is not None else pick).squeeze(-1)
+    return token, logp
+
+
+class _Decoder:
+    """The model's modules over a static KV cache of [rows, kv_heads, max_len, head_dim] per layer."""
+
+    def __init__(self, model, rows: int, max_len: int):
+        lm = _causal_lm(model)
+        self.lm, self.base = lm, lm.model
+        cfg = lm.config
+        self.layers = list(self.base.layers[: cfg.num_hidden_layers])
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.rope = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.rows, self.max_len = rows, max_len
+        self.k: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        self.v: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+
+    def _cache(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[i] is None:  # allocated at the first prefill, in the dtype the projections produce (autocast)
+            shape = (self.rows, self.kv_heads, self.max_len, self.head_dim)
+            self.k[i] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.v[i] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.k[i], self.v[i]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                rows: slice) -> torch.Tensor:
+        """float32 logits [b, V] of the last position.
+
+        ids, positions [b, T]; slots [T] cache slots the T tokens are written to; mask [b, 1, T, max_len] bool,
+        True where a query may attend; rows: the cache rows of this batch.
+        """
+        b, T = ids.shape
+        G = self.heads // self.kv_heads
+        h = self.base.embed_tokens(ids)
+        cos, sin = self.base.rotary_emb(h, positions)
+        # grouped-query attention without repeating the cache: the G query heads of a KV head become G x T rows
+        mask = mask.unsqueeze(2).expand(b, 1, G, T, self.max_len).reshape(b, 1, G * T, self.max_len)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (b, T, -1, self.head_dim)
+            q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
+            if hasattr(a, "q_norm"):  # qwen3 normalizes each head before the rotation
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            k_cache, v_cache = self._cache(i, k)
+            k_cache[rows].index_copy_(2, slots, k.to(k_cache.dtype))
+            v_cache[rows].index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
+            q = q.reshape(b, self.kv_heads, G * T, self.head_dim)
+            o = F.scaled_dot_product_attention(q, k_cache[rows], v_cache[rows], attn_mask=mask, scale=a.scaling)
+            o = o.view(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
+            h = h + a.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0].float()
+
+
+class StaticEngine:
+    """Static KV cache and CUDA-graph decoding (on CUDA; eager elsewhere).
+
+    prefill_batch: prompts per prefill forward (the `batch_size` argument); every prompt of the call then decodes
+    in one batch, which is what makes decoding fast. check_every: decode steps between checks for "all done".
+    """
+
+    def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16):
+        self.use_graph = use_graph
+        self.check_every = check_every
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 batch_size: int = 32, seeds: Optional[Sequence[int]] = None) -> Rollout:
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"static engine: unsupported {reason}; use the hf engine")
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        device = next(model.parameters()).device
+        B, N = len(prompt_ids), sampling.max_new_tokens
+        ids = pad(prompt_ids, tokenizer.pad_token_id, side="left").to(device)
+        pmask = attention_mask(prompt_ids, side="left").to(device).bool()
+        P = ids.shape[1]
+        L = P + N
+        if seeds is None:
+            seed_t = torch.randint(0, 2**62, (B,), device=device)
+        else:
+            seed_t = torch.tensor([int(s) % 2**63 for s in seeds], dtype=torch.long, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            dec = _Decoder(model, B, L)
+            tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
+            n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
+                               max(1, batch_size))
+        finally:
+            model.train(was_training)
+        response, logps = tokens[:, :max(n_done, 1)], logps[:, :max(n_done, 1)]
+        rmask, eos = response_mask_from_ids(response, tokenizer.eos_token_id)
+        if N == 0:
+            rmask, eos = torch.zeros_like(rmask), torch.zeros_like(eos)
+        response = torch.where(rmask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+        return Rollout(ids, pmask.long(), response, rmask, eos, texts, logprobs=logps * rmask)
+
+    def _run(self, dec: _Decoder, ids, pmask, seeds, sampling, tokens, logps, eos_id: int, prefill_batch: int) -> int:
+        """Fill tokens/logps [B, N] in place; returns how many steps were generated (all rows done may stop early)."""
+        B, P = ids.shape
+        N = sampling.max_new_tokens
+        if N == 0:
+            return 0
+        device, L = ids.device, dec.max_len
+        positions = (pmask.long().cumsum(-1) - 1).clamp(min=0)
+        # prefill: query t sees the real prompt tokens at slots <= t (itself always, so padded rows have no empty row)
+        slot = torch.arange(L, device=device)
+        causal = (slot[None, :] <= torch.arange(P, device=device)[:, None])  # [P, L]
+        step0 = torch.zeros((), dtype=torch.long, device=device)
+        for start in range(0, B, prefill_batch):
+            r = slice(start, min(B, start + prefill_batch))
+            valid = torch.zeros((r.stop - r.start, L), dtype=torch.bool, device=device)
+            valid[:, :P] = pmask[r]
+            mask = (causal[None] & valid[:, None, :]) | (slot[None, None, :] == torch.arange(P, device=device)[None, :, None])
+            logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
+            tok, lp = sample_tokens(logits, seeds[r], step0, sampling)
+            tokens[r, 0], logps[r, 0] = tok, lp
+        # decode state, in tensors the graph reads and advances in place
+        state = {
+            "cur": tokens[:, :1].clone(),
+            "pos": positions[:, -1:] + 1,
+            "slot": torch.full((1,), P, dtype=torch.long, device=device),
+            "step": torch.ones((), dtype=torch.long, device=device),
+            "valid": torch.cat([pmask, torch.zeros((B, N), dtype=torch.bool, device=device)], dim=1),
+            "done": tokens[:, 0] == eos_id,
+        }
+        every = slice(0, B)
+
+        def decode_step() -> None:
+            st = state
+            st["valid"].index_fill_(1, st["slot"], True)
+            logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], every)
+            tok, lp = sample_tokens(logits, seeds, st["step"], sampling)
+            tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
+            logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
+            st["done"] |= tok == eos_id
+            st["cur"].copy_(tok.unsqueeze(1))
+            st["pos"].add_(1)
+            st["slot"].add_(1)
+            st["step"].add_(1)
+
+        use_graph = self.use_graph if self.use_graph is not None else device.type == "cuda"
+        steps, graph = 1, None
+        while steps < N:
+            if steps % self.check_every == 0 and bool(state["done"].all()):
+                break
+            if use_graph and graph is None and steps >= 3:  # two eager warm-up steps, then capture once
+                graph = self._capture(decode_step)
+            if graph is not None:
+                graph.replay()
+            else:
+                decode_step()
+            steps += 1
+        return steps
+
+    @staticmethod
+    def _capture(step_fn):
+        """Record one decode step (recording runs nothing: the steps so far were real, the replays are the rest)."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_fn()
+        return graph

@@ -1,0 +1,212 @@
+"""The static-cache rollout engine: its counter-based sampler, and its log-probs against a training forward.
+
+On a CPU the engine runs eagerly (the CUDA-graph path is the same step function replayed); the GPU tests at the end
+compare graph replay with eager decoding and check bf16 log-probs, and skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.models.forward import position_ids_from_mask
+from rlhf.ops import _sampling_logits, logprobs_from_logits
+from rlhf.rollout import SamplingConfig, generate, resolve_engine
+from rlhf.rollout.static import StaticEngine, hash_uniform, sample_tokens, unsupported
+
+SETTINGS = {
+    "plain": SamplingConfig(max_new_tokens=12),
+    "filtered": SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=40, top_p=0.9),
+    "top_p only": SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.8),
+    "greedy": SamplingConfig(max_new_tokens=12, do_sample=False),
+}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, tok
+
+
+def _prompts(tok):
+    # ragged lengths: the engine left-pads, positions count real tokens only
+    return [tok.encode(t) for t in ("Name a fruit", "Hi", "Tell me about the sea and the sky and the stars", "Why")]
+
+
+def _scored(model, rollout, s: SamplingConfig) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens from one full forward, as PPO's scoring pass takes them."""
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    P = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logp = logprobs_from_logits(logits[:, P - 1:-1].float(), ids[:, P:], s.temperature, s.top_k, s.top_p)
+    return logp * rollout.response_mask
+
+
+def test_hash_uniform_is_a_pure_function_in_the_open_interval():
+    seeds = torch.tensor([0, 1, 2**40 + 7, 2**62])
+    ids = torch.arange(1000)
+    u = hash_uniform(seeds, torch.tensor(3), ids)
+    assert u.shape == (4, 1000) and bool((u > 0).all()) and bool((u < 1).all())
+    assert torch.equal(u, hash_uniform(seeds, torch.tensor(3), ids))
+    assert torch.equal(u[2:3], hash_uniform(seeds[2:3], torch.tensor(3), ids))  # a row ignores the others
+    assert not torch.equal(u, hash_uniform(seeds, torch.tensor(4), ids))  # steps differ
+    # 4000 uniforms: mean 1/2 with standard error sqrt(1/12 / 4000) = 0.0046; variance 1/12
+    assert abs(u.mean().item() - 0.5) < 4 * math.sqrt(1 / 12 / u.numel())
+    assert abs(u.var().item() - 1 / 12) < 0.01
+    # distinct token ids within a row give distinct draws (the finalizer is a bijection on 32 bits)
+    assert len(set(hash_uniform(seeds[:1], torch.tensor(0), torch.arange(50000))[0].tolist())) > 49000
+
+
+@pytest.mark.parametrize("name", ["plain", "filtered"])
+def test_sampler_frequencies_follow_the_filtered_softmax(name):
+    """20,000 rows with the same logits and different seeds: each token's frequency is within 5 standard errors of
+    softmax(filter(logits)) (a binomial standard error sqrt(p (1 - p) / n)); filtered-out tokens never appear."""
+    s = SETTINGS[name]
+    torch.manual_seed(0)
+    V, n = 64, 20000
+    logits = torch.randn(V) * 2
+    probs = _sampling_logits(logits[None], s.temperature, s.top_k, s.top_p, upcast=False).softmax(-1)[0]
+    tok, logp = sample_tokens(logits.expand(n, V), torch.arange(n), torch.tensor(5), s)
+    freq = torch.bincount(tok, minlength=V).double() / n
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert bool(((freq - probs.double()).abs() <= 5 * se + 1e-12).all())
+    assert torch.allclose(logp, probs.log()[tok], atol=1e-6)
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    s = SamplingConfig(top_k=2)
+    logits = torch.full((1, 40), -5.0)
+    logits[0, 3], logits[0, 7], logits[0, 9] = 3.0, 1.0, 1.0  # the 2nd and 3rd largest tie
+    tok, logp = sample_tokens(logits.expand(3000, 40), torch.arange(3000), torch.tensor(0), s)
+    assert set(tok.tolist()) == {3, 7, 9}
+    expected = torch.log_softmax(torch.tensor([3.0, 1.0, 1.0]), -1)
+    assert torch.allclose(logp[tok == 9], expected[2].expand(int((tok == 9).sum())), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_engine_logprobs_equal_a_training_forward(lm, name):
+    """float32: per token within 1e-5. The engine's attention runs over the static cache in a different order of
+    summation than the full forward (a few dozen float32 roundings, ~1e-7 each); the log-softmax of O(10) logits
+    adds a few more."""
+    model, tok = lm
+    s = SETTINGS[name]
+    rollout = generate(model, tok, prompt_ids=_prompts(tok), sampling=s, engine="static", seeds=[11, 12, 13, 14])
+    assert rollout.logprobs is not None and rollout.logprobs.shape == rollout.response_ids.shape
+    assert torch.allclose(rollout.logprobs, _scored(model, rollout, s), atol=1e-5)
+    assert bool((rollout.logprobs[rollout.response_mask.bool()] <= 0).all())
+
+
+def test_greedy_equals_hf_generate(lm):
+    model, tok = lm
+    s = SETTINGS["greedy"]
+    prompts = _prompts(tok)
+    ours = generate(model, tok, prompt_ids=prompts, sampling=s, engine="static")
+    ref = generate(model, tok, prompt_ids=prompts, sampling=s, engine="hf")
+    assert torch.equal(ours.response_ids, ref.response_ids)
+    assert torch.equal(ours.response_mask, ref.response_mask)
+    assert ours.texts == ref.texts
+
+
+def test_a_row_depends_on_its_seed_and_prompt_only(lm):
+    model, tok = lm
+    s = SETTINGS["filtered"]
+    prompts = _prompts(tok)
+    full = generate(model, tok, prompt_ids=prompts, sampling=s, engine="static", seeds=[5, 6, 7, 8], batch_size=4)
+    part = generate(model, tok, prompt_ids=prompts[2:0:-1], sampling=s, engine="static", seeds=[7, 6], batch_size=1)
+    for i, j in ((0, 2), (1, 1)):
+        n = int(full.response_mask[j].sum())
+        assert int(part.response_mask[i].sum()) == n
+        assert torch.equal(part.response_ids[i, :n], full.response_ids[j, :n])
+    other = generate(model, tok, prompt_ids=prompts, sampling=s, engine="static", seeds=[9, 6, 7, 8])
+    assert not torch.equal(other.response_ids[0], full.response_ids[0])
+
+
+def test_stops_once_every_row_has_ended(lm):
+    """A head that always prefers EOS: every response is the single EOS token, and the loop stops at its first
+    check instead of running max_new_tokens steps."""
+    model, tok = lm
+
+    class PreferEos(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, h):
+            out = self.head(h).clone()
+            out[..., tok.eos_token_id] += 1e4
+            return out
+
+    head = model.lm_head
+    model.lm_head = PreferEos(head)
+    try:
+        s = SamplingConfig(max_new_tokens=64)
+        r = StaticEngine(check_every=4).generate(model, tok, _prompts(tok), s, seeds=[1, 2, 3, 4])
+    finally:
+        model.lm_head = head
+    assert r.response_ids.shape[1] == 4
+    assert bool(r.eos.all()) and r.lengths.tolist() == [1, 1, 1, 1]
+    assert bool((r.response_ids[:, 0] == tok.eos_token_id).all())
+
+
+def test_lora_adapters_act_unmerged(lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_copy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    s = SETTINGS["filtered"]
+    r = generate(peft_model, tok, prompt_ids=_prompts(tok), sampling=s, engine="static", seeds=[1, 2, 3, 4])
+    assert torch.allclose(r.logprobs, _scored(peft_model, r, s), atol=1e-5)
+    assert not torch.allclose(r.logprobs, _scored(model, r, s), atol=1e-3)  # the adapters changed the model
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_auto_picks_hf_on_cpu_and_unsupported_models_are_named(lm):
+    model, _ = lm
+    assert resolve_engine("auto", model) == "hf"
+    assert unsupported(model) is None
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert "gpt2" in unsupported(gpt2)
+    assert resolve_engine("auto", gpt2) == "hf"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_equals_eager_decoding(lm):
+    model, tok = lm
+    model = _copy(model).cuda()
+    s = SETTINGS["filtered"]
+    prompts = _prompts(tok) * 8
+    seeds = list(range(len(prompts)))
+    graph = StaticEngine(use_graph=True).generate(model, tok, prompts, s, seeds=seeds)
+    eager = StaticEngine(use_graph=False).generate(model, tok, prompts, s, seeds=seeds)
+    assert torch.equal(graph.response_ids, eager.response_ids)
+    assert torch.allclose(graph.logprobs, eager.logprobs, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_engine_logprobs_near_a_training_forward(lm):
+    """bf16 weights: the engine and the full forward round activations to bf16 (relative 2^-8) at different points
+    (cached keys and values, another attention kernel). Logits of O(1) on this 2-layer model then differ by a few
+    1e-3 per rounding and position; 0.05 nats per token, averaged over a response, bounds that with room."""
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    s = SETTINGS["filtered"]
+    r = generate(model, tok, prompt_ids=_prompts(tok) * 4, sampling=s, engine="static", seeds=list(range(16)))
+    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05
