@@ -154,10 +154,36 @@ class _Decoder:
             v_cache[rows].index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
             q = q.reshape(b, self.kv_heads, G * T, self.head_dim)
             o = F.scaled_dot_product_attention(q, k_cache[rows], v_cache[rows], attn_mask=mask, scale=a.scaling)
-            o = o.view(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
+            o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
             h = h + a.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0].float()
+
+
+def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, tokens, logps, eos_id: int) -> None:
+    """One decode step on the state tensors, in place: attend, sample, record, advance. Everything that varies
+    between steps lives in tensors, so the step can be captured once and replayed."""
+    st["valid"].index_fill_(1, st["slot"], True)
+    logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None))
+    tok, lp = sample_tokens(logits, seeds, st["step"], sampling)
+    tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
+    logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
+    st["done"] |= tok == eos_id
+    st["cur"].copy_(tok.unsqueeze(1))
+    st["pos"].add_(1)
+    st["slot"].add_(1)
+    st["step"].add_(1)
+
+
+_COMPILED: list = []
+
+
+def _compiled_step():
+    """One compiled decode step per process: compiled code is cached on this function, so later rollouts (other
+    batches, other prompt lengths: automatic dynamic shapes) reuse it instead of compiling again."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_decode_step))
+    return _COMPILED[0]
 
 
 class StaticEngine:
@@ -165,11 +191,15 @@ class StaticEngine:
 
     prefill_batch: prompts per prefill forward (the `batch_size` argument); every prompt of the call then decodes
     in one batch, which is what makes decoding fast. check_every: decode steps between checks for "all done".
+    compile: on CUDA, the decode step goes through torch.compile first (norms, rotary embedding, activations, the
+    hash sampler fuse into few kernels; a step of a 0.5B model is otherwise hundreds of tiny kernels), then the
+    compiled step is captured in the graph. A step that fails to compile runs eagerly, with one notice.
     """
 
-    def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16):
+    def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None):
         self.use_graph = use_graph
         self.check_every = check_every
+        self.compile = compile
 
     @torch.no_grad()
     def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -236,30 +266,38 @@ class StaticEngine:
             "valid": torch.cat([pmask, torch.zeros((B, N), dtype=torch.bool, device=device)], dim=1),
             "done": tokens[:, 0] == eos_id,
         }
-        every = slice(0, B)
+
+        on_cuda = device.type == "cuda"
+        use_graph = self.use_graph if self.use_graph is not None else on_cuda
+        fn = _compiled_step() if (self.compile if self.compile is not None else on_cuda) else _decode_step
+        args = (dec, state, seeds, sampling, tokens, logps, eos_id)
 
         def decode_step() -> None:
-            st = state
-            st["valid"].index_fill_(1, st["slot"], True)
-            logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], every)
-            tok, lp = sample_tokens(logits, seeds, st["step"], sampling)
-            tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
-            logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
-            st["done"] |= tok == eos_id
-            st["cur"].copy_(tok.unsqueeze(1))
-            st["pos"].add_(1)
-            st["slot"].add_(1)
-            st["step"].add_(1)
+            nonlocal fn
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not stop the rollout
+                if fn is _decode_step:
+                    raise
+                print(f"static engine: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "decoding eagerly")
+                fn = _decode_step
+                fn(*args)
 
-        use_graph = self.use_graph if self.use_graph is not None else device.type == "cuda"
         steps, graph = 1, None
+        side = torch.cuda.Stream() if use_graph else None
         while steps < N:
             if steps % self.check_every == 0 and bool(state["done"].all()):
                 break
-            if use_graph and graph is None and steps >= 3:  # two eager warm-up steps, then capture once
+            if use_graph and graph is None and steps >= 3:  # eager (and compiling) warm-up steps, then capture once
                 graph = self._capture(decode_step)
             if graph is not None:
                 graph.replay()
+            elif side is not None:  # warm-up on a side stream, as graph capture wants
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    decode_step()
+                torch.cuda.current_stream().wait_stream(side)
             else:
                 decode_step()
             steps += 1
