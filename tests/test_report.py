@@ -58,3 +58,64 @@ def test_one_method_over_two_testbeds_is_one_row(tmp_path):
     out = tmp_path / "report"
     compare_runs([a, c], str(out))
     assert "| ppo | 1 | 0.700 | 0.250 |" in (out / "report.md").read_text()
+
+
+def test_the_tour_eval_then_compare_gives_a_table_with_metrics(tiny_model_dir, tmp_path):
+    """`rlhf eval --model RUN/final ...` writes RUN/final/eval/eval.json; `rlhf compare RUN ...` (run folders, or
+    the evaluated model folders themselves) then reads it: the table has the testbed's metrics, not just run | n."""
+    import shutil
+
+    runs = []
+    for name, algorithm in (("sft-tiny", "sft"), ("dpo-tiny", "dpo")):
+        run = tmp_path / name
+        shutil.copytree(tiny_model_dir, run / "final")
+        (run / "config.yaml").write_text(f"algorithm: {algorithm}\n")
+        with open(run / "metrics.jsonl", "w") as f:
+            f.write(json.dumps({"step": 1, "train/loss": 0.7}) + "\n")  # one logged point
+        assert main(["eval", "--model", str(run / "final"), "--testbed", "assistant", "--limit", "4",
+                     "--max-new-tokens", "8"]) == 0
+        assert (run / "final" / "eval" / "eval.json").exists()
+        runs.append(str(run))
+    for i, paths in enumerate((runs, [os.path.join(r, "final") for r in runs])):
+        out = tmp_path / f"report{i}"
+        assert main(["compare", *paths, "--out", str(out)]) == 0
+        report = (out / "report.md").read_text()
+        header = next(line for line in report.splitlines() if line.startswith("| run"))
+        assert "assistant/gold/reward" in header and "assistant/length/tokens" in header
+        rows = [line for line in report.splitlines() if line.startswith(("| sft-tiny |", "| dpo-tiny |"))]
+        assert len(rows) == 2 and all("–" not in r.split("|")[3] for r in rows)
+
+
+def test_compare_without_any_eval_says_what_to_run(tmp_path, capsys):
+    run = tmp_path / "sft-tiny"
+    run.mkdir()
+    (run / "config.yaml").write_text("algorithm: sft\n")
+    assert main(["compare", str(run), "--out", str(tmp_path / "r")]) == 2
+    assert "rlhf eval --model" in capsys.readouterr().out
+
+
+def test_single_point_series_are_drawn_as_markers_and_curves_can_be_smoothed(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from rlhf.report.compare import plot_curves, smooth
+
+    # trailing means over a window of 2: [1, (1+3)/2, (3+5)/2, (5+7)/2]
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
+    calls = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: calls.append((list(a[0]), list(a[1]), k)) or original(self, *a, **k))
+    one = make_run(tmp_path, "one", "ppo", {}, [(0.5, 0.2)])
+    many = make_run(tmp_path, "many", "ppo", {}, [(0.1 * i, 0.1 * i) for i in range(12)])
+    plot_curves([load_run(one), load_run(many)], str(tmp_path), smoothing=4)
+    single = [c for c in calls if len(c[0]) == 1]
+    assert single and all(c[2].get("marker") == "o" for c in single)
+    long_lines = [c for c in calls if len(c[0]) == 12]
+    raw = [c for c in long_lines if c[2].get("alpha") == 0.3]
+    smoothed = [c for c in long_lines if c[2].get("label") == "many"]
+    assert raw and smoothed
+    assert smoothed[0][1] == smooth(raw[0][1], 4)

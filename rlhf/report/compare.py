@@ -60,28 +60,53 @@ def _eval_metrics(data: dict, testbed: Optional[str] = None) -> dict[str, float]
     return {k if k.startswith(testbed + "/") else f"{testbed}/{k}": v for k, v in flat.items()}
 
 
+def _eval_files(path: str) -> list[tuple[str, Optional[str]]]:
+    """(eval.json path, testbed named by its folder) for a run or model folder: eval.json, eval/eval.json (what
+    `rlhf eval --model X` writes by default), eval/<testbed>/eval.json; and the same under final/ of a run folder."""
+    found: list[tuple[str, Optional[str]]] = []
+    for root in (path, os.path.join(path, "final")):
+        for file in (os.path.join(root, "eval.json"), os.path.join(root, "eval", "eval.json")):
+            if os.path.isfile(file):
+                found.append((file, None))
+        eval_dir = os.path.join(root, "eval")
+        if os.path.isdir(eval_dir):
+            for name in sorted(os.listdir(eval_dir)):
+                file = os.path.join(eval_dir, name, "eval.json")
+                if os.path.isfile(file):
+                    found.append((file, name))
+    return found
+
+
 def _find_evals(path: str) -> dict[str, float]:
-    """eval.json in the run folder, and eval/<testbed>/eval.json, flattened to 'testbed/metric'."""
+    """Every eval.json of a run or model folder (see _eval_files), flattened to 'testbed/metric'."""
     out: dict[str, float] = {}
-    direct = os.path.join(path, "eval.json")
-    if os.path.exists(direct):
-        with open(direct) as f:
-            out.update(_eval_metrics(json.load(f)))
-    eval_dir = os.path.join(path, "eval")
-    if os.path.isdir(eval_dir):
-        for name in sorted(os.listdir(eval_dir)):
-            file = os.path.join(eval_dir, name, "eval.json")
-            if os.path.exists(file):
-                with open(file) as f:
-                    out.update(_eval_metrics(json.load(f), name))
+    for file, testbed in _eval_files(path):
+        with open(file) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        out.update(_eval_metrics(data, testbed))
     return out
 
 
+def _default_label(path: str) -> str:
+    """The folder name; for a run's final/ or a checkpoint (what `rlhf eval --model` takes), the run's name."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if parts[-1] == "final" and len(parts) > 1:
+        return parts[-2]
+    if len(parts) > 2 and parts[-2] == "checkpoints":
+        return f"{parts[-3]}@{parts[-1]}"
+    return parts[-1]
+
+
 def load_run(path: str, label: Optional[str] = None) -> Run:
+    """A run folder (config.yaml, metrics.jsonl, evals) or a model folder evaluated by `rlhf eval`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a run folder")
     algorithm = ""
-    cfg_path = os.path.join(path, "config.yaml")
+    run_root = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "final" else path
+    cfg_path = os.path.join(run_root, "config.yaml")
     if os.path.exists(cfg_path):
         import yaml
 
@@ -89,7 +114,7 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
             algorithm = (yaml.safe_load(f) or {}).get("algorithm", "")
     metrics_path = os.path.join(path, "metrics.jsonl")
     metrics = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-    return Run(path, label or os.path.basename(os.path.normpath(path)), algorithm, metrics, _find_evals(path))
+    return Run(path, label or _default_label(path), algorithm, metrics, _find_evals(path))
 
 
 def merge_same_label(runs: list[Run]) -> list[Run]:
@@ -154,8 +179,23 @@ def _series(run: Run, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot_curves(runs: list[Run], out_dir: str, curves: dict[str, list[str]] = CURVES) -> list[str]:
-    """One PNG per algorithm (curves_<algorithm>.png): a panel per metric, a line per run."""
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over up to `window` points (the first points average what exists so far)."""
+    if window <= 1:
+        return list(values)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(runs: list[Run], out_dir: str, curves: dict[str, list[str]] = CURVES, smoothing: int = 1) -> list[str]:
+    """One PNG per algorithm (curves_<algorithm>.png): a panel per metric, a line per run. A series of one or a
+    few points is drawn with markers (a single point would otherwise be invisible); with smoothing > 1 the raw
+    curve is drawn faintly under its moving average."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,8 +215,14 @@ def plot_curves(runs: list[Run], out_dir: str, curves: dict[str, list[str]] = CU
         for ax, key in zip(axes.flat, keys):
             for r in members:
                 xs, ys = _series(r, key)
-                if xs:
-                    ax.plot(xs, ys, label=r.label, linewidth=1.3)
+                if not xs:
+                    continue
+                marker = "o" if len(xs) <= 5 else None
+                if smoothing > 1 and len(xs) > smoothing:
+                    line, = ax.plot(xs, ys, linewidth=0.8, alpha=0.3)
+                    ax.plot(xs, smooth(ys, smoothing), label=r.label, linewidth=1.3, color=line.get_color())
+                else:
+                    ax.plot(xs, ys, label=r.label, linewidth=1.3, marker=marker, markersize=5)
             ax.set_title(key, fontsize=10)
             ax.set_xlabel("optimizer step", fontsize=9)
             ax.grid(alpha=0.3)
@@ -245,13 +291,18 @@ def _distinct_labels(runs: list[Run]) -> list[Run]:
 
 
 def compare_runs(paths: list[str], out_dir: str, labels: Optional[list[str]] = None, title: str = "Run comparison",
-                 columns: Optional[list[str]] = None) -> str:
+                 columns: Optional[list[str]] = None, smoothing: int = 1) -> str:
     """Write report.md (+ report.html) and PNG plots into out_dir; returns the report path."""
     labels = labels or [None] * len(paths)
     runs = [load_run(p, l) for p, l in zip(paths, labels)]
+    missing = [r.path for r in runs if not r.evals]
+    if len(missing) == len(runs):
+        raise FileNotFoundError(
+            f"no eval.json in {', '.join(missing)}: evaluate first, e.g. `rlhf eval --model {missing[0]}/final "
+            f"--testbed assistant` (it writes {missing[0]}/final/eval/eval.json, which compare reads)")
     os.makedirs(out_dir, exist_ok=True)
     header, rows = table(merge_same_label(runs), columns)
-    curves = plot_curves(_distinct_labels(runs), out_dir)
+    curves = plot_curves(_distinct_labels(runs), out_dir, smoothing=smoothing)
     scatter = [p for p in (plot_reward_vs_kl(merge_same_label(runs), out_dir, tb) for tb in ("assistant", "code")) if p]
     lines = [f"# {title}", "", "Held-out evaluation (mean ± std over seeds where a run has several):", "",
              markdown_table(header, rows), ""]
@@ -262,7 +313,8 @@ def compare_runs(paths: list[str], out_dir: str, labels: Optional[list[str]] = N
                                  [[m] + [r[i + 2] for r in all_rows] for i, m in enumerate(all_header[2:])]),
                   "", "</details>", ""]
     lines += ["Runs:", ""]
-    lines += [f"- `{r.label}`: {r.algorithm or '?'} — `{r.path}`" for r in runs]
+    lines += [f"- `{r.label}`: {r.algorithm or '?'} — `{r.path}`" + ("" if r.evals else " (no eval.json found)")
+              for r in runs]
     if scatter or curves:
         lines += ["", "## Plots", ""]
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in scatter + curves]
@@ -290,13 +342,20 @@ def _write_html(path: str, title: str, header: list[str], rows: list[list[str]],
 
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhf compare", description="Compare run folders in a report.")
-    p.add_argument("runs", nargs="+", help="Run folders (with metrics.jsonl and eval.json).")
+    p.add_argument("runs", nargs="+", help="Run folders (metrics.jsonl, evals) or model folders evaluated by `rlhf eval`.")
     p.add_argument("--out", default="runs/report", help="Output folder for report.md, report.html and PNGs.")
     p.add_argument("--labels", nargs="*", help="Row labels, one per run (default: folder names).")
     p.add_argument("--title", default="Run comparison")
+    p.add_argument("--smooth", type=int, default=1, help="Moving-average window of the training curves (1 = raw).")
     a = p.parse_args(argv)
     if a.labels and len(a.labels) != len(a.runs):
         p.error(f"--labels has {len(a.labels)} names for {len(a.runs)} runs")
-    path = compare_runs(a.runs, a.out, a.labels, a.title)
+    if a.smooth < 1:
+        p.error(f"--smooth {a.smooth}: expected a window of at least 1")
+    try:
+        path = compare_runs(a.runs, a.out, a.labels, a.title, smoothing=a.smooth)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: compare: {e}")
+        return 2
     print(f"report written to {path}")
     return 0
