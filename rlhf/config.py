@@ -197,8 +197,10 @@ class PPOSection:
     adv_norm: bool = opt(True, "Normalize advantages over the whole rollout batch (all ranks).")
     on_truncated: Literal["bootstrap", "score"] = opt(
         "bootstrap", "Responses cut at max_new_tokens without EOS: 'bootstrap' = no score, GAE bootstraps from "
-        "V(s_T) (paper); 'score' = scored like finished ones. missing_eos_penalty, when set, overrides both.")
-    missing_eos_penalty: Optional[float] = opt(None, "Score given to responses that hit max_new_tokens without EOS (None = see on_truncated).")
+        "V(s_T) (paper); 'score' = scored like finished ones. missing_eos_penalty or truncated_score, when set, "
+        "overrides both.")
+    missing_eos_penalty: Optional[float] = opt(None, "Subtracted from the score of responses that hit max_new_tokens without EOS, as in TRL: a positive number penalizes them (None = see on_truncated).")
+    truncated_score: Optional[float] = opt(None, "Score given instead of the reward to responses that hit max_new_tokens without EOS (None = see on_truncated); not together with missing_eos_penalty.")
     ratio_bound: float = opt(5.0, "Zero the policy loss of a micro-batch whose mean ratio exceeds this (0 = off).")
     # reference
     ref_ema: float = opt(0.0, "Reference EMA eta after every optimizer step (0 = frozen reference; paper: 0.001).")
@@ -282,6 +284,12 @@ class PPOConfig(TrainConfig):
         if p.temperature <= 0 or p.top_k < 0 or not 0 < p.top_p <= 1:
             raise ConfigError(f"ppo.temperature={p.temperature}, ppo.top_k={p.top_k}, ppo.top_p={p.top_p}: "
                               f"expected temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        if p.missing_eos_penalty is not None and p.missing_eos_penalty < 0:
+            raise ConfigError(f"ppo.missing_eos_penalty={p.missing_eos_penalty}: expected >= 0 (it is subtracted "
+                              f"from the score; to give truncated responses a fixed score set ppo.truncated_score)")
+        if p.missing_eos_penalty is not None and p.truncated_score is not None:
+            raise ConfigError(f"ppo.missing_eos_penalty={p.missing_eos_penalty} and ppo.truncated_score="
+                              f"{p.truncated_score}: set one (subtract a penalty, or replace the score), not both")
         if not 0 <= p.ref_ema <= 1:
             raise ConfigError(f"ppo.ref_ema={p.ref_ema}: expected in [0, 1]")
         sources = ([p.reward_model] if p.reward_model else []) + list(p.reward_fns)

@@ -105,8 +105,13 @@ def test_token_rewards_k3_estimator():
 
 def test_final_scores_for_truncated_responses():
     scores, eos = t([1.0, 2.0, 3.0]), torch.tensor([True, False, True])
-    # missing_eos_penalty replaces the score of the truncated response; everyone is scored
-    s, scored = final_scores(scores, eos, missing_eos_penalty=-1.0)
+    # missing_eos_penalty (TRL's meaning) is subtracted from the truncated response's score: 2 - 1.5 = 0.5;
+    # everyone is scored
+    s, scored = final_scores(scores, eos, missing_eos_penalty=1.5)
+    close(s, [1.0, 0.5, 3.0])
+    assert scored.tolist() == [True, True, True]
+    # truncated_score replaces it: 2 -> -1
+    s, scored = final_scores(scores, eos, truncated_score=-1.0)
     close(s, [1.0, -1.0, 3.0])
     assert scored.tolist() == [True, True, True]
     # 'score': the truncated response keeps its score
@@ -117,6 +122,14 @@ def test_final_scores_for_truncated_responses():
     s, scored = final_scores(scores, eos, on_truncated="bootstrap")
     close(s, [1.0, 0.0, 3.0])
     assert scored.tolist() == [True, False, True]
+
+
+def test_truncation_settings_are_validated(tiny_model_dir, sft_file, tmp_path):
+    with pytest.raises(ConfigError, match="missing_eos_penalty=-1.0: expected >= 0"):
+        ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__missing_eos_penalty=-1.0)
+    with pytest.raises(ConfigError, match="not both"):
+        ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__missing_eos_penalty=1.0, ppo__truncated_score=-1.0)
+    ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__truncated_score=-1.0)
 
 
 def test_reference_logprobs_on_the_policy_sampling_support():

@@ -64,17 +64,22 @@ VALUE_VAR_FLOOR = 1e-2  # paper (ReaLHF ExponentialRunningMeanStd): the running 
 
 
 def final_scores(scores: Tensor, eos: Tensor, missing_eos_penalty: Optional[float] = None,
-                 on_truncated: str = "bootstrap") -> tuple[Tensor, Tensor]:
+                 on_truncated: str = "bootstrap", truncated_score: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """(the score each response receives at its last token [B], whether it receives one [B] bool).
 
-    A response that ended with EOS keeps its score. One cut at max_new_tokens gets missing_eos_penalty when set;
-    otherwise on_truncated="score" keeps its score, and "bootstrap" (paper) gives it none: the episode did not end,
-    so GAE bootstraps from V(s_T) instead.
+    A response that ended with EOS keeps its score. One cut at max_new_tokens:
+    - missing_eos_penalty (>= 0, TRL's meaning): scored, with the penalty subtracted: score - penalty;
+    - truncated_score: scored, with this fixed value in place of its score;
+    - otherwise on_truncated="score" keeps its score, and "bootstrap" (paper) gives it none: the episode did not
+      end, so GAE bootstraps from V(s_T) instead.
+    Setting both missing_eos_penalty and truncated_score is refused (PPOConfig.validate).
     """
     truncated = ~eos.bool()
     everyone = torch.ones_like(truncated)
     if missing_eos_penalty is not None:
-        return torch.where(truncated, torch.full_like(scores, missing_eos_penalty), scores), everyone
+        return torch.where(truncated, scores - missing_eos_penalty, scores), everyone
+    if truncated_score is not None:
+        return torch.where(truncated, torch.full_like(scores, truncated_score), scores), everyone
     if on_truncated == "score":
         return scores, everyone
     return torch.where(truncated, torch.zeros_like(scores), scores), ~truncated
@@ -373,7 +378,7 @@ class PPO(Algorithm):
         raw = raw.to(dev)
         t2 = time.time()
 
-        scores, scored = final_scores(raw, eos, p.missing_eos_penalty, p.on_truncated)
+        scores, scored = final_scores(raw, eos, p.missing_eos_penalty, p.on_truncated, p.truncated_score)
         if p.reward_norm:
             self.score_stats.update(scores, scored, distributed=True)
             scores = self.score_stats.normalize(scores)
