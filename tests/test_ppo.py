@@ -268,6 +268,85 @@ def test_scoring_logprobs_equal_the_sampler_with_temperature_top_k_top_p(tiny_mo
     close(ref_logp[valid], sampler[valid], 1e-4)
 
 
+class RecordingSampler:
+    """Wraps SeededSampler.__call__: keeps the log-softmax of the logits each draw is made from (after whatever
+    processors generate ran before it, and after the sampler's own temperature/top-k/top-p filter)."""
+
+    def __init__(self, monkeypatch):
+        from rlhf.ops import _sampling_logits
+        from rlhf.rollout import hf
+
+        self.steps = []
+        original = hf.SeededSampler.__call__
+
+        def call(sampler, input_ids, scores):
+            s = sampler.sampling
+            self.steps.append(_sampling_logits(scores, s.temperature, s.top_k, s.top_p, upcast=True).log_softmax(-1))
+            return original(sampler, input_ids, scores)
+        monkeypatch.setattr(hf.SeededSampler, "__call__", call)
+
+
+@pytest.mark.parametrize("setting", [{}, {"repetition_penalty": 1.05}, {"repetition_penalty": 1.3},
+                                     {"no_repeat_ngram_size": 1}, {"min_new_tokens": 4}])
+def test_rollout_samples_the_distribution_training_scores_whatever_the_model_generation_config(
+        tiny_model_dir, monkeypatch, setting):
+    # A checkpoint's own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05) must not shape the
+    # samples: the old log-probs, the KL and the ratio score the plain temperature/top-k/top-p distribution. Before
+    # rollouts ignored it, repetition_penalty 1.05 moved a sampled token's log-prob by ~7e-2 on average, 1.3 by
+    # ~0.3, no_repeat_ngram_size 1 by ~6e-2; in float32 the two computations agree to rounding (~1e-6).
+    from rlhf.rollout import generate
+    from rlhf.rollout.hf import ignored_generation_settings
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok)
+    for k, v in setting.items():
+        setattr(policy.generation_config, k, v)
+    assert ignored_generation_settings(policy) == setting
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=40, top_p=0.9)
+    prompts = [encode_prompt(tok, p) for p in ["What color is the sky?", "Tell me the color of the orange.",
+                                               "Name a fruit.", "Say hello."]]
+    recorder = RecordingSampler(monkeypatch)
+    rollout = generate(policy, tok, prompt_ids=prompts, sampling=sampling, seeds=[11, 12, 13, 14])
+    sampler = torch.stack(recorder.steps, dim=1)  # [B, steps, V]
+    R = rollout.response_ids.shape[1]
+    sampler = sampler[:, :R].gather(-1, rollout.response_ids[..., None])[..., 0]
+    pair = PolicyAndCritic(policy, load_scalar_model(tiny_model_dir), sampling)
+    P = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logp, _ = pair(rollout.input_ids, rollout.attention_mask, P)
+    valid = rollout.response_mask.bool()
+    assert valid.sum() >= 12
+    close(logp[valid], sampler[valid], 1e-5)
+    # the model's own config is back in place afterwards
+    assert ignored_generation_settings(policy) == setting
+
+
+def test_unseeded_rollouts_resolve_a_clean_generation_config(tiny_model_dir, monkeypatch):
+    # The path without seeds samples inside transformers: the config generate resolves holds only SamplingConfig's
+    # values, whatever the model's generation_config says.
+    from rlhf.rollout import generate
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok)
+    policy.generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3,
+                                    temperature=0.2, top_k=5, suppress_tokens=[7])
+    resolved = []
+    prepare = type(policy)._prepare_generation_config
+
+    def spy(self, generation_config, **kwargs):
+        out = prepare(self, generation_config, **kwargs)
+        resolved.append(out[0])
+        return out
+    monkeypatch.setattr(type(policy), "_prepare_generation_config", spy)
+    generate(policy, tok, prompt_ids=[encode_prompt(tok, "Say hello.")],
+             sampling=SamplingConfig(max_new_tokens=3, temperature=0.9, top_k=0, top_p=0.95))
+    (cfg,) = resolved
+    assert (cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens, cfg.suppress_tokens) == (1.0, 0, None, None)
+    assert (cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p) == (True, 0.9, 0, 0.95)
+    assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    assert policy.generation_config.repetition_penalty == 1.3  # restored
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # End to end through the Trainer
 # --------------------------------------------------------------------------------------------------------------------

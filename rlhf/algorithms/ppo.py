@@ -52,6 +52,7 @@ from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, Runni
                    all_reduce_sum_, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
 from ..rollout import SamplingConfig, generate
+from ..rollout.hf import ignored_generation_settings
 from .base import Algorithm, StepBatch
 from .supervised import report_skipped
 
@@ -289,6 +290,11 @@ class PPO(Algorithm):
     def build_model(self) -> PolicyAndCritic:
         cfg, tok = self.cfg, self.trainer.tokenizer
         policy = load_causal_lm(cfg.model, tok)
+        ignored = ignored_generation_settings(policy)
+        if ignored:
+            self.trainer.print(f"{cfg.model.name_or_path}: generation_config sets "
+                               f"{', '.join(f'{k}={v}' for k, v in ignored.items())}; ignored: rollouts sample from "
+                               "ppo.temperature, ppo.top_k and ppo.top_p alone, the distribution training scores")
         from_rm = cfg.ppo.critic_init == "reward_model"
         critic = load_scalar_model(cfg.ppo.reward_model if from_rm else cfg.model.name_or_path, cfg.model, tok,
                                    trainable=True, field="ppo.reward_model" if from_rm else "model.name_or_path")
