@@ -208,8 +208,8 @@ class PPOSection:
     # critic
     critic_init: Literal["reward_model", "policy"] = opt("reward_model", "Initialize the critic from the reward model or the policy.")
     critic_lr: float = opt(5e-6, "Critic learning rate (actor: optim.lr).")
-    critic_warmup_iters: int = opt(0, "Iterations that train only the critic (the policy loss is zeroed; AdamW's "
-                                      "weight decay, if any, still applies to the policy).")
+    critic_warmup_iters: int = opt(0, "Iterations that train only the critic; the policy, its AdamW state and its "
+                                      "learning-rate schedule (which starts after them) are untouched.")
     # sampling
     max_new_tokens: int = opt(256, "Maximum response tokens.")
     temperature: float = opt(1.0, "Sampling temperature; also applied to every training log-prob.")

@@ -428,6 +428,55 @@ def test_reward_model_source_and_critic_warmup(tiny_model_dir, sft_file, tmp_pat
     torch.testing.assert_close(critic["score.bias"], trained["critic.score.bias"])
 
 
+@pytest.mark.slow
+def test_critic_warmup_leaves_the_policy_optimizer_state_and_schedule_untouched(tiny_model_dir, sft_file, tmp_path,
+                                                                                monkeypatch):
+    # 4 iterations x 2 steps; the first 2 iterations (steps 0-3) train only the critic. Cosine schedule, no lr warm-up.
+    # The policy's updates after the warm-up must be those of a fresh AdamW (as in a run without warm-up) fed the
+    # same gradients, at the learning rates of a 4-step cosine: factor 0.5 (1 + cos(pi k / 4)), k = 0..3 =
+    # 1, 0.8535534, 0.5, 0.1464466. Zero gradients during warm-up used to advance AdamW's step count (first real
+    # update 0.65x its fresh size after these 4 steps) and the policy's lr followed the 8-step cosine from step 4:
+    # 0.5, 0.3086583, 0.1464466, 0.0380602.
+    lr, wd, W, spi = 1e-3, 0.1, 2, 2
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=4, ppo__critic_warmup_iters=W,
+                     optim__scheduler="cosine", optim__weight_decay=wd)
+    seen = []  # per optimizer step: (policy lr, critic lr, grads, params before, params after, policy state sizes)
+    make = Trainer._optimizer
+
+    def optimizer_with_probe(trainer, model):
+        opt = make(trainer, model)
+        policy = opt.param_groups[0]["params"]
+
+        def before(o, args, kwargs):  # runs before PPO's own hook, so warm-up grads are still zeros here
+            seen.append([o.param_groups[0]["lr"], o.param_groups[1]["lr"],
+                         [q.grad.clone() for q in policy], [q.detach().clone() for q in policy]])
+
+        def after(o, args, kwargs):
+            seen[-1] += [[q.detach().clone() for q in policy], [len(o.state[q]) for q in policy]]
+        opt.register_step_pre_hook(before)
+        opt.register_step_post_hook(after)
+        return opt
+    monkeypatch.setattr(Trainer, "_optimizer", optimizer_with_probe)
+    run(cfg)
+    assert len(seen) == 8
+    for lr_p, lr_c, grads, p0, p1, state in seen[:W * spi]:  # warm-up: the policy neither moves nor gets state
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1)) and set(state) == {0}
+    critic = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    close([s[1] for s in seen], [lr * f for f in critic], 1e-12)  # the critic keeps the 8-step schedule
+    close([s[0] for s in seen[W * spi:]], [lr * f for f in (1.0, 0.8535534, 0.5, 0.1464466)], 1e-10)
+    # a fresh AdamW replays the policy's real steps from the same weights and gradients: the same weights after each
+    fresh = [q.clone() for q in seen[W * spi][3]]
+    adam = torch.optim.AdamW(fresh, lr=lr, betas=tuple(cfg.optim.adam_betas), eps=cfg.optim.adam_eps, weight_decay=wd)
+    for lr_p, _, grads, p0, p1, _ in seen[W * spi:]:
+        for q, g in zip(fresh, grads):
+            q.grad = g
+        adam.param_groups[0]["lr"] = lr_p
+        with torch.no_grad():
+            adam.step()
+        for a, b in zip(fresh, p1):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same float32 operations in the same order
+
+
 def test_overlong_prompt_names_file_and_line(tiny_model_dir, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 200}) + "\n")

@@ -177,6 +177,17 @@ def on_response(logprobs: Tensor, response_mask: Tensor) -> Tensor:
     return torch.where(response_mask != 0, logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
 
 
+class ScheduleAfter:
+    """A learning-rate factor schedule(step - start) that begins at step `start` (0 before): the policy's schedule
+    under critic warm-up. A class, not a closure, so LambdaLR's state_dict can save it."""
+
+    def __init__(self, schedule, start: int):
+        self.schedule, self.start = schedule, start
+
+    def __call__(self, step: int) -> float:
+        return self.schedule(step - self.start) if step >= self.start else 0.0
+
+
 class PolicyAndCritic(nn.Module):
     """Policy and critic in one module, so the Trainer's one optimizer and accelerate.prepare hold both."""
 
@@ -306,6 +317,9 @@ class PPO(Algorithm):
         return [{"params": trainable(model.policy)}, {"params": trainable(model.critic), "lr": self.cfg.ppo.critic_lr}]
 
     def prepared(self, model) -> None:
+        if self.cfg.ppo.critic_warmup_iters:
+            self._hold_policy_during_warmup()
+
         def rebuild():
             with whole_loading(self.trainer.accelerator):
                 return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
@@ -313,6 +327,36 @@ class PPO(Algorithm):
         if self.cfg.ppo.ref_ema > 0:
             # a half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_)
             self.reference.float()
+
+    def warmup_steps(self) -> int:
+        """Optimizer steps of the critic warm-up (ppo.critic_warmup_iters), which leave the policy untouched."""
+        return self.cfg.ppo.critic_warmup_iters * self.steps_per_iteration
+
+    def _hold_policy_during_warmup(self) -> None:
+        """Critic warm-up must leave the policy's AdamW state and learning-rate schedule as a run without it would
+        find them. The policy's loss is zeroed during warm-up (PPO.loss), but a zero gradient still advances AdamW's
+        step count (its bias correction then shrinks or inflates the first real updates: 0.49x the intended size
+        after 8 zero steps, 2x after 512) and applies weight decay, and the schedule would spend its warm-up and
+        decay on steps that do not train the policy. So the policy's gradients are dropped (None: AdamW skips the
+        parameter) before each warm-up step, and the policy's group (param_groups: group 0) follows the Trainer's
+        schedule rebuilt over its own steps, starting when the warm-up ends."""
+        trainer, warmup = self.trainer, self.warmup_steps()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the torch one
+        if not isinstance(optimizer, torch.optim.Optimizer) or trainer.accelerator.distributed_type == "DEEPSPEED":
+            trainer.print("ppo.critic_warmup_iters under DeepSpeed: the policy's loss is zeroed, but AdamW still "
+                          "counts the warm-up steps for it (and its schedule runs through them)")
+            return
+        policy_params = optimizer.param_groups[0]["params"]
+
+        def drop_policy_grads(opt, args, kwargs):
+            if trainer.step < warmup:  # trainer.step counts the steps already taken
+                for q in policy_params:
+                    q.grad = None
+        optimizer.register_step_pre_hook(drop_policy_grads)
+        total = self.total_steps()
+        scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        own = trainer._scheduler(scratch, total - warmup).lr_lambdas[0]  # the configured schedule, policy steps
+        trainer.scheduler.lr_lambdas[0] = ScheduleAfter(own, warmup)
 
     def _pair(self, model=None) -> PolicyAndCritic:
         return self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model)
