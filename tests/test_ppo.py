@@ -477,6 +477,27 @@ def test_critic_warmup_leaves_the_policy_optimizer_state_and_schedule_untouched(
             torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same float32 operations in the same order
 
 
+@pytest.mark.slow
+def test_ema_reference_scores_at_the_policy_precision_and_updates_in_float32(tiny_model_dir, sft_file, tmp_path):
+    # A bf16 policy with ppo.ref_ema: at iteration 0 reference == policy, so every per-token KL is exactly 0 (the
+    # reference used to be cast to float32 whole, and its log-probs differed from the bf16 policy's by up to 2e-3 a
+    # token). The EMA itself runs on a float32 master: eta 1e-3 moves it by increments a bf16 copy cannot hold.
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), model__dtype="bfloat16", ppo__ref_ema=0.001,
+                     ppo__iterations=2)
+    trainer = Trainer(cfg)
+    trainer.train()
+    records = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))
+    assert records[0]["objective/kl"] == 0.0
+    algo, start = trainer.algorithm, lm(tiny_model_dir)
+    assert {q.dtype for q in algo.reference.parameters()} == {torch.bfloat16}
+    assert {q.dtype for q in algo.reference_master} == {torch.float32}
+    initial = [q.to(torch.bfloat16).float() for q in start.parameters()]
+    moved = sum(int((m != q0).sum()) for m, q0 in zip(algo.reference_master, initial))
+    assert moved > 0  # the master took the EMA steps
+    for r, m in zip(algo.reference.parameters(), algo.reference_master):
+        assert torch.equal(r, m.to(torch.bfloat16))  # the scoring reference is the master at bf16
+
+
 def test_overlong_prompt_names_file_and_line(tiny_model_dir, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 200}) + "\n")

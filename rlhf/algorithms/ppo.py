@@ -324,9 +324,21 @@ class PPO(Algorithm):
             with whole_loading(self.trainer.accelerator):
                 return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
         self.reference = frozen_copy(self._pair(model).policy, rebuild=rebuild)
-        if self.cfg.ppo.ref_ema > 0:
-            # a half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_)
-            self.reference.float()
+        self.reference_master: Optional[nn.ParameterList] = None
+        if self.cfg.ppo.ref_ema > 0 and any(q.dtype != torch.float32 for q in self.reference.parameters()):
+            # A half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_), so the EMA
+            # runs on a float32 master; the reference that scores stays at the policy's precision (a copy of the
+            # master), or the KL would measure rounding: not 0 at the start, while reference == policy.
+            self.reference_master = nn.ParameterList(
+                [nn.Parameter(q.detach().float().clone(), requires_grad=False) for q in self.reference.parameters()])
+
+    def _update_reference(self, source, eta: float, gather: bool = True) -> None:
+        """theta_ref <- eta * theta_source + (1 - eta) * theta_ref on the float32 master when there is one, then the
+        scoring reference <- the master at its own precision. gather=False when the source is already whole."""
+        target = self.reference_master if self.reference_master is not None else self.reference
+        (ema_update_ if gather else soft_update_)(target, source, eta)
+        if self.reference_master is not None:
+            soft_update_(self.reference, self.reference_master, 1.0)
 
     def warmup_steps(self) -> int:
         """Optimizer steps of the critic warm-up (ppo.critic_warmup_iters), which leave the policy untouched."""
@@ -413,7 +425,7 @@ class PPO(Algorithm):
         # generation and scoring on whole weights: under ZeRO-3 gathered once here, not per forward or token
         with trainer.full_model() as pair:
             if p.ref_reset_every and iteration and iteration % p.ref_reset_every == 0:
-                soft_update_(self.reference, pair.policy, 1.0)  # the policy is whole in this block
+                self._update_reference(pair.policy, 1.0, gather=False)  # the policy is whole in this block
             with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
                 rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
                                    sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds)
@@ -514,7 +526,7 @@ class PPO(Algorithm):
         p = self.cfg.ppo
         if p.ref_ema > 0:  # paper: theta_ref <- eta * theta_actor + (1 - eta) * theta_ref after every actor step
             with self.trainer.phase("reference update"):  # gathers the policy's shards under ZeRO-3
-                ema_update_(self.reference, self._pair(model).policy, p.ref_ema)
+                self._update_reference(self._pair(model).policy, p.ref_ema)
         out = dict(self.skipped) if step == 1 else {}
         if step % self.steps_per_iteration == 0:
             out["time/train_s"] = time.time() - self._train_start
@@ -536,6 +548,8 @@ class PPO(Algorithm):
                  "kl_ctl": self.kl_ctl.state_dict()}
         if p.ref_ema > 0 or p.ref_reset_every > 0:  # otherwise the reference is the initial policy, rebuilt at start
             state["reference"] = {k: v.detach().cpu().clone() for k, v in self.reference.state_dict().items()}
+            if self.reference_master is not None:
+                state["reference_master"] = [q.detach().cpu().clone() for q in self.reference_master]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -544,3 +558,8 @@ class PPO(Algorithm):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if "reference" in state:
             self.reference.load_state_dict(state["reference"])
+        if self.reference_master is not None:
+            saved = state.get("reference_master") or [q.float() for q in self.reference.parameters()]
+            with torch.no_grad():
+                for q, v in zip(self.reference_master, saved, strict=True):
+                    q.copy_(v)
