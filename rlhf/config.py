@@ -124,6 +124,7 @@ class RewardSection:
     normalize_on: Literal["train", "eval"] = opt("train", "Reference set of the normalization: the chosen and rejected responses of data.train or of data.eval.")
     center_coef: float = opt(0.0, "Penalty on the squared mean score, keeping scores centred during training.")
     pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
+    pku_both_unsafe: Literal["drop", "keep"] = opt("drop", "PKU-SafeRLHF rows with pku_preference 'safer' whose two responses are both unsafe (is_response_0_safe, is_response_1_safe false): drop them (counted and logged) or keep them as ordinary pairs.")
 
     def __post_init__(self) -> None:
         if self.center_coef < 0:
@@ -142,6 +143,7 @@ class DPOSection:
     ref_update_every: int = opt(0, "Soft-update the reference every N steps (0 = never; 1 with ref_update_alpha gives an EMA); needs reference 'copy'.")
     ref_update_alpha: float = opt(0.6, "ref <- alpha * policy + (1 - alpha) * ref at each reference update.")
     pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
+    pku_both_unsafe: Literal["drop", "keep"] = opt("drop", "PKU-SafeRLHF rows with pku_preference 'safer' whose two responses are both unsafe (is_response_0_safe, is_response_1_safe false): drop them (counted and logged) or keep them as ordinary pairs.")
 
     def __post_init__(self) -> None:
         from .losses import DPO_LOSSES

@@ -27,7 +27,7 @@ from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model, scalar_scores
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
 
 NORMALIZATION_FILE = "reward_normalization.json"
 EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")
@@ -66,13 +66,16 @@ class RewardModeling(Algorithm):
         d, r, tok = cfg.data, cfg.reward, trainer.tokenizer
         if r.normalize and r.normalize_on == "eval" and not d.eval:
             raise ConfigError("reward.normalize_on='eval' needs data.eval")
-        opts = PairOptions.from_config(d, r.pku_preference, need_margin=r.margin)
+        opts = PairOptions.from_config(d, r.pku_preference, need_margin=r.margin, pku_both_unsafe=r.pku_both_unsafe)
         self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
-        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit)
-        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split) if d.eval else []
+        dropped, dropped_eval = {}, {}
+        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit, dropped)
+        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split, dropped=dropped_eval) if d.eval else []
         self.skipped = report_skipped(trainer, self.bad, "train")
+        self.skipped.update(report_dropped(trainer, dropped, "train"))
         if d.eval:
             self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
+            self.skipped.update(report_dropped(trainer, dropped_eval, "eval"))
         self.collate = collate_pairs(tok.pad_token_id)
         self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
         self._export_scores: Optional[torch.Tensor] = None  # [2N] all ranks' normalization scores (prepare_export)
