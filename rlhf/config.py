@@ -114,7 +114,7 @@ class LoggingConfig:
 
 @dataclass
 class SFTSection:
-    loss_on_prompt: bool = opt(False, "Also train on prompt tokens (default: response tokens only).")
+    loss_on: Literal["assistant", "last_turn", "all"] = opt("assistant", "Trained tokens: every assistant turn of a conversation (as TRL's assistant-only loss), only the final reply, or every token (prompt included).")
 
 
 @dataclass
