@@ -292,8 +292,9 @@ def test_rollout_samples_the_distribution_training_scores_whatever_the_model_gen
         tiny_model_dir, monkeypatch, setting):
     # A checkpoint's own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05) must not shape the
     # samples: the old log-probs, the KL and the ratio score the plain temperature/top-k/top-p distribution. Before
-    # rollouts ignored it, repetition_penalty 1.05 moved a sampled token's log-prob by ~7e-2 on average, 1.3 by
-    # ~0.3, no_repeat_ngram_size 1 by ~6e-2; in float32 the two computations agree to rounding (~1e-6).
+    # rollouts ignored it, the sampler's log-prob of a sampled token here differed from the scoring one by up to
+    # 1.2e-2 (repetition_penalty 1.05), 4.9e-2 (1.3), 9.4e-2 (no_repeat_ngram_size 1), 4e-3 (min_new_tokens 4);
+    # now by float32 rounding of two log-softmaxes over a 512-token vocabulary (7e-7 measured).
     from rlhf.rollout import generate
     from rlhf.rollout.hf import ignored_generation_settings
 
@@ -319,6 +320,21 @@ def test_rollout_samples_the_distribution_training_scores_whatever_the_model_gen
     close(logp[valid], sampler[valid], 1e-5)
     # the model's own config is back in place afterwards
     assert ignored_generation_settings(policy) == setting
+
+
+@pytest.mark.slow
+def test_ppo_names_the_ignored_generation_settings_once(tiny_model_dir, sft_file, tmp_path, capsys):
+    tok = load_tokenizer(tiny_model_dir)
+    policy = lm(tiny_model_dir)
+    policy.generation_config.update(do_sample=True, repetition_penalty=1.05, top_p=0.8)  # as Qwen2.5-Instruct ships
+    model_dir = str(tmp_path / "model")
+    policy.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    records = run(ppo_config(model_dir, sft_file, str(tmp_path), ppo__iterations=1))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "generation_config" in line]
+    assert lines == [f"{model_dir}: generation_config sets top_p=0.8, repetition_penalty=1.05; ignored: rollouts "
+                     "sample from ppo.temperature, ppo.top_k and ppo.top_p alone, the distribution training scores"]
+    assert records[0]["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_unseeded_rollouts_resolve_a_clean_generation_config(tiny_model_dir, monkeypatch):
