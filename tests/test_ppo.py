@@ -357,7 +357,8 @@ def test_unseeded_rollouts_resolve_a_clean_generation_config(tiny_model_dir, mon
     generate(policy, tok, prompt_ids=[encode_prompt(tok, "Say hello.")],
              sampling=SamplingConfig(max_new_tokens=3, temperature=0.9, top_k=0, top_p=0.95))
     (cfg,) = resolved
-    assert (cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens, cfg.suppress_tokens) == (1.0, 0, None, None)
+    assert (cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens, cfg.suppress_tokens) == \
+        (1.0, 0, None, None)
     assert (cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p) == (True, 0.9, 0, 0.95)
     assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
     assert policy.generation_config.repetition_penalty == 1.3  # restored

@@ -128,7 +128,8 @@ def test_reward_model_gives_calibrated_scores_outside_rlhf(tiny_model_dir, prefs
     final = tmp_path / "run" / "final"
     batch = collate_pairs(trainer.tokenizer.pad_token_id)(trainer.algorithm.train_pairs[:8])
     rows = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    with torch.no_grad():  # rlhf's scores: as PPO reads them (test_saved_model_outputs_calibrated_scores: mean 0, std 1)
+    # rlhf's scores, as PPO reads them (mean 0, std 1: test_saved_model_outputs_calibrated_scores)
+    with torch.no_grad():
         calibrated = torch.cat(trainer.algorithm.scores(load_scalar_model(str(final)), batch))
         ours = load_reward_model(str(final))(**rows).logits[:, 0]
         plain_model = AutoModelForSequenceClassification.from_pretrained(str(final)).eval()
