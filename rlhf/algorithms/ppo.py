@@ -365,6 +365,9 @@ class PPO(Algorithm):
                 for q in policy_params:
                     q.grad = None
         optimizer.register_step_pre_hook(drop_policy_grads)
+        if not isinstance(trainer.scheduler, torch.optim.lr_scheduler.LambdaLR):  # transformers' schedules all are
+            raise RuntimeError(f"ppo.critic_warmup_iters: cannot delay the policy's schedule on a "
+                               f"{type(trainer.scheduler).__name__}; expected a LambdaLR")
         total = self.total_steps()
         scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         own = trainer._scheduler(scratch, total - warmup).lr_lambdas[0]  # the configured schedule, policy steps
