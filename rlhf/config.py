@@ -114,7 +114,7 @@ class LoggingConfig:
 
 @dataclass
 class SFTSection:
-    loss_on_prompt: bool = opt(False, "Also train on prompt tokens (default: response tokens only).")
+    loss_on: Literal["assistant", "last_turn", "all"] = opt("assistant", "Trained tokens: every assistant turn of a conversation (as TRL's assistant-only loss), only the final reply, or every token (prompt included).")
 
 
 @dataclass
@@ -124,6 +124,7 @@ class RewardSection:
     normalize_on: Literal["train", "eval"] = opt("train", "Reference set of the normalization: the chosen and rejected responses of data.train or of data.eval.")
     center_coef: float = opt(0.0, "Penalty on the squared mean score, keeping scores centred during training.")
     pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
+    pku_both_unsafe: Literal["drop", "keep"] = opt("drop", "PKU-SafeRLHF rows with pku_preference 'safer' whose two responses are both unsafe (is_response_0_safe, is_response_1_safe false): drop them (counted and logged) or keep them as ordinary pairs.")
 
     def __post_init__(self) -> None:
         if self.center_coef < 0:
@@ -142,6 +143,7 @@ class DPOSection:
     ref_update_every: int = opt(0, "Soft-update the reference every N steps (0 = never; 1 with ref_update_alpha gives an EMA); needs reference 'copy'.")
     ref_update_alpha: float = opt(0.6, "ref <- alpha * policy + (1 - alpha) * ref at each reference update.")
     pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
+    pku_both_unsafe: Literal["drop", "keep"] = opt("drop", "PKU-SafeRLHF rows with pku_preference 'safer' whose two responses are both unsafe (is_response_0_safe, is_response_1_safe false): drop them (counted and logged) or keep them as ordinary pairs.")
 
     def __post_init__(self) -> None:
         from .losses import DPO_LOSSES
@@ -197,8 +199,10 @@ class PPOSection:
     adv_norm: bool = opt(True, "Normalize advantages over the whole rollout batch (all ranks).")
     on_truncated: Literal["bootstrap", "score"] = opt(
         "bootstrap", "Responses cut at max_new_tokens without EOS: 'bootstrap' = no score, GAE bootstraps from "
-        "V(s_T) (paper); 'score' = scored like finished ones. missing_eos_penalty, when set, overrides both.")
-    missing_eos_penalty: Optional[float] = opt(None, "Score given to responses that hit max_new_tokens without EOS (None = see on_truncated).")
+        "V(s_T) (paper); 'score' = scored like finished ones. missing_eos_penalty or truncated_score, when set, "
+        "overrides both.")
+    missing_eos_penalty: Optional[float] = opt(None, "Subtracted from the score of responses that hit max_new_tokens without EOS, as in TRL: a positive number penalizes them (None = see on_truncated).")
+    truncated_score: Optional[float] = opt(None, "Score given instead of the reward to responses that hit max_new_tokens without EOS (None = see on_truncated); not together with missing_eos_penalty.")
     ratio_bound: float = opt(5.0, "Zero the policy loss of a micro-batch whose mean ratio exceeds this (0 = off).")
     # reference
     ref_ema: float = opt(0.0, "Reference EMA eta after every optimizer step (0 = frozen reference; paper: 0.001).")
@@ -206,8 +210,8 @@ class PPOSection:
     # critic
     critic_init: Literal["reward_model", "policy"] = opt("reward_model", "Initialize the critic from the reward model or the policy.")
     critic_lr: float = opt(5e-6, "Critic learning rate (actor: optim.lr).")
-    critic_warmup_iters: int = opt(0, "Iterations that train only the critic (the policy loss is zeroed; AdamW's "
-                                      "weight decay, if any, still applies to the policy).")
+    critic_warmup_iters: int = opt(0, "Iterations that train only the critic; the policy, its AdamW state and its "
+                                      "learning-rate schedule (which starts after them) are untouched.")
     # sampling
     max_new_tokens: int = opt(256, "Maximum response tokens.")
     temperature: float = opt(1.0, "Sampling temperature; also applied to every training log-prob.")
@@ -282,6 +286,12 @@ class PPOConfig(TrainConfig):
         if p.temperature <= 0 or p.top_k < 0 or not 0 < p.top_p <= 1:
             raise ConfigError(f"ppo.temperature={p.temperature}, ppo.top_k={p.top_k}, ppo.top_p={p.top_p}: "
                               f"expected temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        if p.missing_eos_penalty is not None and p.missing_eos_penalty < 0:
+            raise ConfigError(f"ppo.missing_eos_penalty={p.missing_eos_penalty}: expected >= 0 (it is subtracted "
+                              f"from the score; to give truncated responses a fixed score set ppo.truncated_score)")
+        if p.missing_eos_penalty is not None and p.truncated_score is not None:
+            raise ConfigError(f"ppo.missing_eos_penalty={p.missing_eos_penalty} and ppo.truncated_score="
+                              f"{p.truncated_score}: set one (subtract a penalty, or replace the score), not both")
         if not 0 <= p.ref_ema <= 1:
             raise ConfigError(f"ppo.ref_ema={p.ref_ema}: expected in [0, 1]")
         sources = ([p.reward_model] if p.reward_model else []) + list(p.reward_fns)

@@ -67,6 +67,50 @@ def test_messages_format(tmp_path, tiny_model_dir):
     assert tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE]) == "hello<|eos|>"
 
 
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "good"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "last_turn", "all"])
+def test_multi_turn_sft_masks(tmp_path, tiny_model_dir, loss_on):
+    # The tiny template renders <|user|>hi<|assistant|>hello<|eos|><|user|>how are you<|assistant|>good<|eos|>
+    # <|user|>bye<|assistant|>see you<|eos|>. Built by hand from its pieces (special tokens split the text, so each
+    # content tokenizes alone), with the trained tokens of each mode:
+    #   assistant: hello<|eos|>, good<|eos|>, see you<|eos|> (every assistant turn and its end-of-turn marker)
+    #   last_turn: see you<|eos|> only;  all: every token
+    tok = load_tokenizer(tiny_model_dir)
+    U, A, E = (tok.convert_tokens_to_ids(t) for t in ("<|user|>", "<|assistant|>", "<|eos|>"))
+
+    def text(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+    pieces = [([U] + text("hi") + [A], False), (text("hello") + [E], True),
+              ([U] + text("how are you") + [A], False), (text("good") + [E], True),
+              ([U] + text("bye") + [A], False), (text("see you") + [E], True)]
+    ids = [t for piece, _ in pieces for t in piece]
+    last = len(ids) - len(pieces[-1][0])
+    trained = [t for piece, reply in pieces for t in ([reply] * len(piece))]
+    expected = {"assistant": trained, "last_turn": [i >= last for i in range(len(ids))], "all": [True] * len(ids)}
+    rows = load_rows(write(tmp_path / "d.jsonl", [json.dumps({"messages": CHAT})]))
+    ex = encode_sft(rows[0], tok, 64, 32, loss_on=loss_on)
+    assert ex["input_ids"] == ids
+    assert ex["labels"] == [t if keep else IGNORE for t, keep in zip(ids, expected[loss_on])]
+    # by position, with the tiny tokenizer: <|user|> 0, hi 1, <|assistant|> 2, he l lo 3-5, <|eos|> 6, <|user|> 7,
+    # h ow a re y ou 8-13, <|assistant|> 14, g o od 15-17, <|eos|> 18, <|user|> 19, b y e 20-22, <|assistant|> 23,
+    # s e e y ou 24-28, <|eos|> 29
+    positions = {"assistant": [3, 4, 5, 6, 15, 16, 17, 18, 24, 25, 26, 27, 28, 29],
+                 "last_turn": [24, 25, 26, 27, 28, 29], "all": list(range(30))}
+    assert [i for i, label in enumerate(ex["labels"]) if label != IGNORE] == positions[loss_on]
+
+
+def test_single_turn_sft_is_the_same_in_assistant_and_last_turn_modes(tmp_path, tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    rows = load_rows(write(tmp_path / "d.jsonl", [json.dumps({"prompt": "What color is the sky?", "response": "blue"}),
+                                                  json.dumps({"messages": CHAT[:2]})]))
+    for row in rows:
+        assert encode_sft(row, tok, 64, 32, "assistant") == encode_sft(row, tok, 64, 32, "last_turn")
+
+
 def test_prompt_too_long_is_an_error(tmp_path, tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     rows = load_rows(write(tmp_path / "d.jsonl", [json.dumps({"prompt": "sky " * 50, "response": "b"})]))

@@ -105,8 +105,13 @@ def test_token_rewards_k3_estimator():
 
 def test_final_scores_for_truncated_responses():
     scores, eos = t([1.0, 2.0, 3.0]), torch.tensor([True, False, True])
-    # missing_eos_penalty replaces the score of the truncated response; everyone is scored
-    s, scored = final_scores(scores, eos, missing_eos_penalty=-1.0)
+    # missing_eos_penalty (TRL's meaning) is subtracted from the truncated response's score: 2 - 1.5 = 0.5;
+    # everyone is scored
+    s, scored = final_scores(scores, eos, missing_eos_penalty=1.5)
+    close(s, [1.0, 0.5, 3.0])
+    assert scored.tolist() == [True, True, True]
+    # truncated_score replaces it: 2 -> -1
+    s, scored = final_scores(scores, eos, truncated_score=-1.0)
     close(s, [1.0, -1.0, 3.0])
     assert scored.tolist() == [True, True, True]
     # 'score': the truncated response keeps its score
@@ -117,6 +122,14 @@ def test_final_scores_for_truncated_responses():
     s, scored = final_scores(scores, eos, on_truncated="bootstrap")
     close(s, [1.0, 0.0, 3.0])
     assert scored.tolist() == [True, False, True]
+
+
+def test_truncation_settings_are_validated(tiny_model_dir, sft_file, tmp_path):
+    with pytest.raises(ConfigError, match="missing_eos_penalty=-1.0: expected >= 0"):
+        ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__missing_eos_penalty=-1.0)
+    with pytest.raises(ConfigError, match="not both"):
+        ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__missing_eos_penalty=1.0, ppo__truncated_score=-1.0)
+    ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__truncated_score=-1.0)
 
 
 def test_reference_logprobs_on_the_policy_sampling_support():
@@ -255,6 +268,102 @@ def test_scoring_logprobs_equal_the_sampler_with_temperature_top_k_top_p(tiny_mo
     close(ref_logp[valid], sampler[valid], 1e-4)
 
 
+class RecordingSampler:
+    """Wraps SeededSampler.__call__: keeps the log-softmax of the logits each draw is made from (after whatever
+    processors generate ran before it, and after the sampler's own temperature/top-k/top-p filter)."""
+
+    def __init__(self, monkeypatch):
+        from rlhf.ops import _sampling_logits
+        from rlhf.rollout import hf
+
+        self.steps = []
+        original = hf.SeededSampler.__call__
+
+        def call(sampler, input_ids, scores):
+            s = sampler.sampling
+            self.steps.append(_sampling_logits(scores, s.temperature, s.top_k, s.top_p, upcast=True).log_softmax(-1))
+            return original(sampler, input_ids, scores)
+        monkeypatch.setattr(hf.SeededSampler, "__call__", call)
+
+
+@pytest.mark.parametrize("setting", [{}, {"repetition_penalty": 1.05}, {"repetition_penalty": 1.3},
+                                     {"no_repeat_ngram_size": 1}, {"min_new_tokens": 4}])
+def test_rollout_samples_the_distribution_training_scores_whatever_the_model_generation_config(
+        tiny_model_dir, monkeypatch, setting):
+    # A checkpoint's own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05) must not shape the
+    # samples: the old log-probs, the KL and the ratio score the plain temperature/top-k/top-p distribution. Before
+    # rollouts ignored it, the sampler's log-prob of a sampled token here differed from the scoring one by up to
+    # 1.2e-2 (repetition_penalty 1.05), 4.9e-2 (1.3), 9.4e-2 (no_repeat_ngram_size 1), 4e-3 (min_new_tokens 4);
+    # now by float32 rounding of two log-softmaxes over a 512-token vocabulary (7e-7 measured).
+    from rlhf.rollout import generate
+    from rlhf.rollout.hf import ignored_generation_settings
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok)
+    for k, v in setting.items():
+        setattr(policy.generation_config, k, v)
+    assert ignored_generation_settings(policy) == setting
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=40, top_p=0.9)
+    prompts = [encode_prompt(tok, p) for p in ["What color is the sky?", "Tell me the color of the orange.",
+                                               "Name a fruit.", "Say hello."]]
+    recorder = RecordingSampler(monkeypatch)
+    rollout = generate(policy, tok, prompt_ids=prompts, sampling=sampling, seeds=[11, 12, 13, 14])
+    sampler = torch.stack(recorder.steps, dim=1)  # [B, steps, V]
+    R = rollout.response_ids.shape[1]
+    sampler = sampler[:, :R].gather(-1, rollout.response_ids[..., None])[..., 0]
+    pair = PolicyAndCritic(policy, load_scalar_model(tiny_model_dir), sampling)
+    P = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logp, _ = pair(rollout.input_ids, rollout.attention_mask, P)
+    valid = rollout.response_mask.bool()
+    assert valid.sum() >= 12
+    close(logp[valid], sampler[valid], 1e-5)
+    # the model's own config is back in place afterwards
+    assert ignored_generation_settings(policy) == setting
+
+
+@pytest.mark.slow
+def test_ppo_names_the_ignored_generation_settings_once(tiny_model_dir, sft_file, tmp_path, capsys):
+    tok = load_tokenizer(tiny_model_dir)
+    policy = lm(tiny_model_dir)
+    policy.generation_config.update(do_sample=True, repetition_penalty=1.05, top_p=0.8)  # as Qwen2.5-Instruct ships
+    model_dir = str(tmp_path / "model")
+    policy.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    records = run(ppo_config(model_dir, sft_file, str(tmp_path), ppo__iterations=1))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "generation_config" in line]
+    assert lines == [f"{model_dir}: generation_config sets top_p=0.8, repetition_penalty=1.05; ignored: rollouts "
+                     "sample from ppo.temperature, ppo.top_k and ppo.top_p alone, the distribution training scores"]
+    assert records[0]["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_unseeded_rollouts_resolve_a_clean_generation_config(tiny_model_dir, monkeypatch):
+    # The path without seeds samples inside transformers: the config generate resolves holds only SamplingConfig's
+    # values, whatever the model's generation_config says.
+    from rlhf.rollout import generate
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir), tok)
+    policy.generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3,
+                                    temperature=0.2, top_k=5, suppress_tokens=[7])
+    resolved = []
+    prepare = type(policy)._prepare_generation_config
+
+    def spy(self, generation_config, **kwargs):
+        out = prepare(self, generation_config, **kwargs)
+        resolved.append(out[0])
+        return out
+    monkeypatch.setattr(type(policy), "_prepare_generation_config", spy)
+    generate(policy, tok, prompt_ids=[encode_prompt(tok, "Say hello.")],
+             sampling=SamplingConfig(max_new_tokens=3, temperature=0.9, top_k=0, top_p=0.95))
+    (cfg,) = resolved
+    assert (cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.min_new_tokens, cfg.suppress_tokens) == \
+        (1.0, 0, None, None)
+    assert (cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p) == (True, 0.9, 0, 0.95)
+    assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    assert policy.generation_config.repetition_penalty == 1.3  # restored
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # End to end through the Trainer
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,6 +443,76 @@ def test_reward_model_source_and_critic_warmup(tiny_model_dir, sft_file, tmp_pat
     trained = load_file(sorted(glob.glob(os.path.join(tmp_path, "run", "checkpoints", "step_*", "model.safetensors")))[-1])
     assert trained["critic.score.bias"].item() != pytest.approx(0.25, abs=1e-6)
     torch.testing.assert_close(critic["score.bias"], trained["critic.score.bias"])
+
+
+@pytest.mark.slow
+def test_critic_warmup_leaves_the_policy_optimizer_state_and_schedule_untouched(tiny_model_dir, sft_file, tmp_path,
+                                                                                monkeypatch):
+    # 4 iterations x 2 steps; the first 2 iterations (steps 0-3) train only the critic. Cosine schedule, no lr warm-up.
+    # The policy's updates after the warm-up must be those of a fresh AdamW (as in a run without warm-up) fed the
+    # same gradients, at the learning rates of a 4-step cosine: factor 0.5 (1 + cos(pi k / 4)), k = 0..3 =
+    # 1, 0.8535534, 0.5, 0.1464466. Zero gradients during warm-up used to advance AdamW's step count (first real
+    # update 0.65x its fresh size after these 4 steps) and the policy's lr followed the 8-step cosine from step 4:
+    # 0.5, 0.3086583, 0.1464466, 0.0380602.
+    lr, wd, W, spi = 1e-3, 0.1, 2, 2
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=4, ppo__critic_warmup_iters=W,
+                     optim__scheduler="cosine", optim__weight_decay=wd)
+    seen = []  # per optimizer step: (policy lr, critic lr, grads, params before, params after, policy state sizes)
+    make = Trainer._optimizer
+
+    def optimizer_with_probe(trainer, model):
+        opt = make(trainer, model)
+        policy = opt.param_groups[0]["params"]
+
+        def before(o, args, kwargs):  # runs before PPO's own hook, so warm-up grads are still zeros here
+            seen.append([o.param_groups[0]["lr"], o.param_groups[1]["lr"],
+                         [q.grad.clone() for q in policy], [q.detach().clone() for q in policy]])
+
+        def after(o, args, kwargs):
+            seen[-1] += [[q.detach().clone() for q in policy], [len(o.state[q]) for q in policy]]
+        opt.register_step_pre_hook(before)
+        opt.register_step_post_hook(after)
+        return opt
+    monkeypatch.setattr(Trainer, "_optimizer", optimizer_with_probe)
+    run(cfg)
+    assert len(seen) == 8
+    for lr_p, lr_c, grads, p0, p1, state in seen[:W * spi]:  # warm-up: the policy neither moves nor gets state
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1)) and set(state) == {0}
+    critic = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    close([s[1] for s in seen], [lr * f for f in critic], 1e-12)  # the critic keeps the 8-step schedule
+    close([s[0] for s in seen[W * spi:]], [lr * f for f in (1.0, 0.8535534, 0.5, 0.1464466)], 1e-10)
+    # a fresh AdamW replays the policy's real steps from the same weights and gradients: the same weights after each
+    fresh = [q.clone() for q in seen[W * spi][3]]
+    adam = torch.optim.AdamW(fresh, lr=lr, betas=tuple(cfg.optim.adam_betas), eps=cfg.optim.adam_eps, weight_decay=wd)
+    for lr_p, _, grads, p0, p1, _ in seen[W * spi:]:
+        for q, g in zip(fresh, grads):
+            q.grad = g
+        adam.param_groups[0]["lr"] = lr_p
+        with torch.no_grad():
+            adam.step()
+        for a, b in zip(fresh, p1):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same float32 operations in the same order
+
+
+@pytest.mark.slow
+def test_ema_reference_scores_at_the_policy_precision_and_updates_in_float32(tiny_model_dir, sft_file, tmp_path):
+    # A bf16 policy with ppo.ref_ema: at iteration 0 reference == policy, so every per-token KL is exactly 0 (the
+    # reference used to be cast to float32 whole, and its log-probs differed from the bf16 policy's by up to 2e-3 a
+    # token). The EMA itself runs on a float32 master: eta 1e-3 moves it by increments a bf16 copy cannot hold.
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), model__dtype="bfloat16", ppo__ref_ema=0.001,
+                     ppo__iterations=2)
+    trainer = Trainer(cfg)
+    trainer.train()
+    records = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))
+    assert records[0]["objective/kl"] == 0.0
+    algo, start = trainer.algorithm, lm(tiny_model_dir)
+    assert {q.dtype for q in algo.reference.parameters()} == {torch.bfloat16}
+    assert {q.dtype for q in algo.reference_master} == {torch.float32}
+    initial = [q.to(torch.bfloat16).float() for q in start.parameters()]
+    moved = sum(int((m != q0).sum()) for m, q0 in zip(algo.reference_master, initial))
+    assert moved > 0  # the master took the EMA steps
+    for r, m in zip(algo.reference.parameters(), algo.reference_master):
+        assert torch.equal(r, m.to(torch.bfloat16))  # the scoring reference is the master at bf16
 
 
 def test_overlong_prompt_names_file_and_line(tiny_model_dir, tmp_path):

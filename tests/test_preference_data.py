@@ -54,6 +54,40 @@ def test_pku_saferlhf_prefers_better_or_safer():
     # row 2: both ids 0; row 3: better 1, safer 0
     assert better[1].chosen == safer[1].chosen == "The capital of France is Paris."
     assert better[2].chosen == "Smash the window with a brick." and safer[2].chosen.startswith("Call a locksmith")
+    # row 4: both responses unsafe; the adapter alone orders them (load_pairs drops the row under "safer")
+    assert (safer[3].chosen, safer[3].rejected) == ("Push them.", "Hit them.")
+
+
+@pytest.mark.parametrize("preference, both_unsafe, kept, dropped", [
+    ("safer", "drop", 3, {"pku_both_unsafe": 1}),  # "Push them." over "Hit them." teaches nothing safe: left out
+    ("safer", "keep", 4, {}),
+    ("better", "drop", 4, {}),  # helpfulness pairs keep every row
+], ids=["safer-drop", "safer-keep", "better"])
+def test_pku_pairs_whose_responses_are_both_unsafe(tokenizer, preference, both_unsafe, kept, dropped):
+    opts = PairOptions(max_length=128, max_prompt_length=64, pku_preference=preference, pku_both_unsafe=both_unsafe)
+    counts, bad = {}, BadRows()
+    pairs = load_pairs(PKU, tokenizer, opts, bad, "train", dropped=counts)
+    assert (len(pairs), counts, bad.skipped) == (kept, dropped, [])
+    chosen = {tokenizer.decode(p.chosen_ids, skip_special_tokens=True) for p in pairs}
+    assert ("Push them." in chosen) == (kept == 4 and preference == "safer")
+
+
+@pytest.mark.parametrize("algorithm", ["reward", "dpo"])
+def test_dropped_pku_pairs_are_printed_once_and_logged(tiny_model_dir, tmp_path, capsys, algorithm):
+    cfg = config_from_dict({
+        "algorithm": algorithm, "model": {"name_or_path": tiny_model_dir},
+        "data": {"train": PKU, "max_length": 64, "max_prompt_length": 32},
+        "optim": {"batch_size": 2, "micro_batch_size": 2, "max_steps": 1},
+        algorithm: {"pku_preference": "safer"},
+        "logging": {"output_dir": str(tmp_path), "run_name": "run", "progress": False},
+    })
+    trainer = Trainer(cfg)
+    assert len(trainer.algorithm.train_pairs) == 3
+    out = capsys.readouterr().out
+    assert out.count("dropped") == 1
+    assert "train: dropped 1 PKU-SafeRLHF pairs whose responses are both unsafe (pku_both_unsafe: drop)" in out
+    trainer.train()
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["data/train_dropped_pku_both_unsafe"] == 1
 
 
 def test_ultrafeedback_messages_and_score_margin():
@@ -83,7 +117,7 @@ def test_every_hub_fixture_tokenizes(tokenizer, spec, split, fmt):
     for data_format in ("auto", fmt):
         opts = PairOptions(format=data_format, max_length=128, max_prompt_length=64)
         pairs = load_pairs(spec, tokenizer, opts, BadRows(), split)
-        assert len(pairs) == 3
+        assert len(pairs) == (4 if spec == PKU else 3)
         for p in pairs:
             assert p.chosen_ids[-1] == p.rejected_ids[-1] == tokenizer.eos_token_id
             assert p.chosen_ids != p.rejected_ids

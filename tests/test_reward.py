@@ -113,6 +113,35 @@ def test_saved_model_outputs_calibrated_scores(tiny_model_dir, prefs_file, tmp_p
     torch.testing.assert_close((raw - stats["mean"]) / stats["std"], scores, atol=1e-4, rtol=1e-4)
 
 
+def test_reward_model_gives_calibrated_scores_outside_rlhf(tiny_model_dir, prefs_file, tmp_path):
+    # The score head (Llama) has no bias, so the calibration's shift cannot live in the weights: plain transformers
+    # gives every score minus config.score_bias. rlhf.load_reward_model gives the calibrated scores, and so does the
+    # one-line transformers recipe of final/README.md. Scores are read by each library's own pooling (transformers:
+    # the last non-pad token of a right-padded batch).
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf import load_reward_model
+    from rlhf.data.preference import collate_pairs
+
+    trainer = Trainer(rm_config(tiny_model_dir, prefs_file, str(tmp_path), optim__max_steps=3))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    batch = collate_pairs(trainer.tokenizer.pad_token_id)(trainer.algorithm.train_pairs[:8])
+    rows = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    # rlhf's scores, as PPO reads them (mean 0, std 1: test_saved_model_outputs_calibrated_scores)
+    with torch.no_grad():
+        calibrated = torch.cat(trainer.algorithm.scores(load_scalar_model(str(final)), batch))
+        ours = load_reward_model(str(final))(**rows).logits[:, 0]
+        plain_model = AutoModelForSequenceClassification.from_pretrained(str(final)).eval()
+        plain = plain_model(**rows).logits[:, 0]
+    shift = plain_model.config.score_bias
+    assert abs(shift) > 1e-3  # a real shift: plain scores are off by it
+    torch.testing.assert_close(ours, calibrated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain + shift, calibrated, atol=1e-5, rtol=0)
+    note = (final / "README.md").read_text()
+    assert "load_reward_model(path)" in note and "logits[:, 0] + model.config.score_bias" in note
+
+
 def test_reward_model_learns_heldout_pairs(testbed_model_dir, tmp_path, capsys):  # noqa: F811
     src, paths, n_train, n_held = heldout_split(tmp_path)
     cfg = rm_config(testbed_model_dir, paths["train"], str(tmp_path), data__eval=paths["heldout"],

@@ -29,7 +29,7 @@ from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm
 from ..models.forward import sequence_logprobs
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
 
 REF_CACHE = "ref_logps.pt"
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -114,15 +114,18 @@ class DPO(Algorithm):
         if cfg.dpo.reference == "adapter" and not cfg.dpo.reference_free and cfg.model.lora_r <= 0:
             raise ConfigError("dpo.reference='adapter' needs a LoRA policy: set model.lora_r > 0")
         d, tok = cfg.data, trainer.tokenizer
-        opts = PairOptions.from_config(d, cfg.dpo.pku_preference)
+        opts = PairOptions.from_config(d, cfg.dpo.pku_preference, pku_both_unsafe=cfg.dpo.pku_both_unsafe)
         self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
-        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit)
-        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split) if d.eval else []
+        dropped, dropped_eval = {}, {}
+        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit, dropped)
+        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split, dropped=dropped_eval) if d.eval else []
         for i, example in enumerate(self.train_pairs + self.eval_pairs):
             example.index = i  # keys the precomputed reference table
         self.skipped = report_skipped(trainer, self.bad, "train")
+        self.skipped.update(report_dropped(trainer, dropped, "train"))
         if d.eval:
             self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
+            self.skipped.update(report_dropped(trainer, dropped_eval, "eval"))
         self.collate = collate_pairs(tok.pad_token_id)
         self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
         self.reference = None  # built in prepared(), from the initial policy

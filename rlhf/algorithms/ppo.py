@@ -52,6 +52,7 @@ from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, Runni
                    all_reduce_sum_, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
 from ..rollout import SamplingConfig, generate
+from ..rollout.hf import ignored_generation_settings
 from .base import Algorithm, StepBatch
 from .supervised import report_skipped
 
@@ -64,17 +65,22 @@ VALUE_VAR_FLOOR = 1e-2  # paper (ReaLHF ExponentialRunningMeanStd): the running 
 
 
 def final_scores(scores: Tensor, eos: Tensor, missing_eos_penalty: Optional[float] = None,
-                 on_truncated: str = "bootstrap") -> tuple[Tensor, Tensor]:
+                 on_truncated: str = "bootstrap", truncated_score: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """(the score each response receives at its last token [B], whether it receives one [B] bool).
 
-    A response that ended with EOS keeps its score. One cut at max_new_tokens gets missing_eos_penalty when set;
-    otherwise on_truncated="score" keeps its score, and "bootstrap" (paper) gives it none: the episode did not end,
-    so GAE bootstraps from V(s_T) instead.
+    A response that ended with EOS keeps its score. One cut at max_new_tokens:
+    - missing_eos_penalty (>= 0, TRL's meaning): scored, with the penalty subtracted: score - penalty;
+    - truncated_score: scored, with this fixed value in place of its score;
+    - otherwise on_truncated="score" keeps its score, and "bootstrap" (paper) gives it none: the episode did not
+      end, so GAE bootstraps from V(s_T) instead.
+    Setting both missing_eos_penalty and truncated_score is refused (PPOConfig.validate).
     """
     truncated = ~eos.bool()
     everyone = torch.ones_like(truncated)
     if missing_eos_penalty is not None:
-        return torch.where(truncated, torch.full_like(scores, missing_eos_penalty), scores), everyone
+        return torch.where(truncated, scores - missing_eos_penalty, scores), everyone
+    if truncated_score is not None:
+        return torch.where(truncated, torch.full_like(scores, truncated_score), scores), everyone
     if on_truncated == "score":
         return scores, everyone
     return torch.where(truncated, torch.zeros_like(scores), scores), ~truncated
@@ -169,6 +175,17 @@ def on_response(logprobs: Tensor, response_mask: Tensor) -> Tensor:
     """0 on padding: a pad label outside the top-k/top-p filter has log-prob -inf, and -inf - (-inf) in the ratio
     would send NaN gradients back through the masked-out positions."""
     return torch.where(response_mask != 0, logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
+
+
+class ScheduleAfter:
+    """A learning-rate factor schedule(step - start) that begins at step `start` (0 before): the policy's schedule
+    under critic warm-up. A class, not a closure, so LambdaLR's state_dict can save it."""
+
+    def __init__(self, schedule, start: int):
+        self.schedule, self.start = schedule, start
+
+    def __call__(self, step: int) -> float:
+        return self.schedule(step - self.start) if step >= self.start else 0.0
 
 
 class PolicyAndCritic(nn.Module):
@@ -284,6 +301,11 @@ class PPO(Algorithm):
     def build_model(self) -> PolicyAndCritic:
         cfg, tok = self.cfg, self.trainer.tokenizer
         policy = load_causal_lm(cfg.model, tok)
+        ignored = ignored_generation_settings(policy)
+        if ignored:
+            self.trainer.print(f"{cfg.model.name_or_path}: generation_config sets "
+                               f"{', '.join(f'{k}={v}' for k, v in ignored.items())}; ignored: rollouts sample from "
+                               "ppo.temperature, ppo.top_k and ppo.top_p alone, the distribution training scores")
         from_rm = cfg.ppo.critic_init == "reward_model"
         critic = load_scalar_model(cfg.ppo.reward_model if from_rm else cfg.model.name_or_path, cfg.model, tok,
                                    trainable=True, field="ppo.reward_model" if from_rm else "model.name_or_path")
@@ -295,13 +317,61 @@ class PPO(Algorithm):
         return [{"params": trainable(model.policy)}, {"params": trainable(model.critic), "lr": self.cfg.ppo.critic_lr}]
 
     def prepared(self, model) -> None:
+        if self.cfg.ppo.critic_warmup_iters:
+            self._hold_policy_during_warmup()
+
         def rebuild():
             with whole_loading(self.trainer.accelerator):
                 return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
         self.reference = frozen_copy(self._pair(model).policy, rebuild=rebuild)
-        if self.cfg.ppo.ref_ema > 0:
-            # a half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_)
-            self.reference.float()
+        self.reference_master: Optional[nn.ParameterList] = None
+        if self.cfg.ppo.ref_ema > 0 and any(q.dtype != torch.float32 for q in self.reference.parameters()):
+            # A half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_), so the EMA
+            # runs on a float32 master; the reference that scores stays at the policy's precision (a copy of the
+            # master), or the KL would measure rounding: not 0 at the start, while reference == policy.
+            self.reference_master = nn.ParameterList(
+                [nn.Parameter(q.detach().float().clone(), requires_grad=False) for q in self.reference.parameters()])
+
+    def _update_reference(self, source, eta: float, gather: bool = True) -> None:
+        """theta_ref <- eta * theta_source + (1 - eta) * theta_ref on the float32 master when there is one, then the
+        scoring reference <- the master at its own precision. gather=False when the source is already whole."""
+        target = self.reference_master if self.reference_master is not None else self.reference
+        (ema_update_ if gather else soft_update_)(target, source, eta)
+        if self.reference_master is not None:
+            soft_update_(self.reference, self.reference_master, 1.0)
+
+    def warmup_steps(self) -> int:
+        """Optimizer steps of the critic warm-up (ppo.critic_warmup_iters), which leave the policy untouched."""
+        return self.cfg.ppo.critic_warmup_iters * self.steps_per_iteration
+
+    def _hold_policy_during_warmup(self) -> None:
+        """Critic warm-up must leave the policy's AdamW state and learning-rate schedule as a run without it would
+        find them. The policy's loss is zeroed during warm-up (PPO.loss), but a zero gradient still advances AdamW's
+        step count (its bias correction then shrinks or inflates the first real updates: 0.49x the intended size
+        after 8 zero steps, 2x after 512) and applies weight decay, and the schedule would spend its warm-up and
+        decay on steps that do not train the policy. So the policy's gradients are dropped (None: AdamW skips the
+        parameter) before each warm-up step, and the policy's group (param_groups: group 0) follows the Trainer's
+        schedule rebuilt over its own steps, starting when the warm-up ends."""
+        trainer, warmup = self.trainer, self.warmup_steps()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the torch one
+        if not isinstance(optimizer, torch.optim.Optimizer) or trainer.accelerator.distributed_type == "DEEPSPEED":
+            trainer.print("ppo.critic_warmup_iters under DeepSpeed: the policy's loss is zeroed, but AdamW still "
+                          "counts the warm-up steps for it (and its schedule runs through them)")
+            return
+        policy_params = optimizer.param_groups[0]["params"]
+
+        def drop_policy_grads(opt, args, kwargs):
+            if trainer.step < warmup:  # trainer.step counts the steps already taken
+                for q in policy_params:
+                    q.grad = None
+        optimizer.register_step_pre_hook(drop_policy_grads)
+        if not isinstance(trainer.scheduler, torch.optim.lr_scheduler.LambdaLR):  # transformers' schedules all are
+            raise RuntimeError(f"ppo.critic_warmup_iters: cannot delay the policy's schedule on a "
+                               f"{type(trainer.scheduler).__name__}; expected a LambdaLR")
+        total = self.total_steps()
+        scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        own = trainer._scheduler(scratch, total - warmup).lr_lambdas[0]  # the configured schedule, policy steps
+        trainer.scheduler.lr_lambdas[0] = ScheduleAfter(own, warmup)
 
     def _pair(self, model=None) -> PolicyAndCritic:
         return self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model)
@@ -358,7 +428,7 @@ class PPO(Algorithm):
         # generation and scoring on whole weights: under ZeRO-3 gathered once here, not per forward or token
         with trainer.full_model() as pair:
             if p.ref_reset_every and iteration and iteration % p.ref_reset_every == 0:
-                soft_update_(self.reference, pair.policy, 1.0)  # the policy is whole in this block
+                self._update_reference(pair.policy, 1.0, gather=False)  # the policy is whole in this block
             with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
                 rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
                                    sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds)
@@ -373,7 +443,7 @@ class PPO(Algorithm):
         raw = raw.to(dev)
         t2 = time.time()
 
-        scores, scored = final_scores(raw, eos, p.missing_eos_penalty, p.on_truncated)
+        scores, scored = final_scores(raw, eos, p.missing_eos_penalty, p.on_truncated, p.truncated_score)
         if p.reward_norm:
             self.score_stats.update(scores, scored, distributed=True)
             scores = self.score_stats.normalize(scores)
@@ -459,7 +529,7 @@ class PPO(Algorithm):
         p = self.cfg.ppo
         if p.ref_ema > 0:  # paper: theta_ref <- eta * theta_actor + (1 - eta) * theta_ref after every actor step
             with self.trainer.phase("reference update"):  # gathers the policy's shards under ZeRO-3
-                ema_update_(self.reference, self._pair(model).policy, p.ref_ema)
+                self._update_reference(self._pair(model).policy, p.ref_ema)
         out = dict(self.skipped) if step == 1 else {}
         if step % self.steps_per_iteration == 0:
             out["time/train_s"] = time.time() - self._train_start
@@ -481,6 +551,8 @@ class PPO(Algorithm):
                  "kl_ctl": self.kl_ctl.state_dict()}
         if p.ref_ema > 0 or p.ref_reset_every > 0:  # otherwise the reference is the initial policy, rebuilt at start
             state["reference"] = {k: v.detach().cpu().clone() for k, v in self.reference.state_dict().items()}
+            if self.reference_master is not None:
+                state["reference_master"] = [q.detach().cpu().clone() for q in self.reference_master]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -489,3 +561,8 @@ class PPO(Algorithm):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if "reference" in state:
             self.reference.load_state_dict(state["reference"])
+        if self.reference_master is not None:
+            saved = state.get("reference_master") or [q.float() for q in self.reference.parameters()]
+            with torch.no_grad():
+                for q, v in zip(self.reference_master, saved, strict=True):
+                    q.copy_(v)

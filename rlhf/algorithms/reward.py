@@ -5,9 +5,11 @@
 The model is AutoModelForSequenceClassification with one label (a causal-LM checkpoint gets a fresh head).
 Chosen and rejected rows of a micro-batch share one forward. After training, scores are calibrated to mean 0,
 std 1 on a reference set (the chosen and rejected responses of data.train, or of data.eval): the scale is folded
-into the score head's weight and the shift into `config.score_bias` (the head of most causal-LM architectures has no
-bias parameter; `apply_score_bias_` restores it as one on load), and the statistics go to
-<final>/reward_normalization.json. PPO then reads calibrated scores.
+into the score head's weight; the head of transformers' sequence-classification models (Llama, Qwen2, ...) has no
+bias, so the shift is saved as `config.score_bias`, which `rlhf.load_reward_model` (and `apply_score_bias_`) restore
+as a bias on load and plain transformers ignores.
+The statistics go to <final>/reward_normalization.json and a loading note to <final>/README.md. PPO then reads
+calibrated scores.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model, scalar_scores
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
 
 NORMALIZATION_FILE = "reward_normalization.json"
 EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")
@@ -66,13 +68,16 @@ class RewardModeling(Algorithm):
         d, r, tok = cfg.data, cfg.reward, trainer.tokenizer
         if r.normalize and r.normalize_on == "eval" and not d.eval:
             raise ConfigError("reward.normalize_on='eval' needs data.eval")
-        opts = PairOptions.from_config(d, r.pku_preference, need_margin=r.margin)
+        opts = PairOptions.from_config(d, r.pku_preference, need_margin=r.margin, pku_both_unsafe=r.pku_both_unsafe)
         self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
-        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit)
-        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split) if d.eval else []
+        dropped, dropped_eval = {}, {}
+        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit, dropped)
+        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split, dropped=dropped_eval) if d.eval else []
         self.skipped = report_skipped(trainer, self.bad, "train")
+        self.skipped.update(report_dropped(trainer, dropped, "train"))
         if d.eval:
             self.skipped.update(report_skipped(trainer, bad_eval, "eval"))
+            self.skipped.update(report_dropped(trainer, dropped_eval, "eval"))
         self.collate = collate_pairs(tok.pad_token_id)
         self.batcher = make_batcher(trainer, self.train_pairs, self.collate)
         self._export_scores: Optional[torch.Tensor] = None  # [2N] all ranks' normalization scores (prepare_export)
@@ -166,12 +171,16 @@ class RewardModeling(Algorithm):
         mean, std = scores.mean().item(), scores.std(unbiased=False).clamp(min=1e-6).item()
         head = target.score
         folded = fold_normalization(head, mean, std)
-        # The shift lives in config.score_bias: a bias-free head (Llama, Qwen2, ...) drops a saved score.bias on load.
+        shift = float(folded.bias.item())
+        # The scale folds into score.weight. The shift cannot fold into the weights: no score head of a transformers
+        # sequence-classification model has a bias (checked for 5.24: all are Linear(bias=False)), and from_pretrained
+        # drops a saved score.bias. It lives in config.score_bias, which rlhf's loaders (load_reward_model,
+        # load_scalar_model) restore as the head's bias and which final/README.md tells plain transformers users to add.
         saved_head = nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device,
                                dtype=head.weight.dtype)
         saved_head.weight = folded.weight
         previous = getattr(target.config, "score_bias", None)
-        target.score, target.config.score_bias = saved_head, float(folded.bias.item())
+        target.score, target.config.score_bias = saved_head, shift
         try:
             super().save_model(target, out_dir)
         finally:  # the live model keeps training-time scores
@@ -180,9 +189,28 @@ class RewardModeling(Algorithm):
                 del target.config.score_bias
         stats = {"mean": mean, "std": std, "count": scores.numel(), "set": r.normalize_on,
                  "data": self.cfg.data.train if r.normalize_on == "train" else self.cfg.data.eval,
-                 "score_bias": float(folded.bias.item()),
-                 "note": "raw score s -> (s - mean) / std, already folded into the saved score head"}
+                 "score_bias": shift,
+                 "note": "raw score s -> (s - mean) / std: the scale is folded into score.weight, the shift is "
+                         "config.score_bias (rlhf.load_reward_model adds it; plain transformers does not)"}
         with open(os.path.join(out_dir, NORMALIZATION_FILE), "w") as f:
             json.dump(stats, f, indent=2)
+        with open(os.path.join(out_dir, "README.md"), "w") as f:
+            f.write(loading_note(shift))
         self.trainer.print(f"reward normalization: mean {mean:.4g}, std {std:.4g} on {scores.numel()} "
-                           f"{r.normalize_on} responses, folded into the score head")
+                           f"{r.normalize_on} responses: scale folded into the score head, shift in "
+                           f"config.score_bias={shift:.4g} (load with rlhf.load_reward_model)")
+
+
+def loading_note(score_bias: float) -> str:
+    """final/README.md of a calibrated reward model: how to get its calibrated scores, with rlhf or without."""
+    return (
+        "# Reward model (rlhf)\n\n"
+        "Scores are calibrated to mean 0, std 1 on the responses of the calibration set (reward_normalization.json), "
+        "read at each sequence's last non-pad token. The score head has no bias, so only the scale is folded into "
+        f"`score.weight`; the shift ({score_bias:.6g}) is `config.score_bias`, which transformers does not read: "
+        "a plain `AutoModelForSequenceClassification.from_pretrained` gives every score minus it. Load with\n\n"
+        "```python\nfrom rlhf import load_reward_model\n"
+        "model = load_reward_model(path)  # model(**batch).logits[:, 0] is the calibrated score\n```\n\n"
+        "or, with transformers alone, add the shift:\n\n"
+        "```python\nmodel = AutoModelForSequenceClassification.from_pretrained(path)\n"
+        "score = model(**batch).logits[:, 0] + model.config.score_bias\n```\n")

@@ -1,4 +1,9 @@
-"""Supervised fine-tuning: next-token cross-entropy on response tokens (prompt masked)."""
+"""Supervised fine-tuning: next-token cross-entropy on the assistant's tokens (sft.loss_on).
+
+sft.loss_on picks the trained tokens of a conversation: "assistant" (default, as TRL's assistant-only loss) every
+assistant turn, "last_turn" only the final reply, "all" every token. A {prompt, response} row is a conversation
+whose last turn is the response, so for single-turn data the first two agree.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 
 from ..data import BadRows, DataError, Row, encode_prompt, encode_response, load_rows
 from ..data.batching import attention_mask, pad
-from ..data.templates import split_messages
+from ..data.templates import as_messages, assistant_spans, split_messages
 from ..models import load_causal_lm, token_logprobs
 from ..ops import masked_mean, masked_sum
 from .base import Algorithm
@@ -30,7 +35,9 @@ def sft_prompt_response(row: Row):
     return prompt, row.get(key, str)
 
 
-def encode_sft(row: Row, tokenizer, max_length: int, max_prompt_length: int, loss_on_prompt: bool = False) -> dict:
+def encode_sft(row: Row, tokenizer, max_length: int, max_prompt_length: int, loss_on: str = "assistant") -> dict:
+    """{input_ids, labels}: the prompt (every turn before the final reply, chat template applied), then the reply
+    with EOS, cut at max_length. labels copy input_ids on trained tokens (see sft.loss_on), IGNORE elsewhere."""
     prompt, response = sft_prompt_response(row)
     if not response.strip():
         raise row.fail("response", "empty response")
@@ -38,8 +45,15 @@ def encode_sft(row: Row, tokenizer, max_length: int, max_prompt_length: int, los
     if len(p) > max_prompt_length:
         raise row.fail("prompt", f"{len(p)} tokens > data.max_prompt_length={max_prompt_length}")
     r = encode_response(tokenizer, response)[: max_length - len(p)]
-    labels = (p if loss_on_prompt else [IGNORE] * len(p)) + r
-    return {"input_ids": p + r, "labels": labels}
+    labels = list(p) if loss_on == "all" else [IGNORE] * len(p)
+    if loss_on == "assistant" and not isinstance(prompt, str):
+        try:
+            spans = assistant_spans(tokenizer, as_messages(prompt), p)
+        except ValueError as e:
+            raise row.fail("messages" if "messages" in row.data else "prompt", str(e)) from None
+        for start, end in spans:
+            labels[start:end] = p[start:end]
+    return {"input_ids": p + r, "labels": labels + r}
 
 
 @dataclass
@@ -84,7 +98,7 @@ class SFT(Algorithm):
         for row in rows:
             try:
                 out.append(encode_sft(row, self.trainer.tokenizer, d.max_length, d.max_prompt_length,
-                                      self.cfg.sft.loss_on_prompt))
+                                      self.cfg.sft.loss_on))
             except DataError as e:
                 self.bad(e)
         return out

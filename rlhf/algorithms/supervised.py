@@ -40,6 +40,18 @@ def report_skipped(trainer, bad, name: str) -> dict:
     return {f"data/{name}_skipped_rows": len(bad.skipped)}
 
 
+DROP_REASONS = {"pku_both_unsafe": "PKU-SafeRLHF pairs whose responses are both unsafe (pku_both_unsafe: drop)"}
+
+
+def report_dropped(trainer, dropped: dict[str, int], name: str) -> dict:
+    """Print one line per reason rows were left out by choice, and return their counts as metrics."""
+    out = {}
+    for reason, count in dropped.items():
+        trainer.print(f"{name}: dropped {count} {DROP_REASONS.get(reason, reason)}")
+        out[f"data/{name}_dropped_{reason}"] = count
+    return out
+
+
 @torch.no_grad()
 def sharded_eval(trainer, model, items: list, micro_batch_size: int, collate: Callable, keys: Sequence[str],
                  sums: Callable) -> dict[str, float]:

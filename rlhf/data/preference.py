@@ -9,7 +9,10 @@ Formats (`data.format`; "auto" picks one from the first row's columns, see FORMA
   hh-rlhf        Anthropic/hh-rlhf: chosen/rejected are whole transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...";
                  the shared turns become the prompt (as messages), the final assistant turn the response.
   pku-saferlhf   PKU-Alignment/PKU-SafeRLHF: prompt, response_0, response_1, better_response_id,
-                 safer_response_id; `pku_preference` picks which id names the chosen response.
+                 safer_response_id; `pku_preference` picks which id names the chosen response. With "safer", a
+                 row whose responses are both unsafe (is_response_0_safe and is_response_1_safe false) is dropped
+                 and counted (`pku_both_unsafe: drop`, the default): "the safer of two harmful answers" would
+                 teach a preference for harm; `pku_both_unsafe: keep` keeps it as an ordinary pair.
   ultrafeedback  HuggingFaceH4/ultrafeedback_binarized: chosen/rejected are message lists holding the prompt;
                  margin = score_chosen - score_rejected. Its splits are train_prefs / test_prefs (data.train_split).
 Responses get the tokenizer's EOS appended and are cut to data.max_length - prompt tokens; bad rows (a missing
@@ -122,6 +125,11 @@ def _from_pku_saferlhf(row: Row, pku_preference: str) -> Preference:
     return Preference(row.get("prompt", str), responses[better], responses[1 - better])
 
 
+def pku_both_unsafe(row: Row) -> bool:
+    """Whether a PKU-SafeRLHF row's two responses are both labelled unsafe."""
+    return not row.get("is_response_0_safe", bool) and not row.get("is_response_1_safe", bool)
+
+
 def _from_ultrafeedback(row: Row, pku_preference: str) -> Preference:
     prompt, chosen, rejected = _from_transcripts(row, row.get("chosen", list), row.get("rejected", list))
     scores = [row.get(k, (int, float), required=False) for k in ("score_chosen", "score_rejected")]
@@ -177,10 +185,19 @@ class PairOptions:
     max_prompt_length: int = 256
     pku_preference: str = "better"
     need_margin: bool = False
+    pku_both_unsafe: str = "drop"  # with pku_preference "safer": drop or keep rows whose responses are both unsafe
 
     @classmethod
-    def from_config(cls, data, pku_preference: str = "better", need_margin: bool = False) -> "PairOptions":
-        return cls(data.format, data.max_length, data.max_prompt_length, pku_preference, need_margin)
+    def from_config(cls, data, pku_preference: str = "better", need_margin: bool = False,
+                    pku_both_unsafe: str = "drop") -> "PairOptions":
+        return cls(data.format, data.max_length, data.max_prompt_length, pku_preference, need_margin, pku_both_unsafe)
+
+    def drops(self, fmt: "Format", row: Row) -> Optional[str]:
+        """Why a well-formed row is left out by choice (a key of the `dropped` counts), or None to keep it."""
+        if (fmt is FORMATS["pku-saferlhf"] and self.pku_preference == "safer" and self.pku_both_unsafe == "drop"
+                and pku_both_unsafe(row)):
+            return "pku_both_unsafe"
+        return None
 
 
 def encode_pair(row: Row, pref: Preference, tokenizer, opts: PairOptions) -> PairExample:
@@ -205,13 +222,21 @@ def encode_pair(row: Row, pref: Preference, tokenizer, opts: PairOptions) -> Pai
     return PairExample(prompt, chosen, rejected, pref.margin)
 
 
-def encode_rows(rows: list[Row], tokenizer, opts: PairOptions, bad: BadRows) -> list[PairExample]:
+def encode_rows(rows: list[Row], tokenizer, opts: PairOptions, bad: BadRows,
+                dropped: Optional[dict[str, int]] = None) -> list[PairExample]:
+    """Tokenized pairs of `rows`; malformed rows go to `bad`, rows left out by choice (PairOptions.drops) are
+    counted by reason in `dropped`."""
     if not rows:
         return []
     fmt = resolve_format(opts.format, rows[0])
     out = []
     for row in rows:
         try:
+            reason = opts.drops(fmt, row)
+            if reason:
+                if dropped is not None:
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                continue
             out.append(encode_pair(row, fmt.adapt(row, opts.pku_preference), tokenizer, opts))
         except DataError as e:
             bad(e)
@@ -219,9 +244,10 @@ def encode_rows(rows: list[Row], tokenizer, opts: PairOptions, bad: BadRows) -> 
 
 
 def load_pairs(spec: str, tokenizer, opts: PairOptions, bad: BadRows, split: str = "train",
-               limit: int = 0) -> list[PairExample]:
-    """Read (rlhf.data.io.load_rows), adapt and tokenize a preference dataset; bad rows go to `bad`."""
-    return encode_rows(load_rows(spec, split, limit), tokenizer, opts, bad)
+               limit: int = 0, dropped: Optional[dict[str, int]] = None) -> list[PairExample]:
+    """Read (rlhf.data.io.load_rows), adapt and tokenize a preference dataset; bad rows go to `bad`, rows dropped
+    by choice are counted in `dropped`."""
+    return encode_rows(load_rows(spec, split, limit), tokenizer, opts, bad, dropped)
 
 
 # ----------------------------------------------------------------------------------------------

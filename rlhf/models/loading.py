@@ -127,6 +127,17 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
 
 
+def load_reward_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """A reward model trained by rlhf, giving calibrated scores: `model(input_ids, attention_mask).logits[:, 0]`,
+    read at the last non-pad token (mean 0, std 1 on the calibration set), in eval mode without gradients.
+
+    Use it (or add `config.score_bias` to the logits) rather than a plain
+    `AutoModelForSequenceClassification.from_pretrained(path)`: most causal-LM score heads (Llama, Qwen2, ...) have
+    no bias, so the calibration's shift is stored in `config.score_bias`, which transformers does not read."""
+    cfg = ModelConfig(name_or_path=path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return load_scalar_model(path, cfg, field="path")
+
+
 def draw_fresh_head_(model, rng_state: torch.Tensor) -> None:
     """Draw a freshly initialised scalar head, N(0, initializer_range), on the CPU from the global generator as it
     stood before loading: the very values transformers draws when the model loads on the CPU (the head is its one

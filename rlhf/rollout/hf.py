@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor
 
 from ..data.batching import attention_mask, pad
 from ..ops import _sampling_logits
@@ -33,6 +34,61 @@ class SeededSampler(LogitsProcessor):
         return z - torch.log(-torch.log(u.clamp(min=tiny)))
 
 
+# Settings of a model's generation_config that say nothing about which token comes next (ids, lengths, caching,
+# output format; whether to sample at all is the caller's SamplingConfig.do_sample). Every other non-default setting
+# (repetition_penalty, no_repeat_ngram_size, min_new_tokens, temperature, bad_words_ids, ...) reshapes the sampling
+# distribution.
+NEUTRAL_SETTINGS = frozenset({"do_sample", 
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+    "use_cache", "cache_implementation", "cache_config", "return_dict_in_generate", "output_scores", "output_logits",
+    "output_attentions", "output_hidden_states", "transformers_version", "_from_model_config", "num_return_sequences",
+})
+
+
+def ignored_generation_settings(model) -> dict:
+    """The settings of `model.generation_config` that would change the sampling distribution and that rollouts
+    ignore ({} for a plain config). Rollouts sample from exactly temperature, top-k and top-p (SamplingConfig): the
+    distribution every training log-prob scores (ops.logprobs_from_logits); a repetition penalty or an n-gram ban
+    would make the samples come from a distribution the old log-probs, the KL and the ratio never see."""
+    own = getattr(model, "generation_config", None)
+    if own is None:
+        return {}
+    defaults = GenerationConfig().to_dict()
+    return {k: v for k, v in own.to_diff_dict().items()
+            if k not in NEUTRAL_SETTINGS and v is not None and v != defaults.get(k)}
+
+
+def clean_generation_config(sampling: SamplingConfig, tokenizer, seeded: bool) -> GenerationConfig:
+    """Only what SamplingConfig says, plus EOS and pad: nothing from the model's generation_config."""
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    if sampling.do_sample and not seeded:
+        config.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    else:  # greedy; or SeededSampler does the sampling, as a processor on the raw scores
+        config.update(do_sample=False)
+    return config
+
+
+@contextmanager
+def without_own_generation_config(model) -> Iterator[None]:
+    """Within the block, every module of `model` carrying a generation_config (the transformers model, a peft
+    wrapper) carries a blank one. transformers fills each setting a passed generation_config leaves unset (None)
+    from model.generation_config; a blank one leaves nothing to fill from (repetition_penalty, bad_words_ids, ...)."""
+    swapped = []
+    for module in model.modules():
+        if isinstance(getattr(module, "generation_config", None), GenerationConfig):
+            swapped.append((module, "generation_config" in module.__dict__, module.generation_config))
+            module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, own, config in reversed(swapped):
+            if own:
+                module.generation_config = config
+            else:
+                del module.generation_config
+
+
 class HFEngine:
     @torch.no_grad()
     def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -54,17 +110,12 @@ class HFEngine:
                 chunk = prompt_ids[start:start + batch_size]
                 ids = pad(chunk, tokenizer.pad_token_id, side="left").to(device)
                 mask = attention_mask(chunk, side="left").to(device)
-                kwargs = dict(do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                              synced_gpus=synced)
-                if sampling.do_sample and seeds is not None:
-                    kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None,
-                                  logits_processor=[SeededSampler(seeds[start:start + batch_size], sampling, device)])
-                elif sampling.do_sample:
-                    kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-                else:
-                    kwargs.update(temperature=None, top_k=None, top_p=None)
-                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                seeded = sampling.do_sample and seeds is not None
+                processors = [SeededSampler(seeds[start:start + batch_size], sampling, device)] if seeded else []
+                with without_own_generation_config(model):
+                    out = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced,
+                                         generation_config=clean_generation_config(sampling, tokenizer, seeded),
+                                         logits_processor=processors)
                 response = out[:, ids.shape[1]:]
                 if response.shape[1] == 0:  # max_new_tokens == 0
                     response = torch.full((ids.shape[0], 1), tokenizer.pad_token_id, device=device)
