@@ -217,6 +217,10 @@ class PPOSection:
     temperature: float = opt(1.0, "Sampling temperature; also applied to every training log-prob.")
     top_k: int = opt(200, "Top-k filter (0 = off); also applied to every training log-prob.")
     top_p: float = opt(0.9, "Top-p filter (1 = off); also applied to every training log-prob.")
+    engine: Literal["auto", "hf", "static"] = opt(
+        "auto", "Rollout engine: 'static' (static KV cache, decode steps replayed from a CUDA graph, sampling on the "
+        "device), 'hf' (transformers' generate), or 'auto' = static on CUDA for the models it runs (Llama, Qwen2, "
+        "Qwen3, Mistral), hf otherwise and on CPU.")
 
 
 # ----------------------------------------------------------------------------------------------

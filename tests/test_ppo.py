@@ -521,3 +521,17 @@ def test_overlong_prompt_names_file_and_line(tiny_model_dir, tmp_path):
     cfg = ppo_config(tiny_model_dir, str(path), str(tmp_path))
     with pytest.raises(DataError, match=rf"{path}:2: field 'prompt': .* > data.max_prompt_length=32"):
         Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_ppo_with_the_static_engine_samples_what_training_scores(tiny_model_dir, sft_file, tmp_path):
+    """ppo.engine static (eager on a CPU): the scoring pass reproduces the engine's own sampling log-probs (float32:
+    the mean per-token gap is rounding, < 1e-5), the first ratio is exactly 1, and the run trains and exports."""
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__engine="static", ppo__temperature=0.7,
+                     ppo__top_k=40, ppo__top_p=0.95)
+    records = run(cfg)
+    its = [r for r in records if "objective/scores" in r]
+    assert len(its) == 2
+    assert all(0 <= r["rollout/sampler_logprob_gap"] < 1e-5 for r in its)
+    assert abs(records[0]["ppo/ratio_mean"] - 1.0) < 1e-5
+    assert lm(os.path.join(tmp_path, "run", "final")) is not None

@@ -431,7 +431,8 @@ class PPO(Algorithm):
                 self._update_reference(pair.policy, 1.0, gather=False)  # the policy is whole in this block
             with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
                 rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
-                                   sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds)
+                                   sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds,
+                                   engine=p.engine)
                 t1 = time.time()
                 dev, P = trainer.device, rollout.prompt_ids.shape[1]
                 ids, amask = rollout.input_ids.to(dev), rollout.attention_mask.to(dev)
@@ -480,6 +481,10 @@ class PPO(Algorithm):
         metrics["critic/explained_variance"] = global_explained_variance(*totals[len(names) + 1:].tolist())
         metrics["objective/kl_coef"] = kl_coef
         metrics["time/generate_s"], metrics["time/score_s"] = t1 - t0, t2 - t1
+        if rollout.logprobs is not None:  # an engine that reports its sampling log-probs: how far scoring is from it
+            gap = torch.stack([masked_sum((rollout.logprobs.to(dev) - logp).abs(), mask), mask.sum()]).double()
+            gap = all_reduce_sum_(gap)
+            metrics["rollout/sampler_logprob_gap"] = (gap[0] / gap[1].clamp(min=1)).item()
         self.kl_ctl.update(metrics["objective/kl"], p.rollout_batch_size * p.samples_per_prompt)
         return batch, metrics
 
