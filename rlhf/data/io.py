@@ -179,7 +179,7 @@ def read_jsonl(path: str) -> list[Row]:
         if line is None:
             rows.append(Row.unreadable(path, lineno, why))
             continue
-        if not line.strip():
+        if not line.strip(" \t"):  # JSON whitespace only; other blank-looking characters are a bad row, not a gap
             continue
         value, why = _parse(line)
         if why:
