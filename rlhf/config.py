@@ -576,7 +576,8 @@ def parse_overrides(args: list[str]) -> dict:
         try:
             value = yaml.load(raw, Loader=StrictLoader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override --{key} {raw!r}: invalid YAML value: {getattr(e, 'problem', e)}") from None
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override --{key} {raw!r}: invalid YAML value: {problem}") from None
         _set_dotted(tree, key, value)
     return tree
 
@@ -592,7 +593,7 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
     algo = values.get("algorithm")
-    if algo not in CONFIGS:
+    if not isinstance(algo, str) or algo not in CONFIGS:
         raise ConfigError(f"{source}: algorithm={algo!r}: expected one of {', '.join(CONFIGS)}")
     try:
         cfg = _build(CONFIGS[algo], values)
@@ -617,8 +618,10 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig
         values = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        position = getattr(e, "position", None)  # a reader error (a control character) has a character index
+        line = f":{mark.line + 1}" if mark else f":{text[:position].count(chr(10)) + 1}" if position is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if values is None:

@@ -106,8 +106,9 @@ def parse_hh_transcript(text: str) -> list[dict]:
 def _from_hh_rlhf(row: Row, pku_preference: str) -> Preference:
     turns = {}
     for name in ("chosen", "rejected"):
+        text = row.get(name, str)  # its DataError is a ValueError too: read outside the try
         try:
-            turns[name] = parse_hh_transcript(row.get(name, str))
+            turns[name] = parse_hh_transcript(text)
         except ValueError as e:
             raise row.fail(name, str(e)) from None
     return Preference(*_from_transcripts(row, turns["chosen"], turns["rejected"]))
