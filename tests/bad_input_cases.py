@@ -49,7 +49,7 @@ PAIR_KINDS = tuple(k for k in VALID if k not in SFT_KINDS + PPO_KINDS)
 
 def make_cfg(algorithm, model_dir, train, policy, fmt="auto", **sections):
     values = {"algorithm": algorithm, "model": {"name_or_path": model_dir},
-              "data": {"train": train, "format": fmt, "max_length": 64, "max_prompt_length": 32, "on_bad_row": policy},
+              "data": {"train": train, "format": fmt, "max_length": 256, "max_prompt_length": 128, "on_bad_row": policy},
               "logging": {"output_dir": os.path.dirname(train)}, **sections}
     if algorithm == "ppo":
         values["ppo"] = {"reward_fns": ["rlhf.testbeds.assistant:gold_reward"], "critic_init": "policy",
@@ -322,20 +322,20 @@ def field_values(cls):
 
 @st.composite
 def config_dict(draw, algorithm: str, model_dir: str, out_dir: str) -> dict:
+    """A config of `algorithm` with 0-4 drawn fields (any section) on top of a valid base."""
     cls = CONFIGS[algorithm]
+    hints = typing.get_type_hints(cls)
     values: dict = {"algorithm": algorithm}
+    fields = []  # (section or None, name, strategy)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
-        if not dataclasses.is_dataclass(tp):
-            continue
-        section = {}
-        for name, strategy in field_values(tp).items():
-            if draw(st.integers(0, 5)) == 0:  # a few fields per section are set
-                section[name] = draw(strategy)
-        values[f.name] = section
-    for name, strategy in field_values(cls).items():
-        if name != "algorithm" and draw(st.integers(0, 3)) == 0:
-            values[name] = draw(strategy)
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = {}
+            fields += [(f.name, name, strategy) for name, strategy in field_values(hints[f.name]).items()]
+        elif f.name != "algorithm":
+            fields.append((None, f.name, field_values(cls)[f.name]))
+    for i in draw(st.lists(st.integers(0, len(fields) - 1), max_size=4, unique=True)):
+        section, name, strategy = fields[i]
+        (values[section] if section else values)[name] = draw(strategy)
     values["model"].setdefault("name_or_path", model_dir)
     values["data"].setdefault("train", "x.jsonl")
     values["logging"].setdefault("output_dir", out_dir)
