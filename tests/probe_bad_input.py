@@ -22,8 +22,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from rlhf.config import CONFIGS, ConfigError, config_from_dict, load_config  # noqa: E402
 from rlhf.data import DataError  # noqa: E402
-from tests.bad_input_cases import (CONFIG_CASES, DATA_CASES, JSON_ANY, LOADERS, case_file, config_dict,  # noqa: E402
-                                   config_values, count_rows, jsonl_file, run_loader)
+from tests.bad_input_cases import (CONFIG_CASES, DATA_CASES, JSON_ANY, LOADERS, VALID, case_file,  # noqa: E402
+                                   config_dict, config_values, count_rows, jsonl_file, line, run_loader)
 
 ROWS_PER_LOADER, CONFIGS_PER_ALGORITHM, YAML_TEXTS, GARBAGE_MAPPINGS = 25, 150, 100, 60
 
@@ -80,6 +80,11 @@ def explicit_data(tok, model_dir):
         totals[("error", errors)] += 1
         totals[("skip", skips)] += 1
         print(f"| {name} | {kind} | {', '.join(LOADERS[kind])} | {errors} | {skips} |")
+    # not a bad row: a UTF-8 byte-order mark at the start of a file is tolerated
+    outcomes = [data_case(loader, kind, b"\xef\xbb\xbf" + case_file(kind, line(VALID[kind])), tok, model_dir, 1)
+                for kind, loaders in LOADERS.items() for loader in loaders]
+    errors, skips = (", ".join(sorted(set(o[i] for o in outcomes))) for i in (0, 1))
+    print(f"| (valid rows) BOM at file start | every format | every loader | {errors} | {skips} |")
     print("\nTotals (kinds):", dict(totals), "\n")
 
 
@@ -137,6 +142,7 @@ def explicit_configs():
                 except ConfigError as e:
                     message = str(e).replace(d + os.sep, "")
                     outcome = "error" if expected in message else "error (other message)"
+                    outcome += "" if len(message.splitlines()) == 1 else " (several lines)"
                 except Exception as e:  # noqa: BLE001
                     outcome, message = crash(e), str(e).splitlines()[0] if str(e) else ""
                 totals[outcome] += 1
@@ -155,7 +161,9 @@ def explicit_configs():
                     load_config(path, override)
                     outcome, message = "accepted", ""
                 except ConfigError as e:
-                    outcome, message = "error", str(e).replace(d + os.sep, "")
+                    message = str(e).replace(d + os.sep, "")
+                    outcome = "error" if len(message.splitlines()) == 1 else "error (several lines)"
+                    message = message.replace("\n", " ")
                 except Exception as e:  # noqa: BLE001
                     outcome, message = crash(e), ""
                 totals[outcome] += 1
