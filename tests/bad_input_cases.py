@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from types import SimpleNamespace
 
@@ -57,28 +58,36 @@ def make_cfg(algorithm, model_dir, train, policy, fmt="auto", **sections):
     return config_from_dict(values)
 
 
-def run_loader(loader, kind, path, policy, tokenizer, model_dir):
-    """Load `path` with one algorithm's own loading code -> (rows loaded, rows skipped)."""
+def run_loader(loader, kind, path, policy, tokenizer, model_dir, first_skipped: list | None = None):
+    """Load `path` with one algorithm's own loading code -> (rows loaded, rows skipped); the line of the first
+    skipped row is appended to `first_skipped` when given."""
     fmt = DATA_FORMAT.get(kind, kind) if kind in PAIR_KINDS else "auto"
+    note = first_skipped if first_skipped is not None else []
     if loader == "sft":
         cfg = make_cfg("sft", model_dir, path, policy)
         algo = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(tokenizer=tokenizer), bad=BadRows(policy))
-        return len(SFT._encode(algo, load_rows(path))), len(algo.bad.skipped)
+        loaded = len(SFT._encode(algo, load_rows(path)))
+        note += [e.line for e in algo.bad.skipped[:1]]
+        return loaded, len(algo.bad.skipped)
     if loader == "ppo":
         cfg = make_cfg("ppo", model_dir, path, policy)
-        algo = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(tokenizer=tokenizer, print=lambda *a: None))
+        printed: list[str] = []  # PPO keeps its BadRows to itself; its printed summary names the first skipped row
+        algo = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(tokenizer=tokenizer, print=printed.append))
         try:
             loaded = len(PPO._load_prompts(algo))
         except DataError as e:
             if "no usable prompt rows" not in str(e):
                 raise
             loaded = 0  # every row was skipped (counted below); an empty prompt set stops the run in one line
+        note += [int(m) for m in re.findall(rf"first: {re.escape(path)}:(\d+):", " ".join(printed))[:1]]
         return loaded, algo.skipped["data/train_skipped_rows"]
     algorithm = {"reward": "reward", "reward-margin": "reward", "dpo": "dpo"}[loader]
     cfg = make_cfg(algorithm, model_dir, path, policy, fmt)
     bad = BadRows(policy)
     opts = PairOptions.from_config(cfg.data, "better", need_margin=loader == "reward-margin")
-    return len(load_pairs(path, tokenizer, opts, bad)), len(bad.skipped)
+    loaded = len(load_pairs(path, tokenizer, opts, bad))
+    note += [e.line for e in bad.skipped[:1]]
+    return loaded, len(bad.skipped)
 
 
 LOADERS = {kind: ("sft",) for kind in SFT_KINDS} | {kind: ("ppo",) for kind in PPO_KINDS} | {

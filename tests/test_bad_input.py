@@ -49,8 +49,9 @@ def check_file(loader, kind, data: bytes, tokenizer, model_dir) -> tuple[str, in
         with open(path, "wb") as f:
             f.write(data)
         total = count_rows(data)
+        first: list[int] = []
         try:
-            loaded, skipped = run_loader(loader, kind, path, "skip", tokenizer, model_dir)
+            loaded, skipped = run_loader(loader, kind, path, "skip", tokenizer, model_dir, first)
         except DataError as e:  # a file-level problem: then the error policy must say the same
             assert str(e).startswith(path) and "match no preference format" in str(e), e
             with pytest.raises(DataError) as again:
@@ -64,7 +65,7 @@ def check_file(loader, kind, data: bytes, tokenizer, model_dir) -> tuple[str, in
         with pytest.raises(DataError) as e:
             run_loader(loader, kind, path, "error", tokenizer, model_dir)
         message = str(e.value)
-        assert message.startswith(f"{path}:") and message.split(":")[1].isdigit(), message
+        assert message.startswith(f"{path}:{first[0]}: "), (message, first)  # the first row the skip run counted
         assert len(message.splitlines()) == 1, message
         return "skip", loaded, skipped
 
