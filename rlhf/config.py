@@ -255,7 +255,7 @@ class TrainConfig:
             raise ConfigError(f"data.max_prompt_length={self.data.max_prompt_length} must be < data.max_length={self.data.max_length}")
         log = self.logging
         check_output_dir(os.path.join(log.output_dir, log.run_name) if log.run_name else log.output_dir,
-                         "logging.run_name" if log.run_name else "logging.output_dir")
+                         "logging.output_dir/run_name" if log.run_name else "logging.output_dir")
 
     def validate_world(self, world_size: int) -> None:
         self.optim.grad_accum(world_size)

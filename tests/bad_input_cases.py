@@ -61,7 +61,8 @@ def make_cfg(algorithm, model_dir, train, policy, fmt="auto", **sections):
 def run_loader(loader, kind, path, policy, tokenizer, model_dir, first_skipped: list | None = None):
     """Load `path` with one algorithm's own loading code -> (rows loaded, rows skipped); the line of the first
     skipped row is appended to `first_skipped` when given."""
-    fmt = DATA_FORMAT.get(kind, kind) if kind in PAIR_KINDS else "auto"
+    # DPO reads preference files with data.format=auto (detection from the rows), the reward model with the format named
+    fmt = DATA_FORMAT.get(kind, kind) if kind in PAIR_KINDS and loader != "dpo" else "auto"
     note = first_skipped if first_skipped is not None else []
     if loader == "sft":
         cfg = make_cfg("sft", model_dir, path, policy)

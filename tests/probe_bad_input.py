@@ -1,4 +1,4 @@
-# Run: PYTHONPATH=. .venv/bin/python tests/probe_bad_input.py
+# Run: PYTHONPATH=. .venv/bin/python tests/probe_bad_input.py [--save INPUTS.pkl | --load INPUTS.pkl]
 """Count what becomes of bad input: every kind in tests/bad_input_cases.py, and rows and configs generated with its
 strategies (derandomized, so the figures repeat). Prints the tables of docs/reliability_input.md.
 
@@ -88,39 +88,57 @@ def explicit_data(tok, model_dir):
     print("\nTotals (kinds):", dict(totals), "\n")
 
 
+INPUTS: dict[str, list] = {}  # drawn examples by name; --save writes them, --load reads them instead of drawing
+
+
+def drawn(name: str, strategy, n: int) -> list:
+    """Up to n examples of `strategy`, all drawn before any is used (or read from --load), so that two versions of the
+    code can be probed with the same inputs."""
+    if name not in INPUTS:
+        out: list = []
+
+        @probe(n=n)
+        @given(example=strategy)
+        def collect(example):
+            out.append(example)
+        collect()
+        INPUTS[name] = out
+    return INPUTS[name]
+
+
 def generated_data(tok, model_dir):
     print(f"## Generated rows: {ROWS_PER_LOADER} files of 1-6 lines per format and loader\n")
-    print("| format | loader | files | rows | loaded | skipped | files stopped at file:line (error) | other |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| format | loader | files | rows | loaded | skipped | files stopped at file:line (error) | files without "
+          "a bad row | other |")
+    print("|---|---|---|---|---|---|---|---|---|")
     grand = Counter()
     for kind, loaders in LOADERS.items():
+        files = drawn(f"rows {kind}", jsonl_file(kind), ROWS_PER_LOADER)
         for loader in loaders:
             tally = Counter()
-
-            @probe(n=ROWS_PER_LOADER)
-            @given(data=jsonl_file(kind))
-            def run(data):
+            for data in files:
                 tally["files"] += 1
                 tally["rows"] += count_rows(data)
                 with tempfile.TemporaryDirectory() as d:
                     path = os.path.join(d, "rows.jsonl")
                     with open(path, "wb") as f:
                         f.write(data)
-                    counts, e = load(loader, kind, path, "skip", tok, model_dir)
-                    if e is not None:
-                        tally["file-level error" if isinstance(e, DataError) else crash(e)] += 1
-                    else:
-                        tally["loaded"] += counts[0]
-                        tally["skipped"] += counts[1]
-                    counts, e = load(loader, kind, path, "error", tok, model_dir)
-                    if isinstance(e, DataError) and str(e).startswith(path + ":"):
-                        tally["stopped"] += 1
-                    elif e is not None and not isinstance(e, DataError):
-                        tally[crash(e)] += 1
-            run()
-            other = {k: v for k, v in tally.items() if k not in ("files", "rows", "loaded", "skipped", "stopped")}
+                    skip_counts, skip_e = load(loader, kind, path, "skip", tok, model_dir)
+                    _, error_e = load(loader, kind, path, "error", tok, model_dir)
+                crashed = [e for e in (skip_e, error_e) if e is not None and not isinstance(e, DataError)]
+                if crashed:
+                    tally[crash(crashed[0])] += 1
+                elif skip_e is not None:
+                    tally["file-level error"] += 1
+                else:
+                    tally["loaded"] += skip_counts[0]
+                    tally["skipped"] += skip_counts[1]
+                    tally["clean"] += skip_counts[1] == 0
+                    tally["stopped"] += error_e is not None and str(error_e).startswith(path + ":")
+            other = {k: v for k, v in tally.items()
+                     if k not in ("files", "rows", "loaded", "skipped", "stopped", "clean") and v}
             print(f"| {kind} | {loader} | {tally['files']} | {tally['rows']} | {tally['loaded']} | {tally['skipped']} "
-                  f"| {tally['stopped']} | {other or ''} |")
+                  f"| {tally['stopped']} | {tally['clean']} | {other or ''} |")
             grand.update(tally)
     print("\nTotals:", dict(grand), "\n")
 
@@ -173,6 +191,13 @@ def explicit_configs():
     print("\nTotals (kinds):", dict(totals), "\n")
 
 
+def placed(value, paths: dict):
+    """`value` with the placeholder strings in `paths` replaced by this run's folders."""
+    if isinstance(value, dict):
+        return {k: placed(v, paths) for k, v in value.items()}
+    return paths.get(value, value) if isinstance(value, str) else value
+
+
 def generated_configs():
     print("## Generated configs\n")
     print("| generator | examples | accepted | ConfigError | other |\n|---|---|---|---|---|")
@@ -195,41 +220,35 @@ def generated_configs():
 
         for algorithm in CONFIGS:
             tally = Counter()
-
-            @probe(n=CONFIGS_PER_ALGORITHM)
-            @given(values=config_dict(algorithm, os.path.join(d, "m"), os.path.join(d, "runs")))
-            def run(values):
-                def build():
-                    config_from_dict(values).validate_world(1)
-                tallied(tally, build)
-            run()
+            for values in drawn(f"config {algorithm}", config_dict(algorithm, "MODEL", "RUNS"), CONFIGS_PER_ALGORITHM):
+                values = placed(values, {"MODEL": os.path.join(d, "m"), "RUNS": os.path.join(d, "runs")})
+                tallied(tally, lambda: config_from_dict(values).validate_world(1))
             row(f"{algorithm}: every field default, right type (in or out of range) or wrong type", tally)
 
         tally = Counter()
-
-        @probe(n=YAML_TEXTS)
-        @given(text=st.one_of(st.text(max_size=80), st.binary(max_size=80).map(lambda b: b.decode("latin-1"))))
-        def yaml_text(text):
+        texts = drawn("yaml", st.one_of(st.text(max_size=80), st.binary(max_size=80).map(lambda b: b.decode("latin-1"))),
+                      YAML_TEXTS)
+        for text in texts:
             path = os.path.join(d, "c.yaml")
             with open(path, "wb") as f:
                 f.write(text.encode("utf-8", "surrogatepass"))
             tallied(tally, lambda: load_config(path))
-        yaml_text()
         row("YAML files of random text and bytes", tally)
 
         tally = Counter()
-
-        @probe(n=GARBAGE_MAPPINGS)
-        @given(values=st.dictionaries(st.sampled_from(["algorithm", "model", "data", "optim", "ppo", "x"]), JSON_ANY,
-                                      max_size=4))
-        def garbage(values):
+        keys = st.sampled_from(["algorithm", "model", "data", "optim", "ppo", "x"])
+        for values in drawn("mappings", st.dictionaries(keys, JSON_ANY, max_size=4), GARBAGE_MAPPINGS):
             tallied(tally, lambda: config_from_dict(values))
-        garbage()
         row("mappings of random JSON values", tally)
     print()
 
 
-def main():
+def main(argv: list[str]):
+    import pickle
+
+    if argv[:1] == ["--load"]:
+        with open(argv[1], "rb") as f:
+            INPUTS.update(pickle.load(f))
     from rlhf.models import load_tokenizer
     from rlhf.models.tiny import init_tiny
 
@@ -243,7 +262,10 @@ def main():
         generated_data(tok, model_dir)
     explicit_configs()
     generated_configs()
+    if argv[:1] == ["--save"]:
+        with open(argv[1], "wb") as f:
+            pickle.dump(INPUTS, f)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

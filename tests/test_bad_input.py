@@ -338,3 +338,22 @@ def test_cli_skip_trains_and_reports_every_bad_kind(tmp_path, capsys, tiny_model
     out = capsys.readouterr().out
     assert code == 0
     assert f"train: skipped {len(bad)} rows of {data} (data.on_bad_row=skip): " in out
+
+
+@pytest.mark.parametrize("loader", ["tokenizer", "causal_lm", "scalar"])
+def test_missing_local_model_path_fails_before_any_hub_lookup(loader, tmp_path, monkeypatch):
+    import transformers
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_causal_lm, load_scalar_model
+
+    for auto in ("AutoTokenizer", "AutoModelForCausalLM", "AutoModelForSequenceClassification"):
+        monkeypatch.setattr(getattr(transformers, auto), "from_pretrained",
+                            lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")  # 'runs/nope' is then a mistyped local path, not a hub id
+    load = {"tokenizer": lambda: load_tokenizer("runs/nope"),
+            "causal_lm": lambda: load_causal_lm(ModelConfig(name_or_path="runs/nope")),
+            "scalar": lambda: load_scalar_model("runs/nope", field="ppo.reward_model")}[loader]
+    with pytest.raises(ConfigError, match=r"'runs/nope' does not exist; expected a local model folder"):
+        load()

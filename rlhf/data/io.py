@@ -29,7 +29,7 @@ class DataError(ValueError):
     def kind(self) -> str:
         """The error without its specifics (numbers, columns, quoted values), to count errors of one kind together."""
         reason = re.split(r": | \(|, got ", self.reason)[0]
-        reason = re.sub(r"(?<![\w.-])\d+(?![\w.-])", "N", reason)  # "37 tokens > ...=32" -> "N tokens > ...=32"
+        reason = re.sub(r"(?<![\w.-])\d+(?![\w.-])", "N", reason)  # "37 tokens > ...=32" -> "N tokens > ...=N"; "UTF-8" stays
         field = re.sub(r"\[\d+\]", "[i]", self.field) if self.field else None
         return f"field '{field}': {reason}" if field else reason
 
