@@ -254,6 +254,12 @@ class TrainConfig:
         if self.data.max_prompt_length >= self.data.max_length:
             raise ConfigError(f"data.max_prompt_length={self.data.max_prompt_length} must be < data.max_length={self.data.max_length}")
         log = self.logging
+        if log.eval_testbed:
+            from .eval.runner import TESTBED_CHOICES  # the harness would otherwise refuse it at the first evaluation
+
+            if log.eval_testbed not in TESTBED_CHOICES:
+                raise ConfigError(f"logging.eval_testbed={log.eval_testbed!r}: expected one of "
+                                  f"{', '.join(TESTBED_CHOICES)}, or '' (no harness during training)")
         check_output_dir(os.path.join(log.output_dir, log.run_name) if log.run_name else log.output_dir,
                          "logging.output_dir/run_name" if log.run_name else "logging.output_dir")
 

@@ -114,6 +114,8 @@ def without(kind, name) -> bytes:
     return line({k: v for k, v in VALID[kind].items() if k != name})
 
 
+# (kind of the file, the bad line, the error after "FILE") by name. Kinds the loaders already refused stay as guards;
+# docs/reliability_input.md gives each kind's outcome before and now.
 DATA_CASES: dict[str, tuple[str, bytes, str]] = {
     # file-level: each line unreadable
     "non-UTF-8 bytes": ("prompt_response", b'{"prompt": "caf\xe9", "response": "b"}', r":2: not valid UTF-8: byte 0xe9"),
@@ -270,6 +272,7 @@ CONFIG_CASES: dict[str, tuple[dict, str]] = {
     "tokenizer path missing": ({"model": {"tokenizer": "~/no-such-tokenizer"}}, "model.tokenizer: '~/no-such-tokenizer' does not exist"),
     "output_dir a file": ({"logging": {"output_dir": "FILE"}}, "logging.output_dir: 'FILE' is a file, not a folder"),
     "output_dir under a file": ({"logging": {"output_dir": "FILE/runs"}}, "is a file, not a folder"),
+    "eval_testbed unknown": ({"logging": {"eval_testbed": "asistant"}}, "logging.eval_testbed='asistant': expected one of assistant, code"),
     "output_dir empty": ({"logging": {"output_dir": ""}}, "logging.output_dir='': expected a folder path"),
     "dpo.beta 0": ({"algorithm": "dpo", "dpo": {"beta": 0}}, "dpo.beta=0.0: expected > 0"),
     "reward.center_coef -1": ({"algorithm": "reward", "reward": {"center_coef": -1}}, "reward.center_coef=-1.0: expected >= 0"),
