@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -99,7 +100,7 @@ class LoggingConfig:
     eval_limit: int = opt(64, "Held-out prompts the harness evaluates during training (0 = all).")
     eval_max_new_tokens: int = opt(48, "Response length cap of the harness during training.")
     save_every: int = opt(0, "Checkpoint every N optimizer steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep (0 = keep all).")
     trackers: list[Literal["wandb", "tensorboard"]] = opt([], "Extra trackers on top of metrics.jsonl.")
     project: str = opt("rlhf", "wandb project.")
     group: str = opt("", "wandb group: runs of one comparison share it.")
@@ -240,18 +241,35 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Static checks; the world-size dependent ones run in `validate_world`."""
+        check_ranges(self)
         if not self.model.name_or_path:
             raise ConfigError("model.name_or_path: missing; expected a hub name or a local model folder")
-        if _looks_local(self.model.name_or_path) and not os.path.isdir(self.model.name_or_path):
-            raise ConfigError(f"model.name_or_path: '{self.model.name_or_path}' does not exist; expected a model folder "
-                              f"(build one with `rlhf init-model`)")
-        for name in ("lr", "batch_size", "micro_batch_size"):
-            if getattr(self.optim, name) <= 0:
-                raise ConfigError(f"optim.{name}={getattr(self.optim, name)}: expected > 0")
-        if not 0 <= self.optim.warmup_ratio < 1:
-            raise ConfigError(f"optim.warmup_ratio={self.optim.warmup_ratio}: expected in [0, 1)")
+        check_local_path("model.name_or_path", self.model.name_or_path, "a model folder (build one with `rlhf init-model`)")
+        if self.model.tokenizer:
+            check_local_path("model.tokenizer", self.model.tokenizer, "a tokenizer or model folder")
+        if not self.data.train:
+            raise ConfigError("data.train: missing; expected a .jsonl/.json file, a folder, or a hub dataset name")
+        for key in ("train", "eval"):
+            if getattr(self.data, key):
+                check_local_path(f"data.{key}", getattr(self.data, key), "a .jsonl/.json file or a folder", folder=False)
+        if self.data.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format={self.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
+        if len(self.optim.adam_betas) != 2:
+            raise ConfigError(f"optim.adam_betas={self.optim.adam_betas}: expected a list of 2 floats in [0, 1)")
+        if self.model.lora_r > 0 and not self.model.lora_target_modules:
+            raise ConfigError(f"model.lora_target_modules=[]: expected at least one module name when model.lora_r="
+                              f"{self.model.lora_r} > 0")
         if self.data.max_prompt_length >= self.data.max_length:
             raise ConfigError(f"data.max_prompt_length={self.data.max_prompt_length} must be < data.max_length={self.data.max_length}")
+        log = self.logging
+        if log.eval_testbed:
+            from .eval.runner import TESTBED_CHOICES  # the harness would otherwise refuse it at the first evaluation
+
+            if log.eval_testbed not in TESTBED_CHOICES:
+                raise ConfigError(f"logging.eval_testbed={log.eval_testbed!r}: expected one of "
+                                  f"{', '.join(TESTBED_CHOICES)}, or '' (no harness during training)")
+        check_output_dir(os.path.join(log.output_dir, log.run_name) if log.run_name else log.output_dir,
+                         "logging.output_dir/run_name" if log.run_name else "logging.output_dir")
 
     def validate_world(self, world_size: int) -> None:
         self.optim.grad_accum(world_size)
@@ -282,22 +300,15 @@ class PPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        p = self.ppo
-        for name in ("iterations", "rollout_batch_size", "samples_per_prompt", "num_minibatches", "ppo_epochs",
-                     "micro_batch_size", "rollout_micro_batch_size", "max_new_tokens"):
-            if getattr(p, name) <= 0:
-                raise ConfigError(f"ppo.{name}={getattr(p, name)}: expected > 0")
-        if p.temperature <= 0 or p.top_k < 0 or not 0 < p.top_p <= 1:
-            raise ConfigError(f"ppo.temperature={p.temperature}, ppo.top_k={p.top_k}, ppo.top_p={p.top_p}: "
-                              f"expected temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        p = self.ppo  # single-field ranges are checked by super().validate() (RANGES)
+        if p.reward_model:
+            check_local_path("ppo.reward_model", p.reward_model, "a reward-model folder")
         if p.missing_eos_penalty is not None and p.missing_eos_penalty < 0:
             raise ConfigError(f"ppo.missing_eos_penalty={p.missing_eos_penalty}: expected >= 0 (it is subtracted "
                               f"from the score; to give truncated responses a fixed score set ppo.truncated_score)")
         if p.missing_eos_penalty is not None and p.truncated_score is not None:
             raise ConfigError(f"ppo.missing_eos_penalty={p.missing_eos_penalty} and ppo.truncated_score="
                               f"{p.truncated_score}: set one (subtract a penalty, or replace the score), not both")
-        if not 0 <= p.ref_ema <= 1:
-            raise ConfigError(f"ppo.ref_ema={p.ref_ema}: expected in [0, 1]")
         sources = ([p.reward_model] if p.reward_model else []) + list(p.reward_fns)
         if not sources:
             raise ConfigError("ppo: no reward source; set ppo.reward_model (a reward-model folder) and/or "
@@ -340,13 +351,136 @@ CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "reward": RewardConfi
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading, overrides and type checking
+# Ranges, paths and the output folder, checked at start-up
 # ----------------------------------------------------------------------------------------------
 
 
-def _looks_local(path: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else is meant as a local path."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1
+@dataclass(frozen=True)
+class Bound:
+    """The interval a numeric field must lie in; NaN never does."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else str(x)
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite number"
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {num(self.low)}"
+        return f"in {'(' if self.open_low else '['}{num(self.low)}, {num(self.high)}{')' if self.open_high else ']'}"
+
+
+ANY, NONNEG, POS = Bound(), Bound(0), Bound(0, open_low=True)
+UNIT, UNIT_OPEN = Bound(0, 1), Bound(0, 1, open_high=True)
+
+# Every int and float field of every section, with the values that make sense for it. A list field's bound applies to
+# each element; None (an unset optional) is always allowed. tests/test_bad_input.py checks that no numeric field is
+# missing here, so a new field gets its range when it is added.
+RANGES: dict[str, Bound] = {
+    "seed": Bound(0, 2**31 - 1),  # numpy's seed must stay below 2**32 after adding the rank
+    "model.lora_r": NONNEG, "model.lora_alpha": POS, "model.lora_dropout": UNIT_OPEN,
+    "data.max_length": POS, "data.max_prompt_length": POS, "data.limit": NONNEG,
+    "optim.lr": POS, "optim.weight_decay": NONNEG, "optim.adam_betas": UNIT_OPEN, "optim.adam_eps": POS,
+    "optim.warmup_ratio": UNIT_OPEN, "optim.max_grad_norm": NONNEG, "optim.batch_size": POS,
+    "optim.micro_batch_size": POS, "optim.epochs": POS, "optim.max_steps": NONNEG,
+    "logging.log_every": POS, "logging.eval_every": NONNEG, "logging.eval_limit": NONNEG,
+    "logging.eval_max_new_tokens": POS, "logging.save_every": NONNEG, "logging.keep_checkpoints": NONNEG,
+    "reward.center_coef": NONNEG,
+    "dpo.beta": POS, "dpo.label_smoothing": Bound(0, 0.5), "dpo.ref_update_every": NONNEG,
+    "dpo.ref_update_alpha": Bound(0, 1, open_low=True),
+    "ppo.reward_weights": ANY, "ppo.iterations": POS, "ppo.rollout_batch_size": POS, "ppo.samples_per_prompt": POS,
+    "ppo.num_minibatches": POS, "ppo.ppo_epochs": POS, "ppo.micro_batch_size": POS,
+    "ppo.rollout_micro_batch_size": POS, "ppo.clip_eps": POS, "ppo.value_clip_eps": NONNEG, "ppo.vf_coef": NONNEG,
+    "ppo.gamma": UNIT, "ppo.lam": UNIT, "ppo.kl_coef": NONNEG, "ppo.kl_target": POS, "ppo.kl_horizon": POS,
+    "ppo.reward_clip": NONNEG, "ppo.value_norm_decay": UNIT_OPEN, "ppo.value_norm_clip": POS,
+    "ppo.missing_eos_penalty": NONNEG, "ppo.truncated_score": ANY, "ppo.ratio_bound": NONNEG, "ppo.ref_ema": UNIT,
+    "ppo.ref_reset_every": NONNEG,
+    "ppo.critic_lr": POS, "ppo.critic_warmup_iters": NONNEG, "ppo.max_new_tokens": POS, "ppo.temperature": POS,
+    "ppo.top_k": NONNEG, "ppo.top_p": Bound(0, 1, open_low=True),
+}
+
+DATA_FORMATS = ("auto", "prompt_response", "messages", "preference", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "prompt")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Raise a ConfigError naming the first field of `cfg` outside its RANGES bound (sections it lacks are skipped)."""
+    for key, bound in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            if v is not None and v not in bound:
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                raise ConfigError(f"{where}={v}: expected {bound}")
+
+
+def looks_local(path: str) -> bool:
+    """Hub ids are 'name' or 'org/name'. A path starting with '.', '/' or '~', with more than one '/', or whose parent
+    folder exists here ('runs/nope' next to a 'runs/' folder) is meant as a local path: when it is missing, say so
+    at once instead of asking the hub for it."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def check_local_path(key: str, path: str, expected: str, folder: bool = True) -> None:
+    """A value that looks like a local path (see `looks_local`) must exist (and be a folder, when `folder`)."""
+    if not looks_local(path):
+        return
+    full = os.path.expanduser(path)
+    if not os.path.exists(full):
+        raise ConfigError(f"{key}: '{path}' does not exist; expected {expected}")
+    if folder and not os.path.isdir(full):
+        raise ConfigError(f"{key}: '{path}' is a file; expected {expected}")
+
+
+def check_output_dir(path: str, key: str = "logging.output_dir") -> None:
+    """The run folder `path` must be creatable and writable: the nearest part of it that exists is a writable
+    folder (makedirs creates the rest). Checked at start-up so a bad folder fails in one line, before any loading."""
+    if not path:
+        raise ConfigError(f"{key}='': expected a folder path")
+    existing = os.path.abspath(os.path.expanduser(path))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    where = "" if existing == os.path.abspath(os.path.expanduser(path)) else f" ('{existing}')"
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}: '{path}'{where} is a file, not a folder; expected a folder to write run folders in")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: '{path}'{where} is not writable; expected a folder to write run folders in")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable) or key == "<<":  # the base class reports or merges these
+                continue
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (lines {first[key]} and {line}); expected each key once",
+                    key_node.start_mark)
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and type checking
+# ----------------------------------------------------------------------------------------------
 
 
 def _type_name(tp: Any) -> str:
@@ -399,14 +533,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}={value!r}: expected int")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-5" as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                pass
+        elif isinstance(value, str):  # YAML reads "1e-5" as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}={value!r}: expected float")
+        if number is not None and math.isfinite(number):  # .nan/.inf would poison the run silently
+            return number
+        raise ConfigError(f"{where}={value!r}: expected {'a finite float' if number is not None else 'float'}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -454,7 +594,12 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"override '{arg}': missing value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        _set_dotted(tree, key, yaml.safe_load(raw))
+        try:
+            value = yaml.load(raw, Loader=StrictLoader)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override --{key} {raw!r}: invalid YAML value: {problem}") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -466,8 +611,10 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
     algo = values.get("algorithm")
-    if algo not in CONFIGS:
+    if not isinstance(algo, str) or algo not in CONFIGS:
         raise ConfigError(f"{source}: algorithm={algo!r}: expected one of {', '.join(CONFIGS)}")
     try:
         cfg = _build(CONFIGS[algo], values)
@@ -481,13 +628,25 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig
     """Read a YAML file, apply `--a.b value` overrides and validate."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); expected a UTF-8 YAML file") from None
+    try:
+        values = yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        position = getattr(e, "position", None)  # a reader error (a control character) has a character index
+        line = f":{mark.line + 1}" if mark else f":{text[:position].count(chr(10)) + 1}" if position is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     values = _merge(values, parse_overrides(overrides or []))

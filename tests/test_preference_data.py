@@ -181,6 +181,8 @@ def test_skipped_rows_are_counted_printed_and_logged(tiny_model_dir, prefs_file,
     })
     trainer = Trainer(cfg)
     assert len(trainer.algorithm.train_pairs) == 8
-    assert "train: skipped 4 bad rows (data.on_bad_row=skip); first: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"train: skipped 4 rows of {path} (data.on_bad_row=skip): 1 x field 'rejected': missing, " in out
+    assert f"; first: {path}:5: field 'rejected': missing" in out
     trainer.train()
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["data/train_skipped_rows"] == 4

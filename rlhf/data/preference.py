@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -109,8 +109,9 @@ def parse_hh_transcript(text: str) -> list[dict]:
 def _from_hh_rlhf(row: Row, pku_preference: str) -> Preference:
     turns = {}
     for name in ("chosen", "rejected"):
+        text = row.get(name, str)  # its DataError is a ValueError too: read outside the try
         try:
-            turns[name] = parse_hh_transcript(row.get(name, str))
+            turns[name] = parse_hh_transcript(text)
         except ValueError as e:
             raise row.fail(name, str(e)) from None
     return Preference(*_from_transcripts(row, turns["chosen"], turns["rejected"]))
@@ -163,9 +164,17 @@ def detect_format(row: Row) -> str:
                                                 f"format; set data.format to one of {', '.join(FORMATS)}")
 
 
-def resolve_format(fmt: str, first: Row) -> Format:
+def resolve_format(fmt: str, first: Row, rows: Sequence[Row] = ()) -> Format:
+    """The format named by `fmt`; for "auto", the first of `first, *rows` that is readable and matches a format
+    decides, so an unreadable or broken first row is one bad row under data.on_bad_row, not the whole file."""
     if fmt == "auto":
-        return FORMATS[detect_format(first)]
+        readable = [r for r in [first, *rows] if r.error is None]
+        for row in readable:
+            if any(f.detect(row.data) for f in FORMATS.values()):
+                return FORMATS[detect_format(row)]
+        if readable:
+            detect_format(readable[0])  # raises: no row of the file looks like preference data
+        return FORMATS["preference"]  # no row is readable: each fails on its own as it is adapted
     if fmt not in FORMATS:
         from ..config import ConfigError
 
@@ -228,7 +237,7 @@ def encode_rows(rows: list[Row], tokenizer, opts: PairOptions, bad: BadRows,
     counted by reason in `dropped`."""
     if not rows:
         return []
-    fmt = resolve_format(opts.format, rows[0])
+    fmt = resolve_format(opts.format, rows[0], rows)
     out = []
     for row in rows:
         try:

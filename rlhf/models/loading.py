@@ -10,14 +10,16 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, check_local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _from_pretrained(loader, path: str, field: str, **kwargs):
+    # a missing local path fails here at once; from_pretrained would take it for a hub id and retry the hub
+    check_local_path(field, path, "a local model folder")
     try:
-        return loader.from_pretrained(path, **kwargs)
+        return loader.from_pretrained(os.path.expanduser(path), **kwargs)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(path) else "hub name or local folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
