@@ -1,0 +1,81 @@
+# .venv/bin/python benchmarks/bench_sandbox.py [--programs N]
+"""What the sandbox's private mounts cost and what they stop.
+
+1. Per-program time: N small passing programs, one at a time, with full isolation (private /tmp, /var/tmp,
+   /dev/shm, IPC and a read-only view of the other mounts) and with the weaker isolation that --unsafe-sandbox
+   accepts (fresh uid and network namespace only), interleaved so machine load hits both alike.
+2. Escapes: the attempts of tests/test_sandbox.py (a file in every world-writable folder found now, an append
+   to every world-writable file, System V shared memory, message queue and semaphore, a POSIX message queue),
+   counted as worked inside the run and as left behind after it, under both isolations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlhf.eval import sandbox  # noqa: E402
+from tests.test_sandbox import GOOD, QUICK, run_escapes, world_writable_places  # noqa: E402
+
+
+def weaker(fn):
+    """Run fn under the weaker isolation (as where the kernel refuses namespaces and it was accepted)."""
+    saved = sandbox._isolation
+    sandbox._isolation_for(sandbox.SandboxLimits())  # the real probe, so only the mounts differ
+    drop = sandbox._isolation[0]
+    sandbox._isolation = (drop, False, "benchmark")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(replace(QUICK, unsafe=True))
+    finally:
+        sandbox._isolation = saved
+
+
+def per_program_ms(limits, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        assert sandbox.run_program(GOOD, limits=limits).passed
+        out.append(1000 * (time.perf_counter() - start))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--programs", type=int, default=200, help="programs timed per isolation")
+    args = parser.parse_args()
+    full, weak = [], []
+    for _ in range(args.programs // 20):  # interleaved blocks of 20
+        full += per_program_ms(QUICK, 20)
+        weak += weaker(lambda limits: per_program_ms(limits, 20))
+    print("| isolation | programs | median ms/program | mean ms/program |")
+    print("|---|---|---|---|")
+    for name, times in (("full (private mounts + IPC)", full), ("weaker (--unsafe-sandbox)", weak)):
+        print(f"| {name} | {len(times)} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
+
+    places = world_writable_places()
+    print(f"\nworld-writable now: {len(places[0])} folders {places[0]}, {len(places[1])} regular files {places[1]}")
+    print("\n| attempt | full: worked inside | full: left after | weaker: worked inside | weaker: left after |")
+    print("|---|---|---|---|---|")
+    full_report, full_left = run_escapes(places, QUICK)
+    weak_report, weak_left = weaker(lambda limits: run_escapes(places, limits))
+    for name in full_report:
+        kind = name.split(" ", 1)[0]
+        left_full = any(x == name or x.startswith("owned " + name.split(" ", 1)[1] + "/") for x in full_left)
+        left_weak = any(x == name or x.startswith("owned " + name.split(" ", 1)[1] + "/") for x in weak_left)
+        if kind in ("sysv", "posix"):
+            left_full, left_weak = name in full_left, name in weak_left
+        print(f"| {name} | {full_report[name] == 'kept'} | {left_full} | {weak_report[name] == 'kept'} | {left_weak} |")
+    print(f"\nleft after the run: full {len(full_left)} {full_left}, weaker {len(weak_left)} {weak_left}")
+
+
+if __name__ == "__main__":
+    main()
