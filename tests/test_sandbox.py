@@ -476,7 +476,7 @@ def test_scratch_space_is_capped(where):
     assert result.passed, result.tail()
 
 
-def test_refused_namespaces_stop_evaluation_unless_accepted(monkeypatch, capsys):
+def test_refused_namespaces_stop_evaluation_unless_accepted(monkeypatch, capsys, tmp_path):
     # An invalid unshare flag makes the child's unshare fail as a kernel that refuses namespaces would.
     monkeypatch.setattr(sandbox, "_PRIVATE_NAMESPACES", 0x1)
     monkeypatch.setattr(sandbox, "_isolation", None)
@@ -489,6 +489,11 @@ def test_refused_namespaces_stop_evaluation_unless_accepted(monkeypatch, capsys)
     assert main(["eval", "--model", "no-such-model", "--testbed", "code"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "unshare" in err and "--unsafe-sandbox" in err, err
+    pipeline = tmp_path / "pipeline.yaml"  # the pipeline stops before its first stage, not at the first reward
+    pipeline.write_text(f"output_dir: {tmp_path / 'runs'}\ntestbeds: [code]\n")
+    assert main(["pipeline", str(pipeline)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--unsafe-sandbox" in err and not (tmp_path / "runs").exists()
     with pytest.warns(RuntimeWarning, match="without private /tmp"):
         weak = run_program(GOOD, limits=SandboxLimits(unsafe=True))
     assert weak.passed and weak.extra["private"] is False
