@@ -5,8 +5,10 @@
    /dev/shm, IPC and a read-only view of the other mounts) and with the weaker isolation that --unsafe-sandbox
    accepts (fresh uid and network namespace only), interleaved so machine load hits both alike.
 2. Escapes: the attempts of tests/test_sandbox.py (a file in every world-writable folder found now, an append
-   to every world-writable file, System V shared memory, message queue and semaphore, a POSIX message queue),
-   counted as worked inside the run and as left behind after it, under both isolations.
+   to every world-writable file, System V shared memory, message queue and semaphore, a POSIX message queue, a
+   key in the persistent keyring), counted as worked inside the run and as left behind after it, under both
+   isolations. The weaker run leaves a key of ~100 bytes that the kernel drops after
+   /proc/sys/kernel/keys/persistent_keyring_expiry seconds (3 days by default).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> None:
         kind = name.split(" ", 1)[0]
         left_full = any(x == name or x.startswith("owned " + name.split(" ", 1)[1] + "/") for x in full_left)
         left_weak = any(x == name or x.startswith("owned " + name.split(" ", 1)[1] + "/") for x in weak_left)
-        if kind in ("sysv", "posix"):
+        if kind in ("sysv", "posix", "kernel"):
             left_full, left_weak = name in full_left, name in weak_left
         print(f"| {name} | {full_report[name] == 'kept'} | {left_full} | {weak_report[name] == 'kept'} | {left_weak} |")
     print(f"\nleft after the run: full {len(full_left)} {full_left}, weaker {len(weak_left)} {weak_left}")

@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import json
 import os
+import platform
 import secrets
 import shutil
 import socket
@@ -342,11 +343,12 @@ def writable_places():
 
 # The attempts, each reported as "kept" (it worked) or the error: a file in every world-writable folder, an
 # append to every world-writable file, and the kernel objects that stay after their creator exits (System V
-# shared memory, message queues and semaphores; a POSIX message queue). They go around the in-process guards.
+# shared memory, message queues and semaphores; a POSIX message queue; a key in the persistent keyring). They go
+# around the in-process guards.
 ESCAPES = UNGUARD + r"""
 import ctypes, json, os
 libc = ctypes.CDLL(None, use_errno=True)
-folders, files, token, key = json.loads(__import__("sys").stdin.read())
+folders, files, token, key, keys = json.loads(__import__("sys").stdin.read())
 out = {}
 def attempt(name, fn):
     try:
@@ -369,6 +371,13 @@ attempt("sysv msg", lambda: libc.msgget(key, IPC_CREAT | 0o666) >= 0)
 attempt("sysv sem", lambda: libc.semget(key, 1, IPC_CREAT | 0o666) >= 0)
 libc.mq_open.restype = ctypes.c_int
 attempt("posix mq", lambda: libc.mq_open(("/" + token).encode(), os.O_CREAT | os.O_RDWR, 0o600, None) >= 0)
+if keys:  # (add_key, keyctl): a key in the uid's persistent keyring, which the kernel keeps for days
+    add_key, keyctl = keys
+    libc.syscall.restype = ctypes.c_long
+    def persistent_key():
+        ring = libc.syscall(keyctl, 22, ctypes.c_long(-1), ctypes.c_long(-4))  # KEYCTL_GET_PERSISTENT
+        return ring >= 0 and libc.syscall(add_key, b"user", token.encode(), b"x" * 100, 100, ctypes.c_long(ring)) >= 0
+    attempt("kernel key", persistent_key)
 print(json.dumps(out))
 """
 
@@ -390,6 +399,9 @@ def leftovers(folders, token: str, key: int, uid) -> list[str]:
             left += [f"owned {e.path}" for e in entries
                      if uid is not None and e.stat(follow_symlinks=False).st_uid == uid]
     left += [f"sysv {kind}" for kind in ("shm", "msg", "sem") if key in sysv_keys(kind)]
+    with open("/proc/key-users") as f:  # per uid: keys the kernel still holds for it
+        if uid is not None and any(line.split(":")[0].strip() == str(uid) for line in f):
+            left.append("kernel key")
     libc = ctypes.CDLL(None, use_errno=True)
     mq = libc.mq_open(("/" + token).encode(), os.O_RDONLY)
     if mq >= 0:
@@ -411,12 +423,15 @@ def remove_leftovers(folders, token: str, key: int) -> None:
     libc.mq_unlink(("/" + token).encode())
 
 
-def run_escapes(writable_places, limits):
-    """Run the escape attempts; returns (their report, what they left). Cleans up after itself."""
+def run_escapes(writable_places, limits, keys: bool = True):
+    """Run the escape attempts; returns (their report, what they left). Cleans up after itself, but for a kernel key
+    that got through (no way to drop another uid's persistent keyring; it expires after days): `keys` chooses."""
     folders, files = writable_places
     token, key = f"rlhf-escape-{secrets.token_hex(6)}", secrets.randbelow(1 << 30) + 1
+    calls = sandbox._KEY_SYSCALLS.get(platform.machine())
+    keys = [calls[1][0], calls[1][2]] if keys and calls else None
     try:
-        result = run_program(ESCAPES, stdin=json.dumps([folders, files, token, key]), limits=limits)
+        result = run_program(ESCAPES, stdin=json.dumps([folders, files, token, key, keys]), limits=limits)
         assert result.passed, result.tail()
         return json.loads(result.stdout), leftovers(folders, token, key, result.extra.get("uid"))
     finally:
@@ -432,6 +447,8 @@ def test_nothing_written_outside_the_working_folder_survives(writable_places):
         place = name.split(" ", 1)[1]
         if name.startswith("folder ") and place in scratch or name.startswith(("sysv", "posix")):
             assert outcome == "kept", (name, outcome)  # it worked, in the run's own namespace
+        elif name == "kernel key":
+            assert outcome == "error: Operation not permitted", outcome
         else:
             assert outcome.startswith("error"), (name, outcome)
     assert sum(name.startswith("folder ") for name in report) == len(writable_places[0])
@@ -442,7 +459,7 @@ def test_weaker_isolation_leaves_files_behind(writable_places, monkeypatch):
     """The same attempts under the weaker isolation that --unsafe-sandbox accepts: what the check above catches."""
     monkeypatch.setattr(sandbox, "_isolation", (True, False, "simulated"))
     with pytest.warns(RuntimeWarning, match="without private /tmp"):
-        _, left = run_escapes(writable_places, replace(QUICK, unsafe=True))
+        _, left = run_escapes(writable_places, replace(QUICK, unsafe=True), keys=False)
     assert "folder /tmp" in left and "sysv shm" in left
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import secrets
 import selectors
 import shutil
@@ -108,7 +109,7 @@ def _runner():
     def fail(what):
         write(cfg["result_fd"], ("!setup: %s" % what).encode())
         exit_(1)
-    if cfg["uid"] is not None or cfg["userns"] or cfg["private"]:
+    if cfg["uid"] is not None or cfg["userns"] or cfg["private"] or cfg["seccomp"]:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -200,6 +201,28 @@ def _runner():
         os.setuid(cfg["uid"])
     if libc is not None:
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries gain nothing
+    if cfg["seccomp"]:
+        # Kernel keys outlive their process (a persistent keyring for days) and no namespace here holds them:
+        # their three syscalls fail with EPERM. Another ABI (i386 via int 0x80, x32) could reach them under
+        # other numbers, so its calls fail too.
+        arch, denied = cfg["seccomp"]
+        def op(code, k, jt=0, jf=0):
+            return (code, jt, jf, k)
+        errno_eperm, allow = 0x00050000 | 1, 0x7FFF0000  # SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW
+        prog = [op(0x20, 4), op(0x15, arch, 1, 0), op(0x06, errno_eperm),  # ld arch; foreign arch -> EPERM
+                op(0x20, 0), op(0x35, 0x40000000, 0, 1), op(0x06, errno_eperm)]  # ld nr; x32 -> EPERM
+        for i, nr in enumerate(denied):
+            prog.append(op(0x15, nr, len(denied) - i, 0))  # jump to the EPERM below
+        prog += [op(0x06, allow), op(0x06, errno_eperm)]
+        class Filter(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                        ("k", ctypes.c_uint)]
+        class Program(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+        filters = (Filter * len(prog))(*[Filter(*f) for f in prog])
+        fprog = Program(len(prog), filters)
+        if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            fail("seccomp refused: %s" % os.strerror(ctypes.get_errno()))
     for name, soft, hard in cfg["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
     for name in cfg["blocked_os"]:
@@ -252,6 +275,8 @@ _BLOCKED_MODULES = (
 # outlive the process that made them).
 _PRIVATE_NAMESPACES = 0x00020000 | 0x08000000  # CLONE_NEWNS | CLONE_NEWIPC
 _SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # replaced by a fresh size-capped tmpfs in each run
+# (AUDIT_ARCH, numbers of add_key, request_key, keyctl) per machine: kernel keys survive the run.
+_KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
 UNSAFE_ENV = "RLHF_UNSAFE_SANDBOX"  # "1": as SandboxLimits.unsafe, for runs started by name (reward fns)
 
 _uids_in_use: set[int] = set()
@@ -438,6 +463,7 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool, private:
             "uid": uid,
             "userns": not _is_root(),
             "namespaces": _PRIVATE_NAMESPACES,
+            "seccomp": _KEY_SYSCALLS.get(platform.machine()) if private else None,
             "private": {"scratch": scratch, "size_kb": limits.scratch_mb * 1024, "inodes": limits.scratch_files,
                         "workdir": rundir} if private else None,
             "program": program_path,
