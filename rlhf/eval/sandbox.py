@@ -5,12 +5,20 @@ Defences, outermost first:
 * The child is a fresh interpreter (`python -I -S`) in its own session and process group, in a
   temporary working directory that is removed afterwards, with an environment built from scratch
   (nothing of the parent's environment, secrets included, reaches it).
-* Running as root, the child drops to a fresh, otherwise unused uid/gid for this run only, after
-  moving into a new network namespace (no interface but a loopback that is down) and with
+* Private namespaces, made in the child before the program loads: network (no interface but a
+  loopback that is down); mounts, where /tmp (holding the working folder), /var/tmp and /dev/shm are
+  fresh size- and file-count-capped tmpfs mounts and every other mount is read-only, so no
+  world-writable place stays writable and nothing written outside the working folder survives the
+  run; IPC, so System V objects and POSIX message queues die with it. A seccomp filter makes the
+  kernel-key syscalls fail (keys outlive their process). Where the kernel refuses any of this, runs
+  raise SandboxUnavailable unless weaker isolation was accepted (SandboxLimits.unsafe or
+  $RLHF_UNSAFE_SANDBOX=1): then only the network namespace and the uid drop below apply, with a warning.
+* Running as root, the child drops to a fresh, otherwise unused uid/gid for this run only, with
   no_new_privs set. The fresh uid means it cannot signal any other process, cannot write files it
   does not own, and makes RLIMIT_NPROC count only this run's processes, which caps a fork bomb.
   After the run, every process that still carries that uid is killed, including any that left
-  the process group with setsid().
+  the process group with setsid(). Without root, a user namespace makes the namespaces above and the
+  program keeps the caller's uid.
 * resource limits in the child: address space, CPU seconds, file size, open files, processes,
   no core files.
 * In-process guards before the program loads: the functions that fork, exec, kill, delete,
@@ -25,9 +33,6 @@ writes it back on a second pipe. Exiting early (sys.exit, os._exit, a signal, cl
 produces the nonce. The program shares the runner's interpreter, so deliberately hostile code that
 reads the nonce pipe itself could forge a pass; the harness defends the machine against such code,
 and scores honest mistakes (including early exits) correctly.
-
-Without root the OS-level identity change and network namespace are skipped (a user namespace is
-tried for the network namespace); the remaining layers still apply.
 """
 
 from __future__ import annotations
