@@ -9,12 +9,16 @@
    key in the persistent keyring), counted as worked inside the run and as left behind after it, under both
    isolations. The weaker run leaves a key of ~100 bytes that the kernel drops after
    /proc/sys/kernel/keys/persistent_keyring_expiry seconds (3 days by default).
+3. Caps: how many bytes (files of 16 MiB, the file-size limit, up to 256 MiB) and how many empty files (up to
+   10,000) one program can put in each scratch folder and its working folder; removed afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -50,18 +54,58 @@ def per_program_ms(limits, n: int) -> list[float]:
     return out
 
 
+CAPS = r"""
+import json, os, sys
+where, token = sys.argv[1], sys.argv[2]
+folder = os.path.join(where, token)
+os.mkdir(folder)
+written = files = 0
+try:
+    for i in range(16):
+        with open(os.path.join(folder, "big%d" % i), "wb") as f:
+            for _ in range(16):
+                f.write(b"x" * (1 << 20))
+                f.flush()
+                written += 1 << 20
+except OSError:
+    pass
+try:
+    for i in range(10000):
+        open(os.path.join(folder, "f%d" % i), "w").close()
+        files += 1
+except OSError:
+    pass
+print(json.dumps([written >> 20, files]))
+"""
+
+
+def caps(limits) -> dict[str, list[int]]:
+    """{folder: [MiB written, empty files made]} for one program per folder; what it left is removed."""
+    out = {}
+    for where in ("/tmp", "/var/tmp", "/dev/shm", "."):
+        token = f"rlhf-caps-{os.getpid()}"
+        program = f"import sys\nsys.argv = ['caps', {where!r}, {token!r}]\n" + CAPS
+        result = sandbox.run_program(program, limits=replace(limits, timeout_s=30.0))
+        assert result.passed, result.tail()
+        out[where] = json.loads(result.stdout)
+        if where != ".":
+            shutil.rmtree(os.path.join(where, token), ignore_errors=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--programs", type=int, default=200, help="programs timed per isolation")
+    parser.add_argument("--programs", type=int, default=200, help="programs timed per isolation (0: skip)")
     args = parser.parse_args()
     full, weak = [], []
     for _ in range(args.programs // 20):  # interleaved blocks of 20
         full += per_program_ms(QUICK, 20)
         weak += weaker(lambda limits: per_program_ms(limits, 20))
-    print("| isolation | programs | median ms/program | mean ms/program |")
-    print("|---|---|---|---|")
-    for name, times in (("full (private mounts + IPC)", full), ("weaker (--unsafe-sandbox)", weak)):
-        print(f"| {name} | {len(times)} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
+    if full:
+        print("| isolation | programs | median ms/program | mean ms/program |")
+        print("|---|---|---|---|")
+        for name, times in (("full (private mounts + IPC)", full), ("weaker (--unsafe-sandbox)", weak)):
+            print(f"| {name} | {len(times)} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
 
     places = world_writable_places()
     print(f"\nworld-writable now: {len(places[0])} folders {places[0]}, {len(places[1])} regular files {places[1]}")
@@ -77,6 +121,13 @@ def main() -> None:
             left_full, left_weak = name in full_left, name in weak_left
         print(f"| {name} | {full_report[name] == 'kept'} | {left_full} | {weak_report[name] == 'kept'} | {left_weak} |")
     print(f"\nleft after the run: full {len(full_left)} {full_left}, weaker {len(weak_left)} {weak_left}")
+
+    full_caps, weak_caps = caps(QUICK), weaker(caps)
+    print("\n| folder | full: MiB written | full: files made | weaker: MiB written | weaker: files made |")
+    print("|---|---|---|---|---|")
+    for where in full_caps:
+        print(f"| {where} | {full_caps[where][0]} | {full_caps[where][1]} | {weak_caps[where][0]} | "
+              f"{weak_caps[where][1]} |")
 
 
 if __name__ == "__main__":
