@@ -150,6 +150,8 @@ def _runner():
                 st = os.statvfs(point)
             except OSError:
                 continue  # hidden under another mount or gone: not reachable by the program
+            if st.f_flag & 0x1:  # ST_RDONLY already
+                continue
             keep = st.f_flag & (0x2 | 0x4 | 0x8 | 0x400 | 0x800)  # nosuid nodev noexec noatime nodiratime
             if st.f_flag & 0x1000:
                 keep |= 1 << 21  # ST_RELATIME -> MS_RELATIME
