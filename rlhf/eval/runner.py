@@ -50,7 +50,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 32
     data_root: Optional[str] = None  # folder holding <testbed>/prompts_eval.jsonl (default: the checkout's data/)
-    unsafe_sandbox: bool = False  # code testbeds: run programs with weaker isolation where the kernel refuses namespaces
+    unsafe_sandbox: bool = False  # code testbeds: where the kernel refuses namespaces, run programs less isolated
 
 
 def _sampling(settings: EvalSettings):
