@@ -292,7 +292,7 @@ def test_mixed_batch_good_ones_still_pass():
     ids=["fork", "kill", "socket", "subprocess", "system", "exit"],
 )
 def test_in_process_guards_alone(program):
-    """What a non-root user gets without the uid drop: the guards still stop these."""
+    """With the OS layers off (drop_privileges=False) the in-process guards alone still stop these."""
     result = run_program(program, limits=SandboxLimits(timeout_s=1.0, drop_privileges=False))
     assert result.status == FAILED and not result.passed
     assert run_program(GOOD, limits=SandboxLimits(drop_privileges=False)).passed
