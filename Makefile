@@ -12,11 +12,12 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins every library but torch (see its header); torch follows TORCH_SPEC.
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 demo: install
@@ -25,8 +26,9 @@ demo: install
 ablation: install
 	$(PY) -m rlhf pipeline configs/pipeline_ablation.yaml --fresh
 
+# no -x: one run reports every failure
 test: install
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -59,6 +60,8 @@ class EvalSpec:
     k: list[int] = opt([1], "pass@k values on the code testbed.")
     temperature: float = opt(0.0, "0 = greedy.")
     limit: int = opt(0, "Evaluate only the first N held-out prompts (0 = all).")
+    unsafe_sandbox: bool = opt(False, "Code testbed: where the kernel refuses the namespaces that give each program a "
+                                      "private /tmp, run programs without them (warned) instead of stopping.")
 
 
 @dataclass
@@ -252,7 +255,7 @@ class Pipeline:
         e = self.cfg.eval
         settings = EvalSettings(testbed=testbed, num_samples=e.num_samples, k=list(e.k),
                                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, limit=e.limit,
-                                seed=self.cfg.seed, data_root=self.cfg.data_root)
+                                seed=self.cfg.seed, data_root=self.cfg.data_root, unsafe_sandbox=e.unsafe_sandbox)
         t0 = time.time()
         report = evaluate(final, settings, reward_model=rm, reference=sft, out=out)
         shown = {k: round(v, 3) for k, v in report["metrics"].items()
@@ -262,6 +265,12 @@ class Pipeline:
     # --- the whole thing ------------------------------------------------------------------------
     def run(self) -> str:
         t0 = time.time()
+        if "code" in self.cfg.testbeds:
+            from .eval.sandbox import UNSAFE_ENV, check_isolation
+
+            if self.cfg.eval.unsafe_sandbox:  # also for the execution rewards, which the configs name as functions
+                os.environ[UNSAFE_ENV] = "1"
+            check_isolation(self.cfg.eval.unsafe_sandbox)  # before any training, not at the first code reward
         self.build_base()
         runs: list[tuple[str, str]] = []
         for testbed in self.cfg.testbeds:
@@ -281,13 +290,24 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--fresh", action="store_true", help="Delete the output folder first.")
     p.add_argument("--output-dir", help="Override output_dir.")
     p.add_argument("--seed", type=int, help="Override seed.")
+    p.add_argument("--unsafe-sandbox", action="store_true",
+                   help="Set eval.unsafe_sandbox: run generated programs with weaker isolation where the kernel "
+                        "refuses namespaces, instead of stopping.")
     a = p.parse_args(argv)
     cfg = load_pipeline(a.config)
     if a.output_dir:
         cfg.output_dir = a.output_dir
     if a.seed is not None:
         cfg.seed = a.seed
+    if a.unsafe_sandbox:
+        cfg.eval.unsafe_sandbox = True
     if a.fresh and os.path.isdir(cfg.output_dir):
         shutil.rmtree(cfg.output_dir)
-    Pipeline(cfg).run()
+    from .eval.sandbox import SandboxUnavailable
+
+    try:
+        Pipeline(cfg).run()
+    except SandboxUnavailable as e:
+        print(f"error: sandbox: {e}", file=sys.stderr)
+        return 2
     return 0

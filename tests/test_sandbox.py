@@ -1,21 +1,30 @@
 """The sandbox corpus: every hostile program must end as a failed sample, within its time limit,
 without touching the machine; good programs around them keep passing."""
 
+import contextlib
+import ctypes
+import json
 import os
+import platform
+import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from rlhf.eval import sandbox
 from rlhf.eval.sandbox import (
     FAILED,
     OUTPUT_LIMIT,
     PASSED,
     TIMEOUT,
     SandboxLimits,
+    SandboxUnavailable,
     _pids_with_uid,
     run_program,
     run_programs,
@@ -283,7 +292,7 @@ def test_mixed_batch_good_ones_still_pass():
     ids=["fork", "kill", "socket", "subprocess", "system", "exit"],
 )
 def test_in_process_guards_alone(program):
-    """What a non-root user gets without the uid drop: the guards still stop these."""
+    """With the OS layers off (drop_privileges=False) the in-process guards alone still stop these."""
     result = run_program(program, limits=SandboxLimits(timeout_s=1.0, drop_privileges=False))
     assert result.status == FAILED and not result.passed
     assert run_program(GOOD, limits=SandboxLimits(drop_privileges=False)).passed
@@ -295,3 +304,215 @@ def test_large_stdin_is_fed_whole_and_unread_stdin_does_not_block():
     assert result.passed and result.stdout == f"{sum(range(200_000))}\n"  # 199999 * 200000 / 2
     ignored = run_program("print('done')\n", stdin=data, limits=QUICK)
     assert ignored.passed and ignored.duration_s < QUICK.timeout_s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writes that would outlive the run: every world-writable place on this machine, System V IPC, POSIX queues
+# ---------------------------------------------------------------------------------------------------------------
+
+KERNEL_TREES = ("/proc", "/sys")  # no file can be created there; /proc/<pid> of the run dies with it
+
+
+def world_writable_places() -> tuple[list[str], list[str]]:
+    """(folders, regular files) any user may write, found now by walking every mount but /proc and /sys."""
+    folders, files = [], []
+    for top, dirs, names in os.walk("/"):
+        if top in KERNEL_TREES:
+            dirs[:] = []
+            continue
+        for name in dirs + names:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if st.st_mode & 0o002:
+                if stat.S_ISDIR(st.st_mode):
+                    folders.append(path)
+                elif stat.S_ISREG(st.st_mode):
+                    files.append(path)
+    return folders, files
+
+
+@pytest.fixture(scope="module")
+def writable_places():
+    folders, files = world_writable_places()
+    assert "/tmp" in folders  # the walk works: /tmp is world-writable on every Linux
+    return folders, files
+
+
+# The attempts, each reported as "kept" (it worked) or the error: a file in every world-writable folder, an
+# append to every world-writable file, and the kernel objects that stay after their creator exits (System V
+# shared memory, message queues and semaphores; a POSIX message queue; a key in the persistent keyring). They go
+# around the in-process guards.
+ESCAPES = UNGUARD + r"""
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+folders, files, token, key, keys = json.loads(__import__("sys").stdin.read())
+out = {}
+def attempt(name, fn):
+    try:
+        ok = fn()
+        out[name] = "kept" if ok is not False else "error: " + os.strerror(ctypes.get_errno())
+    except OSError as e:
+        out[name] = "error: " + e.strerror
+def write_file(folder):
+    with open(os.path.join(folder, token), "w") as f:
+        f.write("left behind")
+def append(path):
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+for folder in folders:
+    attempt("folder " + folder, lambda: write_file(folder))
+for path in files:
+    attempt("file " + path, lambda: append(path))
+IPC_CREAT = 0o1000
+attempt("sysv shm", lambda: libc.shmget(key, 4096, IPC_CREAT | 0o666) >= 0)
+attempt("sysv msg", lambda: libc.msgget(key, IPC_CREAT | 0o666) >= 0)
+attempt("sysv sem", lambda: libc.semget(key, 1, IPC_CREAT | 0o666) >= 0)
+libc.mq_open.restype = ctypes.c_int
+attempt("posix mq", lambda: libc.mq_open(("/" + token).encode(), os.O_CREAT | os.O_RDWR, 0o600, None) >= 0)
+if keys:  # (add_key, keyctl): a key in the uid's persistent keyring, which the kernel keeps for days
+    add_key, keyctl = keys
+    libc.syscall.restype = ctypes.c_long
+    def persistent_key():
+        ring = libc.syscall(keyctl, 22, ctypes.c_long(-1), ctypes.c_long(-4))  # KEYCTL_GET_PERSISTENT
+        return ring >= 0 and libc.syscall(add_key, b"user", token.encode(), b"x" * 100, 100, ctypes.c_long(ring)) >= 0
+    attempt("kernel key", persistent_key)
+print(json.dumps(out))
+"""
+
+
+def sysv_keys(kind: str) -> set[int]:
+    with open(f"/proc/sysvipc/{kind}") as f:
+        return {int(line.split()[0]) for line in list(f)[1:]}
+
+
+def leftovers(folders, token: str, key: int, uid) -> list[str]:
+    """What the escape attempts left on the machine, and every file the run's uid owns in a writable folder."""
+    left = [f"folder {d}" for d in folders if os.path.lexists(os.path.join(d, token))]
+    for folder in folders:
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            continue
+        with entries:
+            left += [f"owned {e.path}" for e in entries
+                     if uid is not None and e.stat(follow_symlinks=False).st_uid == uid]
+    left += [f"sysv {kind}" for kind in ("shm", "msg", "sem") if key in sysv_keys(kind)]
+    with open("/proc/key-users") as f:  # per uid: keys the kernel still holds for it
+        if uid is not None and any(line.split(":")[0].strip() == str(uid) for line in f):
+            left.append("kernel key")
+    libc = ctypes.CDLL(None, use_errno=True)
+    mq = libc.mq_open(("/" + token).encode(), os.O_RDONLY)
+    if mq >= 0:
+        os.close(mq)
+        left.append("posix mq")
+    return sorted(set(left))
+
+
+def remove_leftovers(folders, token: str, key: int) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, token))
+    libc = ctypes.CDLL(None, use_errno=True)
+    ipc_rmid = 0
+    for ident, remove in ((libc.shmget(key, 0, 0), libc.shmctl), (libc.msgget(key, 0), libc.msgctl),
+                          (libc.semget(key, 0, 0), libc.semctl)):
+        if ident >= 0:
+            remove(ident, 0, ipc_rmid, None) if remove is libc.semctl else remove(ident, ipc_rmid, None)
+    libc.mq_unlink(("/" + token).encode())
+
+
+def run_escapes(writable_places, limits, keys: bool = True):
+    """Run the escape attempts; returns (their report, what they left). Cleans up after itself, but for a kernel key
+    that got through (no way to drop another uid's persistent keyring; it expires after days): `keys` chooses."""
+    folders, files = writable_places
+    token, key = f"rlhf-escape-{secrets.token_hex(6)}", secrets.randbelow(1 << 30) + 1
+    calls = sandbox._KEY_SYSCALLS.get(platform.machine())
+    keys = [calls[1][0], calls[1][2]] if keys and calls else None
+    try:
+        result = run_program(ESCAPES, stdin=json.dumps([folders, files, token, key, keys]), limits=limits)
+        assert result.passed, result.tail()
+        return json.loads(result.stdout), leftovers(folders, token, key, result.extra.get("uid"))
+    finally:
+        remove_leftovers(folders, token, key)
+
+
+def test_nothing_written_outside_the_working_folder_survives(writable_places):
+    report, left = run_escapes(writable_places, QUICK)
+    assert left == []
+    # private, so writable inside the run: the scratch folders; everything else world-writable is read-only
+    scratch = {os.path.realpath(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)}
+    for name, outcome in report.items():
+        place = name.split(" ", 1)[1]
+        if name.startswith("folder ") and place in scratch or name.startswith(("sysv", "posix")):
+            assert outcome == "kept", (name, outcome)  # it worked, in the run's own namespace
+        elif name == "kernel key":
+            assert outcome == "error: Operation not permitted", outcome
+        else:
+            assert outcome.startswith("error"), (name, outcome)
+    assert sum(name.startswith("folder ") for name in report) == len(writable_places[0])
+
+
+@needs_root
+def test_weaker_isolation_leaves_files_behind(writable_places, monkeypatch):
+    """The same attempts under the weaker isolation that --unsafe-sandbox accepts: what the check above catches."""
+    monkeypatch.setattr(sandbox, "_isolation", (True, False, "simulated"))
+    with pytest.warns(RuntimeWarning, match="without private /tmp"):
+        _, left = run_escapes(writable_places, replace(QUICK, unsafe=True), keys=False)
+    assert "folder /tmp" in left and "sysv shm" in left
+
+
+@pytest.mark.parametrize("where", ["/tmp", "/var/tmp", "/dev/shm", "."])
+def test_scratch_space_is_capped(where):
+    """Writing more than the cap fails inside the program (ENOSPC), in every private folder and the working one
+    (which lies in the private /tmp); so does creating more files than the cap."""
+    limits = SandboxLimits(timeout_s=5.0, scratch_mb=8, scratch_files=256, file_size_mb=4)
+    program = (
+        "import errno, os\n"
+        f"where = {where!r}\n"
+        "written = 0\n"
+        "try:\n"
+        "    for i in range(4):  # 4 files of 4 MiB (the file-size limit): 16 MiB, twice the cap\n"
+        "        with open(os.path.join(where, 'big%d' % i), 'wb') as f:\n"
+        "            for _ in range(4):\n"
+        "                f.write(b'x' * (1 << 20))\n"
+        "                f.flush()\n"
+        "                written += 1 << 20\n"
+        "    raise SystemExit('wrote %d bytes' % written)\n"
+        "except OSError as e:\n"
+        "    assert e.errno == errno.ENOSPC and written <= 8 << 20, (e, written)\n"
+        "try:  # empty files take no space, only inodes\n"
+        "    for i in range(1000):\n"
+        "        open(os.path.join(where, 'f%d' % i), 'w').close()\n"
+        "    raise SystemExit('made 1000 files')\n"
+        "except OSError as e:\n"
+        "    assert e.errno == errno.ENOSPC, e\n"
+    )
+    result = run_program(program, limits=limits)
+    assert result.passed, result.tail()
+
+
+def test_refused_namespaces_stop_evaluation_unless_accepted(monkeypatch, capsys, tmp_path):
+    # An invalid unshare flag makes the child's unshare fail as a kernel that refuses namespaces would.
+    monkeypatch.setattr(sandbox, "_PRIVATE_NAMESPACES", 0x1)
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    monkeypatch.setattr(sandbox, "_warned", set())
+    monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+    with pytest.raises(SandboxUnavailable, match="--unsafe-sandbox"):
+        run_program(GOOD)
+    from rlhf.cli import main
+
+    assert main(["eval", "--model", "no-such-model", "--testbed", "code"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unshare" in err and "--unsafe-sandbox" in err, err
+    pipeline = tmp_path / "pipeline.yaml"  # the pipeline stops before its first stage, not at the first reward
+    pipeline.write_text(f"output_dir: {tmp_path / 'runs'}\ntestbeds: [code]\n")
+    assert main(["pipeline", str(pipeline)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--unsafe-sandbox" in err and not (tmp_path / "runs").exists()
+    with pytest.warns(RuntimeWarning, match="without private /tmp"):
+        weak = run_program(GOOD, limits=SandboxLimits(unsafe=True))
+    assert weak.passed and weak.extra["private"] is False
+    monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")  # how reward functions named in a config accept it
+    assert run_program(GOOD).passed

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +29,7 @@ from rlhf.eval.dialogue import (
     safety_metrics,
     win_rate,
 )
+from rlhf.eval.sandbox import SandboxLimits, SandboxUnavailable, check_isolation
 
 TESTBED_CHOICES = ("assistant", "code", "humaneval")
 SHOWN_SAMPLES = 8  # responses quoted in eval.md
@@ -48,6 +50,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 32
     data_root: Optional[str] = None  # folder holding <testbed>/prompts_eval.jsonl (default: the checkout's data/)
+    unsafe_sandbox: bool = False  # code testbeds: where the kernel refuses namespaces, run programs less isolated
 
 
 def _sampling(settings: EvalSettings):
@@ -168,7 +171,7 @@ def evaluate_model(
         continuation = settings.testbed == "humaneval" and not getattr(tokenizer, "chat_template", None)
         codes = [extract_code(r, continuation) for r in responses]
         grouped = [codes[i * n:(i + 1) * n] for i in range(len(prompts))]
-        result = evaluate_code(problems, grouped, ks=settings.k)
+        result = evaluate_code(problems, grouped, ks=settings.k, limits=SandboxLimits(unsafe=settings.unsafe_sandbox))
         for key, value in result.items():
             if key.startswith("pass@"):
                 metrics[f"code/{key}"] = value
@@ -260,6 +263,8 @@ def evaluate(
     eval.json and eval.md into `out` when given. Returns the eval.json content."""
     from rlhf.models import load_tokenizer
 
+    if settings.testbed in ("code", "humaneval"):
+        check_isolation(settings.unsafe_sandbox)  # before minutes of loading and generating
     tokenizer = load_tokenizer(model, field="--model")
     policy = _load(model, tokenizer)
     reference_model = _load(reference, tokenizer, "--reference") if reference else None
@@ -329,11 +334,20 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, default=0, help="Evaluate only the first N prompts.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unsafe-sandbox", action="store_true",
+                   help="Code testbeds: where the kernel refuses the namespaces that give each program a private "
+                        "/tmp, run programs without them (a warning says so) instead of stopping. Files they write "
+                        "to /tmp, /var/tmp or /dev/shm then outlive the run.")
     a = p.parse_args(argv)
     settings = EvalSettings(testbed=a.testbed, num_samples=a.num_samples, k=a.k, max_new_tokens=a.max_new_tokens,
-                            temperature=a.temperature, limit=a.limit, seed=a.seed, batch_size=a.batch_size)
+                            temperature=a.temperature, limit=a.limit, seed=a.seed, batch_size=a.batch_size,
+                            unsafe_sandbox=a.unsafe_sandbox)
     out = a.out or os.path.join(a.model if os.path.isdir(a.model) else ".", "eval")
-    report = evaluate(a.model, settings, a.reward_model, a.reference, out)
+    try:
+        report = evaluate(a.model, settings, a.reward_model, a.reference, out)
+    except SandboxUnavailable as e:
+        print(f"error: sandbox: {e}", file=sys.stderr)
+        return 2
     width = max(len(k) for k in report["metrics"])
     for key, value in report["metrics"].items():
         print(f"{key:<{width}}  {value:.4f}")

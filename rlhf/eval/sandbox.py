@@ -5,12 +5,20 @@ Defences, outermost first:
 * The child is a fresh interpreter (`python -I -S`) in its own session and process group, in a
   temporary working directory that is removed afterwards, with an environment built from scratch
   (nothing of the parent's environment, secrets included, reaches it).
-* Running as root, the child drops to a fresh, otherwise unused uid/gid for this run only, after
-  moving into a new network namespace (no interface but a loopback that is down) and with
+* Private namespaces, made in the child before the program loads: network (no interface but a
+  loopback that is down); mounts, where /tmp (holding the working folder), /var/tmp and /dev/shm are
+  fresh size- and file-count-capped tmpfs mounts and every other mount is read-only, so no
+  world-writable place stays writable and nothing written outside the working folder survives the
+  run; IPC, so System V objects and POSIX message queues die with it. A seccomp filter makes the
+  kernel-key syscalls fail (keys outlive their process). Where the kernel refuses any of this, runs
+  raise SandboxUnavailable unless weaker isolation was accepted (SandboxLimits.unsafe or
+  $RLHF_UNSAFE_SANDBOX=1): then only the network namespace and the uid drop below apply, with a warning.
+* Running as root, the child drops to a fresh, otherwise unused uid/gid for this run only, with
   no_new_privs set. The fresh uid means it cannot signal any other process, cannot write files it
   does not own, and makes RLIMIT_NPROC count only this run's processes, which caps a fork bomb.
   After the run, every process that still carries that uid is killed, including any that left
-  the process group with setsid().
+  the process group with setsid(). Without root, a user namespace makes the namespaces above and the
+  program keeps the caller's uid.
 * resource limits in the child: address space, CPU seconds, file size, open files, processes,
   no core files.
 * In-process guards before the program loads: the functions that fork, exec, kill, delete,
@@ -25,9 +33,6 @@ writes it back on a second pipe. Exiting early (sys.exit, os._exit, a signal, cl
 produces the nonce. The program shares the runner's interpreter, so deliberately hostile code that
 reads the nonce pipe itself could forge a pass; the harness defends the machine against such code,
 and scores honest mistakes (including early exits) correctly.
-
-Without root the OS-level identity change and network namespace are skipped (a user namespace is
-tried for the network namespace); the remaining layers still apply.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import secrets
 import selectors
 import shutil
@@ -68,7 +74,10 @@ class SandboxLimits:
     open_files: int = 64  # RLIMIT_NOFILE
     processes: int = 32  # tasks (processes and threads) of the run's uid (RLIMIT_NPROC); root only
     output_bytes: int = 1 << 20  # cap on each of stdout and stderr; beyond it the run is killed
-    drop_privileges: bool = True  # as root: fresh uid, network namespace, no_new_privs
+    drop_privileges: bool = True  # OS layers: namespaces, (as root) a fresh uid, no_new_privs
+    scratch_mb: int = 64  # size of each private tmpfs: /tmp (holding the working folder), /var/tmp, /dev/shm
+    scratch_files: int = 4096  # files and folders each private tmpfs may hold (its nr_inodes)
+    unsafe: bool = False  # where the kernel refuses namespaces, run without them (warned) instead of refusing
 
 
 @dataclass(frozen=True)
@@ -102,16 +111,65 @@ def _runner():
     cfg = json.loads(sys.argv[1])
     read, write, exit_ = os.read, os.write, os._exit
     libc = None
-    if cfg["uid"] is not None or cfg["userns"]:
+    def fail(what):
+        write(cfg["result_fd"], ("!setup: %s" % what).encode())
+        exit_(1)
+    if cfg["uid"] is not None or cfg["userns"] or cfg["private"] or cfg["seccomp"]:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-    if cfg["uid"] is not None:
-        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-            write(cfg["result_fd"], b"!setup: unshare failed")
-            exit_(1)
-        # The interpreter may live under a directory only root can traverse (/root/...). Open
-        # its import directories now and import through /proc/self/fd/N, which reaches an open
-        # directory without searching its parents.
+        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    with open(cfg["program"], encoding="utf-8") as f:  # before a private /tmp hides the parent's copy
+        source = f.read()
+    program = cfg["program"]
+    def mount(source_, target, fstype, flags, data):
+        if libc.mount(source_, target.encode(), fstype, flags, data) != 0:
+            fail("mount %s: %s" % (target, os.strerror(ctypes.get_errno())))
+    def private_mounts(owner):
+        # Nothing below propagates back to the parent's mounts.
+        mount(None, "/", None, 0x4000 | 0x40000, None)  # MS_REC | MS_PRIVATE
+        seen = []
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                fstype = fields[fields.index(b"-") + 1]
+                point = fields[4].decode("unicode_escape")  # \040 and friends
+                seen.append((point, fstype))
+        scratch = cfg["private"]["scratch"]
+        opts = ("size=%dk,nr_inodes=%d,mode=1777" % (cfg["private"]["size_kb"], cfg["private"]["inodes"])).encode()
+        for path in scratch:  # fresh, size-capped, gone when the run's last process exits
+            mount(b"tmpfs", path, b"tmpfs", 0x2 | 0x4, opts)  # MS_NOSUID | MS_NODEV
+        # Every other mount becomes read-only in this namespace (its flags kept, which a user namespace
+        # requires): no world-writable place outside the private ones stays writable.
+        kernel = (b"proc", b"sysfs", b"cgroup", b"cgroup2", b"devpts")
+        for point, fstype in seen:
+            if fstype in kernel or point.startswith(("/proc/", "/sys/")):
+                continue  # files the run's uid may write there are its own process's, gone with it
+            if any(point == p or point.startswith(p + "/") for p in scratch):
+                continue
+            try:
+                st = os.statvfs(point)
+            except OSError:
+                continue  # hidden under another mount or gone: not reachable by the program
+            if st.f_flag & 0x1:  # ST_RDONLY already
+                continue
+            keep = st.f_flag & (0x2 | 0x4 | 0x8 | 0x400 | 0x800)  # nosuid nodev noexec noatime nodiratime
+            if st.f_flag & 0x1000:
+                keep |= 1 << 21  # ST_RELATIME -> MS_RELATIME
+            mount(None, point, None, 0x20 | 0x1000 | 0x1 | keep, None)  # MS_REMOUNT | MS_BIND | MS_RDONLY
+        workdir = cfg["private"]["workdir"]
+        os.mkdir(workdir, 0o700)
+        path = os.path.join(workdir, "program.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(source)
+        os.chmod(path, 0o444)
+        if owner is not None:
+            os.chown(workdir, owner, owner)
+        os.chdir(workdir)
+        return path
+    if cfg["uid"] is not None or cfg["private"]:
+        # The interpreter may live under a directory only root can traverse (/root/...) or under a
+        # folder a private mount hides (/tmp/...). Open its import directories now and import
+        # through /proc/self/fd/N, which reaches an open directory without searching its parents.
         moved = {}
         for entry in sys.path:
             try:
@@ -128,13 +186,50 @@ def _runner():
                             search[i] = moved[old] + entry[len(old):]
                             break
         sys.path_importer_cache.clear()
+    if cfg["uid"] is not None or cfg["userns"] or cfg["private"]:
+        flags = 0x40000000  # CLONE_NEWNET
+        if cfg["userns"]:
+            flags |= 0x10000000  # CLONE_NEWUSER: lets a non-root user make the namespaces below
+        if cfg["private"]:
+            flags |= cfg["namespaces"]  # CLONE_NEWNS | CLONE_NEWIPC
+        if libc.unshare(flags) != 0 and (cfg["uid"] is not None or cfg["private"]):
+            fail("unshare(0x%x) refused: %s" % (flags, os.strerror(ctypes.get_errno())))
+        if cfg["userns"] and cfg["private"]:  # keep our own ids inside the user namespace
+            uid, gid = os.getuid(), os.getgid()
+            for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
+                               ("gid_map", "%d %d 1" % (gid, gid))):
+                with open("/proc/self/" + name, "w") as f:
+                    f.write(text)
+        if cfg["private"]:
+            program = private_mounts(cfg["uid"])
+    if cfg["uid"] is not None:
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
-    elif cfg["userns"]:
-        libc.unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET; best effort
     if libc is not None:
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries gain nothing
+    if cfg["seccomp"]:
+        # Kernel keys outlive their process (a persistent keyring for days) and no namespace here holds them:
+        # their three syscalls fail with EPERM. Another ABI (i386 via int 0x80, x32) could reach them under
+        # other numbers, so its calls fail too.
+        arch, denied = cfg["seccomp"]
+        def op(code, k, jt=0, jf=0):
+            return (code, jt, jf, k)
+        errno_eperm, allow = 0x00050000 | 1, 0x7FFF0000  # SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW
+        prog = [op(0x20, 4), op(0x15, arch, 1, 0), op(0x06, errno_eperm),  # ld arch; foreign arch -> EPERM
+                op(0x20, 0), op(0x35, 0x40000000, 0, 1), op(0x06, errno_eperm)]  # ld nr; x32 -> EPERM
+        for i, nr in enumerate(denied):
+            prog.append(op(0x15, nr, len(denied) - i, 0))  # jump to the EPERM below
+        prog += [op(0x06, allow), op(0x06, errno_eperm)]
+        class Filter(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                        ("k", ctypes.c_uint)]
+        class Program(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+        filters = (Filter * len(prog))(*[Filter(*f) for f in prog])
+        fprog = Program(len(prog), filters)
+        if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            fail("seccomp refused: %s" % os.strerror(ctypes.get_errno()))
     for name, soft, hard in cfg["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
     for name in cfg["blocked_os"]:
@@ -142,15 +237,13 @@ def _runner():
             setattr(os, name, None)
     for name in cfg["blocked_modules"]:
         sys.modules[name] = None
-    with open(cfg["program"], encoding="utf-8") as f:
-        source = f.read()
     main = types.ModuleType("__main__")
-    main.__file__ = cfg["program"]
+    main.__file__ = program
     main.__builtins__ = builtins
     sys.modules["__main__"] = main
-    sys.argv = [cfg["program"]]
+    sys.argv = [program]
     try:
-        exec(compile(source, cfg["program"], "exec"), main.__dict__)
+        exec(compile(source, program, "exec"), main.__dict__)
     except BaseException:
         import traceback
         traceback.print_exc()
@@ -184,10 +277,24 @@ _BLOCKED_MODULES = (
     "ctypes", "_ctypes", "pty",
 )
 
+# Namespaces a run gets besides the network one: mounts (its private /tmp, /var/tmp, /dev/shm and a
+# read-only view of every other mount) and System V IPC / POSIX message queues (which otherwise
+# outlive the process that made them).
+_PRIVATE_NAMESPACES = 0x00020000 | 0x08000000  # CLONE_NEWNS | CLONE_NEWIPC
+_SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # replaced by a fresh size-capped tmpfs in each run
+# (AUDIT_ARCH, numbers of add_key, request_key, keyctl) per machine: kernel keys survive the run.
+_KEY_SYSCALLS = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
+UNSAFE_ENV = "RLHF_UNSAFE_SANDBOX"  # "1": as SandboxLimits.unsafe, for runs started by name (reward fns)
+
 _uids_in_use: set[int] = set()
 _uid_lock = threading.Lock()
-_drop_probe: bool | None = None
+_isolation: tuple[bool, bool, str] | None = None  # (uid drop works, private namespaces work, why not)
 _probe_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+class SandboxUnavailable(RuntimeError):
+    """The kernel refuses the namespaces the sandbox needs, and weaker isolation was not accepted."""
 
 
 def _is_root() -> bool:
@@ -210,27 +317,65 @@ def _release_uid(uid: int | None) -> None:
             _uids_in_use.discard(uid)
 
 
-def _can_drop_privileges() -> bool:
-    """Whether a child can run this interpreter after dropping to a fresh uid (checked once).
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    It cannot where the interpreter or its standard library is readable by root only; then the
-    sandbox falls back to the non-root layers and says so once.
+
+def _probe_isolation() -> tuple[bool, bool, str]:
+    """What this machine allows, tried once with a trivial program: (uid drop, private namespaces, why).
+
+    The uid drop fails where the interpreter or its standard library is readable by root only; the
+    namespaces fail where the kernel (or a container's seccomp policy) refuses unshare or mount.
     """
-    global _drop_probe
+    probe, limits = "import json, math, collections\n", SandboxLimits(timeout_s=10.0)
+    root = _is_root()
+    first = _run(probe, b"", limits, drop=root, private=True)
+    if first.passed:
+        return root, True, ""
+    if root and _run(probe, b"", limits, drop=False, private=True).passed:
+        return False, True, f"{first.status}: {first.tail(200)!r}"
+    why = first.extra.get("setup_error") or f"{first.status}: {first.tail(200)!r}"
+    return root and _run(probe, b"", limits, drop=True, private=False).passed, False, why
+
+
+def _isolation_for(limits: SandboxLimits) -> tuple[bool, bool]:
+    """(drop the uid, private namespaces) for a run; raises SandboxUnavailable, or warns once and
+    runs weaker when `limits.unsafe` (or $RLHF_UNSAFE_SANDBOX=1) accepts it."""
+    global _isolation
+    if not limits.drop_privileges:
+        return False, False
     with _probe_lock:
-        if _drop_probe is None:
-            result = _run(
-                "import json, math, collections\n", b"", SandboxLimits(timeout_s=10.0), drop=True
-            )
-            _drop_probe = result.passed
-            if not _drop_probe:
-                warnings.warn(
-                    "sandbox: cannot run the interpreter as an unprivileged uid "
-                    f"({result.status}: {result.tail(200)!r}); running without the uid drop",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _drop_probe
+        if _isolation is None:
+            _isolation = _probe_isolation()
+    drop, private, why = _isolation
+    if _is_root() and not drop:
+        _warn_once(f"sandbox: cannot run the interpreter as an unprivileged uid ({why}); running without "
+                   "the uid drop")
+    if private:
+        return drop, True
+    if not (limits.unsafe or os.environ.get(UNSAFE_ENV) == "1"):
+        raise SandboxUnavailable(
+            f"the kernel refuses the namespaces that give each program a private /tmp ({why}); "
+            f"pass --unsafe-sandbox (or set {UNSAFE_ENV}=1) to run programs with weaker isolation")
+    _warn_once(f"sandbox: running programs without private /tmp, /var/tmp and /dev/shm ({why}): files they "
+               "write there outlive the run")
+    return drop, False
+
+
+def check_isolation(unsafe: bool = False) -> None:
+    """Raise SandboxUnavailable now (before any model is loaded) if programs cannot run isolated."""
+    _isolation_for(SandboxLimits(unsafe=unsafe))
+
+
+def _scratch_dirs() -> list[str]:
+    out = []
+    for path in _SCRATCH_DIRS:
+        real = os.path.realpath(path)
+        if os.path.isdir(real) and real not in out:
+            out.append(real)
+    return out
 
 
 def _rlimits(limits: SandboxLimits, drop: bool) -> list[tuple[str, int, int]]:
@@ -299,7 +444,7 @@ def _exited(proc: subprocess.Popen) -> bool:
         return True
 
 
-def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> SandboxResult:
+def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool, private: bool) -> SandboxResult:
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="rlhf-sandbox-")
     uid = _fresh_uid() if drop else None
@@ -312,7 +457,11 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(program)
         os.chmod(program_path, 0o444)
-        if uid is not None:
+        scratch = _scratch_dirs()
+        # With private mounts the child reads program.py before they hide this folder, and runs in a
+        # folder of the same name inside its own /tmp; without them it runs here.
+        rundir = os.path.join(scratch[0], os.path.basename(workdir)) if private else workdir
+        if uid is not None and not private:
             os.chown(workdir, uid, uid)
         os.write(nonce_w, nonce)  # fits the pipe buffer; read by the runner only at the end
         os.close(nonce_w)
@@ -320,6 +469,10 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
         config = {
             "uid": uid,
             "userns": not _is_root(),
+            "namespaces": _PRIVATE_NAMESPACES,
+            "seccomp": _KEY_SYSCALLS.get(platform.machine()) if private else None,
+            "private": {"scratch": scratch, "size_kb": limits.scratch_mb * 1024, "inodes": limits.scratch_files,
+                        "workdir": rundir} if private else None,
             "program": program_path,
             "nonce_fd": nonce_r,
             "result_fd": result_w,
@@ -327,7 +480,7 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
             "blocked_os": _BLOCKED_OS,
             "blocked_modules": _BLOCKED_MODULES,
         }
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        env = {"PATH": "/usr/bin:/bin", "HOME": rundir, "TMPDIR": rundir, "LANG": "C.UTF-8"}
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _RUNNER, json.dumps(config)],
@@ -356,7 +509,7 @@ def _run(program: str, stdin: bytes, limits: SandboxLimits, drop: bool) -> Sandb
             stdout=outputs["stdout"].decode("utf-8", "replace"),
             stderr=outputs["stderr"].decode("utf-8", "replace"),
             truncated=truncated,
-            extra={"uid": uid, **({"setup_error": outputs["result"][1:].decode("utf-8", "replace")}
+            extra={"uid": uid, "private": private, **({"setup_error": outputs["result"][1:].decode("utf-8", "replace")}
                                   if status == ERROR else {})},
         )
     finally:
@@ -452,8 +605,8 @@ def run_program(
     limits = limits or SandboxLimits()
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8")
-    drop = limits.drop_privileges and _is_root() and _can_drop_privileges()
-    return _run(program, stdin, limits, drop)
+    drop, private = _isolation_for(limits)
+    return _run(program, stdin, limits, drop, private)
 
 
 def run_programs(
