@@ -27,9 +27,12 @@ def sft_prompt_response(row: Row):
     if "messages" in row.data:
         messages = row.get("messages", list)
         try:
-            return split_messages(messages)
+            prompt, response = split_messages(messages)
         except (ValueError, AttributeError, KeyError) as e:
             raise row.fail("messages", str(e)) from None
+        if not prompt:  # a chat template cannot render an empty conversation
+            raise row.fail("messages", "no message before the assistant's reply: the prompt needs at least one")
+        return prompt, response
     prompt = row.get("prompt", (str, list))
     key = "response" if "response" in row.data or "completion" not in row.data else "completion"
     return prompt, row.get(key, str)
