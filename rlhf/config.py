@@ -94,7 +94,7 @@ class OptimConfig:
 @dataclass
 class LoggingConfig:
     output_dir: str = opt("runs", "Parent folder of run folders.")
-    run_name: str = opt("", "Run folder name; default '<algorithm>-<timestamp>-<pid>'.")
+    run_name: str = opt("", "Run folder name; default '<algorithm>-<timestamp>-<random suffix>'.")
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
     eval_every: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end, if there is eval data).")
     eval_testbed: str = opt("", "Also run the evaluation harness on this testbed's held-out prompts at each evaluation (assistant, code).")

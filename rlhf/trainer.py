@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Callable, Iterator, Optional, Union
@@ -190,6 +192,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.last_skip_reason = ""
         self.max_skipped_steps = max_skipped
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
 
     def _build_model(self) -> torch.nn.Module:
         """The algorithm's model, with what it initializes at random (LoRA adapters, fresh score heads) drawn from
@@ -282,8 +285,9 @@ class Trainer:
             if not runs:
                 raise ConfigError(f"--resume: no earlier '{self.cfg.algorithm}-*' run in {log.output_dir}; set logging.run_name")
             return runs[-1]
-        # the default name is unique per launch: the time to the second is not (two runs started together)
-        name = [log.run_name or f"{self.cfg.algorithm}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"]
+        # the default name is unique: the time to the second is not (two runs started together)
+        stamp = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        name = [log.run_name or f"{self.cfg.algorithm}-{stamp}"]
         name = broadcast_object_list(name)  # one name for all ranks
         path = os.path.join(log.output_dir, name[0])
         if not resume and _holds_run(path):
@@ -464,7 +468,7 @@ class Trainer:
         if final_eval:
             self.log(final_eval)
             last.update(final_eval)
-        if resumed_step is None or self.step > resumed_step:
+        if (resumed_step is None or self.step > resumed_step) and self.saved_step != self.step:
             self.save_checkpoint()
         self.save_final()
         acc.end_training()
@@ -501,7 +505,9 @@ class Trainer:
                     if not skipped:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # a skipped step still advances the schedule: step k always uses the rate of step k
+        with warnings.catch_warnings():  # torch warns when the first optimizer step was the skipped one
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()  # a skipped step still advances the schedule: step k always uses the rate of step k
         keys = sorted(sums)
         packed = torch.stack([total_loss] + [sums[k] / len(micro_batches) for k in keys])
         packed = all_reduce_sum_(packed)  # the loss: already per global unit, so summed; the stats: rank means
@@ -644,6 +650,7 @@ class Trainer:
                 ckpt.prune(folder, self.cfg.logging.keep_checkpoints)
             self._on_main(finish, final, needed)
             acc.wait_for_everyone()
+        self.saved_step = self.step
         return final
 
     def _load_checkpoint(self, path: str) -> None:
