@@ -464,6 +464,9 @@ class Trainer:
                     acc.end_training()
                     raise Interrupted(signals.signum or signal.SIGTERM, self.step, path)
         bar.close()
+        if self.skipped_steps:
+            self.print(f"{self.skipped_steps} of {total} optimizer steps were skipped for non-finite values "
+                       f"(train/skipped_steps in metrics.jsonl)")
         final_eval = self.evaluate()
         if final_eval:
             self.log(final_eval)
