@@ -22,32 +22,24 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import sys
 import time
 import warnings
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 
 from . import checkpoints as ckpt
 from .checkpoints import CheckpointError, DiskFullError, NonFiniteError  # noqa: F401  (re-exported)
-from .config import ConfigError, TrainConfig, save_config, to_dict
+from .config import ConfigError, TrainConfig, save_config
 from .distributed import (CollectiveError, _is_collective_failure, _use_deepspeed, _use_fsdp,  # noqa: F401
                           deepspeed_plugin, fsdp_precision, micro_batch_size, process_state, size_zero3)
 from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
+from .runs import choose_checkpoint, flat_config, resolve_run_dir  # noqa: F401  (flat_config: re-exported)
 from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
 
-# Keys that may change on --resume without changing the run: where it logs and saves, and how long it runs (a longer
-# run continues the same one; the notice says the schedule's length changes with it).
-RESUME_FREE_SECTIONS = ("logging",)
-RESUME_LENGTH_KEYS = ("optim.max_steps", "optim.epochs", "ppo.iterations")
-RESUME_FREE_KEYS = ("optim.max_skipped_steps",)
-# What --overwrite clears from a run folder: what a run writes into it (algorithm caches `*.pt` are added).
-RUN_OUTPUTS = ("checkpoints", "final", "final.tmp", "final.old", "metrics.jsonl", "config.yaml", "eval")
 # Metrics holding reward-model scores: a non-finite one skips the step like a non-finite loss.
 SCORE_KEYS = ("objective/scores", "reward/")
 
@@ -91,33 +83,6 @@ class StopSignals:
         self.say(f"{name}: finishing this step, then writing a checkpoint and stopping (send it again to exit now)")
 
 
-def flat_config(cfg: Union[TrainConfig, dict]) -> dict:
-    """{'optim.lr': 1e-5, ...} with scalar values only, as trackers' hyper-parameter tables want."""
-    out = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    walk(cfg if isinstance(cfg, dict) else to_dict(cfg), "")
-    return out
-
-
-def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(keys that change training, run-length keys) whose values differ between two config trees, as
-    'key: saved -> current'."""
-    a, b = flat_config(saved), flat_config(current)
-    changed, longer = [], []
-    for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS or a.get(key) == b.get(key):
-            continue
-        (longer if key in RESUME_LENGTH_KEYS else changed).append(
-            f"{key}: {a.get(key, '<unset>')!r} in the checkpoint, {b.get(key, '<unset>')!r} now")
-    return changed, longer
-
-
 def _algorithm_class(name: str):
     from .algorithms import ALGORITHMS
 
@@ -127,14 +92,6 @@ def _algorithm_class(name: str):
 def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
     fn = getattr(cfg, "grad_accum", None)
     return fn(world_size) if fn else cfg.optim.grad_accum(world_size)
-
-
-def _holds_run(path: str) -> bool:
-    """Whether a run folder already holds a run's results (not just a folder a failed set-up created)."""
-    checkpoints = os.path.join(path, "checkpoints")
-    metrics = os.path.join(path, "metrics.jsonl")
-    return ((os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))) or os.path.exists(os.path.join(path, "final"))
-            or (os.path.exists(metrics) and os.path.getsize(metrics) > 0))
 
 
 class Trainer:
@@ -156,7 +113,7 @@ class Trainer:
         cfg.validate_world(state.num_processes)
         self.grad_accum = _grad_accum(cfg, state.num_processes)
         self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
-        self.run_dir = self._resolve_run_dir(resume, overwrite, state)
+        self.run_dir = resolve_run_dir(cfg, resume, overwrite, state, self.print)
         self.resume_from = self._find_checkpoint(resume) if resume else None
         # A collective that never completes fails with a timeout error instead of hanging forever.
         pg = InitProcessGroupKwargs(timeout=self.timeout)
@@ -260,59 +217,6 @@ class Trainer:
 
             tqdm.write(" ".join(str(a) for a in args))
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on any rank (a collective when several processes): ranks then decide alike."""
-        if self.world_size == 1:
-            return flag
-        return bool(all_reduce_sum_(torch.tensor([float(flag)], device=self.device)).item() > 0)
-
-    # --- the run folder -------------------------------------------------------------------------
-    def _resolve_run_dir(self, resume: Union[bool, str], overwrite: bool, state) -> str:
-        from accelerate.utils import broadcast_object_list
-
-        log = self.cfg.logging
-        if isinstance(resume, str) and resume:
-            path = resume
-            if os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints":
-                path = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            if not os.path.isdir(path):
-                raise ConfigError(f"--resume {resume}: no such run folder or checkpoint")
-            return path
-        if resume and not log.run_name:
-            import glob
-
-            runs = sorted(glob.glob(os.path.join(log.output_dir, f"{self.cfg.algorithm}-*")), key=os.path.getmtime)
-            if not runs:
-                raise ConfigError(f"--resume: no earlier '{self.cfg.algorithm}-*' run in {log.output_dir}; set logging.run_name")
-            return runs[-1]
-        # the default name is unique: the time to the second is not (two runs started together)
-        stamp = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        name = [log.run_name or f"{self.cfg.algorithm}-{stamp}"]
-        name = broadcast_object_list(name)  # one name for all ranks
-        path = os.path.join(log.output_dir, name[0])
-        if not resume and _holds_run(path):
-            if not overwrite:
-                raise ConfigError(f"run folder {path} already holds a run (checkpoints, final/ or metrics.jsonl); "
-                                  f"pass --resume to continue it, --overwrite to replace it, or choose another "
-                                  f"--logging.run_name")
-            if self.is_main:
-                self._clear_run_dir(path)
-            state.wait_for_everyone()  # no rank writes into the folder before it is cleared
-        if self.is_main:
-            os.makedirs(path, exist_ok=True)
-        return path
-
-    def _clear_run_dir(self, path: str) -> None:
-        import shutil
-
-        for name in RUN_OUTPUTS + tuple(ckpt.run_files(path)):
-            target = os.path.join(path, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
-        self.print(f"--overwrite: cleared the earlier run in {path}")
-
     def _find_checkpoint(self, resume: Union[bool, str]) -> Optional[str]:
         """The checkpoint to resume from, chosen and verified on rank 0; every rank gets it (or the same error)."""
         from accelerate.utils import broadcast_object_list
@@ -320,7 +224,7 @@ class Trainer:
         found: list = [None, None]
         if self.is_main:
             try:
-                found = [self._choose_checkpoint(resume), None]
+                found = [choose_checkpoint(self.cfg, self.run_dir, resume, self.print), None]
             except (ConfigError, CheckpointError) as e:
                 found = [None, (isinstance(e, ConfigError), str(e))]
         found = broadcast_object_list(found)
@@ -329,36 +233,11 @@ class Trainer:
             raise (ConfigError if is_config else CheckpointError)(message)
         return found[0]
 
-    def _choose_checkpoint(self, resume: Union[bool, str]) -> str:
-        if isinstance(resume, str) and os.path.basename(os.path.dirname(os.path.abspath(resume))) == "checkpoints":
-            problem = ckpt.verify(resume)
-            if problem:
-                raise CheckpointError(f"--resume {resume}: the checkpoint is damaged: {problem}")
-            path = resume
-        else:
-            path = ckpt.newest_good(os.path.join(self.run_dir, "checkpoints"), self.print)
-        self._check_resume_config(path)
-        for name, problem in ckpt.damaged_run_files(path, self.run_dir):
-            # an algorithm's cache (DPO's reference log-probs) is recomputed when missing
-            self.print(f"resume: {os.path.join(self.run_dir, name)} is damaged ({problem}); removing it so it is "
-                       f"recomputed")
-            os.remove(os.path.join(self.run_dir, name))
-        return path
-
-    def _check_resume_config(self, path: str) -> None:
-        import yaml
-
-        if not os.path.exists(os.path.join(path, "config.yaml")):
-            return
-        with open(os.path.join(path, "config.yaml")) as f:
-            saved = yaml.safe_load(f) or {}
-        current = yaml.safe_load(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))  # the same YAML round trip
-        changed, longer = resume_differences(saved, current)
-        if changed:
-            raise ConfigError(f"--resume: {path} was trained with other settings: {'; '.join(changed)}. Resume with "
-                              f"the same settings, or start a new run (--logging.run_name NAME, or --overwrite)")
-        for line in longer:
-            self.print(f"resume: {line}: the run's length (and its schedule) change")
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective when several processes): ranks then decide alike."""
+        if self.world_size == 1:
+            return flag
+        return bool(all_reduce_sum_(torch.tensor([float(flag)], device=self.device)).item() > 0)
 
     # ------------------------------------------------------------------------------------------
     def _optimizer(self, model: torch.nn.Module):
@@ -456,7 +335,8 @@ class Trainer:
                 if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
                     self.log(self.evaluate())
                 saved = None
-                if cfg.logging.save_every and self.step % cfg.logging.save_every == 0 and algo.can_checkpoint(self.step):
+                due = cfg.logging.save_every and self.step % cfg.logging.save_every == 0
+                if due and algo.can_checkpoint(self.step):
                     saved = self.save_checkpoint()
                 if self._stop_requested(signals) and algo.can_checkpoint(self.step):
                     bar.close()
@@ -484,7 +364,8 @@ class Trainer:
     def _optimizer_step(self, model, optimizer, scheduler, micro_batches: list, batch_metrics: dict) -> dict:
         acc, algo = self.accelerator, self.algorithm
         if len(micro_batches) != self.grad_accum:
-            raise RuntimeError(f"algorithm gave {len(micro_batches)} micro-batches for a step; expected {self.grad_accum}")
+            raise RuntimeError(f"algorithm gave {len(micro_batches)} micro-batches for a step; "
+                               f"expected {self.grad_accum}")
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step() it is the next step's)
         # Normalize by the step's global unit count (tokens, pairs): the loss is then the same
         # whatever the split into ranks and micro-batches.

@@ -78,8 +78,9 @@ def test_nan_in_the_initial_weights_stops_after_k_skipped_steps(algorithm, nan_m
 
 def test_nan_weight_checkpoint_is_refused_and_the_skip_is_counted(nan_model_dir, sft_file, tmp_path):
     cfg = sft_config(nan_model_dir, sft_file, str(tmp_path), optim__max_steps=4, logging__save_every=1)
-    with pytest.raises(NonFiniteError, match=r"refusing to write checkpoint .*step_000001 at step 1: parameters hold "
-                                             r"NaN or infinite values \(model.norm.weight\); last finite checkpoint: none"):
+    with pytest.raises(NonFiniteError, match=r"refusing to write checkpoint .*step_000001 at step 1: parameters "
+                                             r"hold NaN or infinite values \(model.norm.weight\); last finite "
+                                             r"checkpoint: none"):
         Trainer(cfg).train()
     records = read_metrics(os.path.join(run_dir(cfg), "metrics.jsonl"))
     assert records[0]["train/skipped_steps"] == 1 and records[0]["train/loss"] == "nan"
@@ -154,7 +155,8 @@ def test_logged_lr_is_the_rate_the_step_used(tiny_model_dir, sft_file, tmp_path)
                      optim__scheduler="cosine")
     Trainer(cfg).train()
     # warm-up int(0.34 * 6) = 2 steps; step k (from 1) uses the schedule at index s = k - 1:
-    #   s < 2: lr * s / 2 -> 0, 0.5 lr;  s >= 2: lr * 0.5 * (1 + cos(pi * (s - 2) / 4)) -> lr, 0.8536 lr, 0.5 lr, 0.1464 lr
+    #   s < 2: lr * s / 2 -> 0, 0.5 lr
+    #   s >= 2: lr * 0.5 * (1 + cos(pi * (s - 2) / 4)) -> lr, 0.8536 lr, 0.5 lr, 0.1464 lr
     lr = 3e-3
     expected = [0.0, 0.5 * lr] + [lr * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
     logged = [r["optim/lr"] for r in read_metrics(os.path.join(run_dir(cfg), "metrics.jsonl")) if "optim/lr" in r]
