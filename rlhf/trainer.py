@@ -103,7 +103,7 @@ class Trainer:
 
         self.cfg = cfg
         cfg.validate()
-        max_skipped = getattr(cfg.optim, "max_skipped_steps", 3)
+        max_skipped = cfg.optim.max_skipped_steps
         if max_skipped < 1:
             raise ConfigError(f"optim.max_skipped_steps={max_skipped}: expected >= 1")
         if resume and overwrite:
@@ -485,7 +485,7 @@ class Trainer:
         if not self._any_rank(error is not None):
             return
         if error is None:
-            raise RuntimeError(f"rank 0 failed writing {target}; see its error")
+            raise RuntimeError(f"writing {target} failed; see rank 0's error")
         if ckpt.is_disk_full(error):
             raise DiskFullError(f"no space left on device: {target} (about {needed()} bytes needed)") from error
         raise error
