@@ -390,6 +390,21 @@ def test_sigint_checkpoints_the_step_and_exits_130_without_a_traceback(tiny_mode
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
 
 
+def test_a_second_signal_exits_at_once(monkeypatch, capsys):
+    from rlhf.trainer import StopSignals
+
+    def exit_now(code):  # os._exit would end pytest itself
+        raise SystemExit(code)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    said = []
+    signals = StopSignals(said.append)
+    signals._handle(signal.SIGTERM, None)  # the first only asks the loop to stop after the step
+    assert signals.signum == signal.SIGTERM and "finishing this step" in said[0]
+    with pytest.raises(SystemExit) as e:
+        signals._handle(signal.SIGTERM, None)
+    assert e.value.code == 143 and "SIGTERM again: exiting now" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # A full disk
 # --------------------------------------------------------------------------------------------------------------------
