@@ -147,7 +147,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite value, this run
         self.skipped_in_a_row = 0
-        self.last_skip_reason = ""
+        self.skip_reasons: list[str] = []  # what was not finite in the current run of skipped steps
         self.max_skipped_steps = max_skipped
         self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
 
@@ -327,7 +327,7 @@ class Trainer:
                     bar.close()
                     raise NonFiniteError(
                         f"stopped at step {self.step}: {self.skipped_in_a_row} optimizer steps in a row had a "
-                        f"non-finite {self.last_skip_reason} and were skipped (optim.max_skipped_steps="
+                        f"non-finite {', '.join(self.skip_reasons)} and were skipped (optim.max_skipped_steps="
                         f"{self.max_skipped_steps}); nothing non-finite was written. Lower optim.lr (now "
                         f"{cfg.optim.lr:g}) or check the data and the initial weights")
                 bar.update(1)
@@ -433,12 +433,12 @@ class Trainer:
 
     def _count_skip(self, bad: list[str]) -> None:
         if not bad:
-            self.skipped_in_a_row = 0
+            self.skipped_in_a_row, self.skip_reasons = 0, []
             return
         self.skipped_steps += 1
         self.skipped_in_a_row += 1
-        self.last_skip_reason = ", ".join(bad)
-        self.print(f"step {self.step + 1}: non-finite {self.last_skip_reason}; optimizer step skipped "
+        self.skip_reasons += [b for b in bad if b not in self.skip_reasons]
+        self.print(f"step {self.step + 1}: non-finite {', '.join(bad)}; optimizer step skipped "
                    f"({self.skipped_in_a_row} in a row; the run stops at optim.max_skipped_steps="
                    f"{self.max_skipped_steps})")
 

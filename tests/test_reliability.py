@@ -134,6 +134,19 @@ def test_weights_turning_nan_are_never_written_and_the_last_good_checkpoint_stay
     assert not os.path.exists(os.path.join(run_dir(cfg), "final"))
 
 
+def test_ppo_skips_steps_with_non_finite_reward_model_scores_and_stops(tiny_model_dir, nan_model_dir, sft_file,
+                                                                       tmp_path):
+    from tests.test_ppo import ppo_config
+
+    # a reward model gone wrong (a NaN in its weights) scores every response NaN
+    cfg = ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__reward_model=nan_model_dir, ppo__reward_fns=[],
+                     ppo__iterations=2, optim__max_skipped_steps=2)
+    with pytest.raises(NonFiniteError, match=r"stopped at step 2: 2 optimizer steps in a row had a non-finite .*"
+                                             r"objective/scores"):
+        Trainer(cfg).train()
+    assert not os.path.exists(os.path.join(run_dir(cfg), "final"))
+
+
 def test_reward_calibration_refuses_non_finite_statistics(tiny_model_dir, prefs_file, tmp_path):
     trainer = Trainer(pair_config("reward", tiny_model_dir, prefs_file, str(tmp_path)))
     algo = trainer.algorithm
