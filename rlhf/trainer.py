@@ -309,6 +309,7 @@ class Trainer:
                    disable=not (self.is_main and cfg.logging.progress))
         last: dict = {}
         step_iter = algo.steps(self.step)
+        deferred = False  # a stop signal came at a step that cannot be checkpointed
         with StopSignals(self.print) as signals:
             while self.step < total:
                 t0 = time.time()
@@ -338,7 +339,13 @@ class Trainer:
                 due = cfg.logging.save_every and self.step % cfg.logging.save_every == 0
                 if due and algo.can_checkpoint(self.step):
                     saved = self.save_checkpoint()
-                if self._stop_requested(signals) and algo.can_checkpoint(self.step):
+                if self._stop_requested(signals):
+                    if not algo.can_checkpoint(self.step):  # e.g. PPO: only between iterations
+                        if not deferred:
+                            self.print(f"step {self.step}: a checkpoint can be written only at the next step that "
+                                       f"allows one; training on until then")
+                        deferred = True
+                        continue
                     bar.close()
                     path = saved or self.save_checkpoint()
                     acc.end_training()

@@ -403,6 +403,28 @@ def test_sigint_checkpoints_the_step_and_exits_130_without_a_traceback(tiny_mode
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
 
 
+def test_a_stop_signal_mid_iteration_stops_ppo_at_the_iteration_boundary(tiny_model_dir, sft_file, tmp_path,
+                                                                           monkeypatch):
+    from rlhf.trainer import Interrupted
+    from tests.test_ppo import ppo_config
+
+    trainer = Trainer(ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__iterations=3))
+    per_iteration = trainer.algorithm.steps_per_iteration
+    assert per_iteration > 1  # else there is no step inside an iteration to stop at
+    after_step = trainer.algorithm.after_step
+
+    def terminate_at_1(model, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(model, step)
+    monkeypatch.setattr(trainer.algorithm, "after_step", terminate_at_1)
+    with pytest.raises(Interrupted) as e:
+        trainer.train()
+    assert e.value.step == per_iteration and e.value.exit_code == 143
+    found = ckpt.list_checkpoints(os.path.join(run_dir(trainer.cfg), "checkpoints"))
+    assert [m["step"] for _, m in found] == [per_iteration]
+
+
 def test_a_second_signal_exits_at_once(monkeypatch, capsys):
     from rlhf.trainer import StopSignals
 
