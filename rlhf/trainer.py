@@ -395,6 +395,8 @@ class Trainer:
                     skipped = self._nonfinite(total_loss, grad_norm, sums, batch_metrics)
                     if not skipped:
                         optimizer.step()
+                    elif acc.scaler is not None:  # fp16: close the scaler's record of this step's unscale_
+                        acc.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when the first optimizer step was the skipped one
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
