@@ -394,6 +394,7 @@ RANGES: dict[str, Bound] = {
     "optim.lr": POS, "optim.weight_decay": NONNEG, "optim.adam_betas": UNIT_OPEN, "optim.adam_eps": POS,
     "optim.warmup_ratio": UNIT_OPEN, "optim.max_grad_norm": NONNEG, "optim.batch_size": POS,
     "optim.micro_batch_size": POS, "optim.epochs": POS, "optim.max_steps": NONNEG,
+    "optim.max_skipped_steps": POS,
     "logging.log_every": POS, "logging.eval_every": NONNEG, "logging.eval_limit": NONNEG,
     "logging.eval_max_new_tokens": POS, "logging.save_every": NONNEG, "logging.keep_checkpoints": NONNEG,
     "reward.center_coef": NONNEG,

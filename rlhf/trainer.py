@@ -103,9 +103,7 @@ class Trainer:
 
         self.cfg = cfg
         cfg.validate()
-        max_skipped = cfg.optim.max_skipped_steps
-        if max_skipped < 1:
-            raise ConfigError(f"optim.max_skipped_steps={max_skipped}: expected >= 1")
+        max_skipped = cfg.optim.max_skipped_steps  # >= 1, checked with the other ranges by cfg.validate()
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
         self.timeout = collective_timeout()
