@@ -2,6 +2,7 @@
 
     rlhf train configs/sft_tiny.yaml --optim.lr 1e-4          # or: accelerate launch -m rlhf train ...
     rlhf train configs/sft_tiny.yaml --resume                  # continue the latest run of that config
+    rlhf train configs/sft_tiny.yaml --overwrite               # replace the run in that config's run folder
     rlhf init-model --out runs/tiny --corpus data/assistant/sft.jsonl
 """
 
@@ -20,7 +21,7 @@ from .config import CONFIGS, ConfigError, help_lines
 USAGE = """usage: rlhf COMMAND ...
 
 commands:
-  train CONFIG [--resume [RUN_OR_CHECKPOINT]] [--section.key VALUE ...]   train with a YAML config
+  train CONFIG [--resume [RUN_OR_CHECKPOINT] | --overwrite] [--section.key VALUE ...]   train with a YAML config
   init-model --out DIR [--corpus FILE ...]                                  build a tiny model + tokenizer
   eval --model PATH --testbed NAME ...                                      evaluate a model
   compare RUN_DIR ...                                                       compare runs in a report
@@ -30,8 +31,12 @@ commands:
 
 
 def _train(argv: list[str]) -> int:
+    """Exit codes: 0 done, 1 stopped by non-finite values or a full disk, 2 a config, data or checkpoint problem,
+    130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rlhf train CONFIG [--resume [RUN_OR_CHECKPOINT]] [--section.key VALUE ...]\n")
+        print("usage: rlhf train CONFIG [--resume [RUN_OR_CHECKPOINT] | --overwrite] [--section.key VALUE ...]\n")
+        print("  --resume     continue the run folder's newest good checkpoint (or the given run folder or checkpoint)")
+        print("  --overwrite  replace the run already in the run folder (its checkpoints, final/ and metrics)\n")
         for algo, cls in CONFIGS.items():
             print(f"{algo} config keys:")
             print("\n".join(help_lines(cls)))
@@ -47,12 +52,15 @@ def _train(argv: list[str]) -> int:
         else:
             resume = True
             del rest[i]
+    overwrite = "--overwrite" in rest
+    if overwrite:
+        rest.remove("--overwrite")
     from .config import load_config
-    from .trainer import CollectiveError, Trainer
+    from .trainer import CheckpointError, CollectiveError, DiskFullError, Interrupted, NonFiniteError, Trainer
 
     cfg = load_config(path, rest)
     try:
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
         trainer.train()  # ends with accelerate's end_training: trackers closed, process group destroyed
     except CollectiveError:
         # A rank is missing: NCCL's teardown at interpreter exit would wait for it (seen: until the stalled rank came
@@ -61,6 +69,18 @@ def _train(argv: list[str]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except (NonFiniteError, DiskFullError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except CheckpointError as e:
+        print(f"error: checkpoint: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop (set-up): nothing to save yet
+        print("interrupted before training started; nothing written to resume from", file=sys.stderr)
+        return 130
     # Free the model now, while the interpreter is whole: with several processes over gloo, collective work still
     # holding its tensors (FSDP's last gradient reduction) can otherwise abort the process during interpreter exit.
     del trainer

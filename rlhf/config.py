@@ -78,6 +78,8 @@ class OptimConfig:
     micro_batch_size: int = opt(8, "Sequences per forward pass on one rank.")
     epochs: int = opt(1, "Passes over the training data (when max_steps is 0).")
     max_steps: int = opt(0, "Optimizer steps to run; 0 derives it from epochs.")
+    max_skipped_steps: int = opt(3, "Stop the run after this many optimizer steps in a row skipped for a non-finite "
+                                    "loss, gradient norm or reward-model score.")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank: batch_size = world x micro x accum."""
@@ -93,7 +95,7 @@ class OptimConfig:
 @dataclass
 class LoggingConfig:
     output_dir: str = opt("runs", "Parent folder of run folders.")
-    run_name: str = opt("", "Run folder name; default '<algorithm>-<timestamp>'.")
+    run_name: str = opt("", "Run folder name; default '<algorithm>-<timestamp>-<random suffix>'.")
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
     eval_every: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end, if there is eval data).")
     eval_testbed: str = opt("", "Also run the evaluation harness on this testbed's held-out prompts at each evaluation (assistant, code).")
@@ -392,6 +394,7 @@ RANGES: dict[str, Bound] = {
     "optim.lr": POS, "optim.weight_decay": NONNEG, "optim.adam_betas": UNIT_OPEN, "optim.adam_eps": POS,
     "optim.warmup_ratio": UNIT_OPEN, "optim.max_grad_norm": NONNEG, "optim.batch_size": POS,
     "optim.micro_batch_size": POS, "optim.epochs": POS, "optim.max_steps": NONNEG,
+    "optim.max_skipped_steps": POS,
     "logging.log_every": POS, "logging.eval_every": NONNEG, "logging.eval_limit": NONNEG,
     "logging.eval_max_new_tokens": POS, "logging.save_every": NONNEG, "logging.keep_checkpoints": NONNEG,
     "reward.center_coef": NONNEG,

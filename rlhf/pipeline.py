@@ -128,7 +128,8 @@ class Pipeline:
         cfg = self.stage_config(stage, testbed, run_dir, **values)
         t0 = time.time()
         self.log(f"[{testbed}] {stage}: training -> {run_dir}")
-        Trainer(cfg).train()
+        # a stage without final/ is trained from the start: whatever an interrupted attempt left goes
+        Trainer(cfg, overwrite=True).train()
         self.log(f"[{testbed}] {stage}: done in {time.time() - t0:.0f}s")
         return final
 

@@ -7,7 +7,7 @@ import math
 import netrc
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def _jsonable(v: Any) -> Any:
@@ -34,16 +34,37 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: str) -> list[dict]:
+def _parse_lines(path: str) -> tuple[list[dict], Optional[str]]:
+    """(records, the last line when it is cut off). A process killed while appending leaves a partial last line;
+    one that does not parse elsewhere in the file is an error naming its line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return records, line
+            raise ValueError(f"{path}:{i + 1}: not a JSON record: {line[:80]!r}") from None
+    return records, None
 
 
-def truncate_metrics(path: str, after_step: int) -> None:
-    """On resume, drop records logged after the checkpoint so the file reads as one clean run."""
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a partial last line (a run killed mid-write, or one still writing) is left
+    out."""
+    return _parse_lines(str(path))[0]
+
+
+def truncate_metrics(path: str, after_step: int, say: Callable[[str], None] = print) -> None:
+    """On resume, drop records logged after the checkpoint so the file reads as one clean run; a partial last line
+    is dropped with a notice."""
     if not os.path.exists(path):
         return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    records, partial = _parse_lines(path)
+    if partial is not None:
+        say(f"{path}: dropping a partial last line ({len(partial)} characters; the run stopped while writing it)")
+    kept = [r for r in records if r.get("step", 0) <= after_step]
     with open(path, "w") as f:
         for r in kept:
             f.write(json.dumps(r) + "\n")

@@ -1,7 +1,7 @@
 """The Trainer: one loop for every algorithm, on accelerate (CPU, one GPU, many GPUs, DeepSpeed).
 
     from rlhf import Trainer, SFTConfig
-    Trainer(cfg).train()          # or: rlhf train configs/sft_tiny.yaml [--resume] [--optim.lr 1e-4]
+    Trainer(cfg).train()          # or: rlhf train configs/sft_tiny.yaml [--resume | --overwrite] [--optim.lr 1e-4]
 
 It owns the accelerator, the optimizer and schedule, gradient accumulation and clipping, the run
 folder (config.yaml, metrics.jsonl, checkpoints/, final/), trackers, progress and resume. The
@@ -11,55 +11,76 @@ Several processes: only rank 0 writes logs, metrics and reports; metrics are red
 Trainer names what it is doing (`phase`): a collective that a rank never joins fails after
 RLHF_COLLECTIVE_TIMEOUT_S seconds (default 1800) with a CollectiveError naming the phase, instead of hanging.
 Under DeepSpeed ZeRO-3 and FSDP, `full_model` gives whole weights for generation, scoring, evaluation and export.
+
+Faults: a step whose loss, gradient norm or reward-model score is not finite is skipped (the weights and optimizer
+state stay), and optim.max_skipped_steps of them in a row stop the run; no checkpoint or final/ is ever written with
+a non-finite weight. SIGTERM and SIGINT finish the current step, write a checkpoint and stop (exit 143 / 130 from
+`rlhf train`). Checkpoints carry a manifest (rlhf/checkpoints.py) that resume verifies.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
+import signal
+import sys
 import time
+import warnings
 from contextlib import contextmanager
-from datetime import datetime
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from .config import ConfigError, TrainConfig, save_config, to_dict
+from . import checkpoints as ckpt
+from .checkpoints import CheckpointError, DiskFullError, NonFiniteError  # noqa: F401  (re-exported)
+from .config import ConfigError, TrainConfig, save_config
+from .distributed import (CollectiveError, _is_collective_failure, _use_deepspeed, _use_fsdp,  # noqa: F401
+                          deepspeed_plugin, fsdp_precision, micro_batch_size, process_state, size_zero3)
 from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
+from .runs import choose_checkpoint, flat_config, resolve_run_dir  # noqa: F401  (flat_config: re-exported)
 from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
 
-CHECKPOINT_GLOB = "step_*"
+# Metrics holding reward-model scores: a non-finite one skips the step like a non-finite loss.
+SCORE_KEYS = ("objective/scores", "reward/")
 
 
-class CollectiveError(RuntimeError):
-    """A collective (all-reduce, barrier, all-gather) failed or timed out: some rank did not take part."""
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; a checkpoint of that step was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"checkpoint {checkpoint}; continue with --resume" if checkpoint else "no checkpoint written"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {where}")
 
 
-def _is_collective_failure(e: BaseException) -> bool:
-    """gloo raises a RuntimeError naming itself ("Timed out waiting ...", "Connection closed by peer"); NCCL and
-    the c10d store raise torch.distributed.DistError subclasses."""
-    dist_error = getattr(torch.distributed, "DistError", None)
-    if dist_error is not None and isinstance(e, dist_error):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "gloo", "nccl", "c10d", "timed out waiting", "connection closed by peer", "connection reset by peer"))
+class StopSignals:
+    """SIGTERM / SIGINT set a flag that the loop reads after each step; a second signal exits at once."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-def flat_config(cfg: TrainConfig) -> dict:
-    """{'optim.lr': 1e-5, ...} with scalar values only, as trackers' hyper-parameter tables want."""
-    out = {}
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.signum, self.previous = say, None, {}
 
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    walk(to_dict(cfg), "")
-    return out
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            sys.stderr.write(f"\n{name} again: exiting now, without a checkpoint\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        self.say(f"{name}: finishing this step, then writing a checkpoint and stopping (send it again to exit now)")
 
 
 def _algorithm_class(name: str):
@@ -68,62 +89,29 @@ def _algorithm_class(name: str):
     return ALGORITHMS[name]()
 
 
-def _use_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def _use_fsdp() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def micro_batch_size(cfg: TrainConfig) -> int:
-    ppo = getattr(cfg, "ppo", None)
-    return ppo.micro_batch_size if ppo is not None else cfg.optim.micro_batch_size
-
-
 def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
     fn = getattr(cfg, "grad_accum", None)
     return fn(world_size) if fn else cfg.optim.grad_accum(world_size)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: Union[bool, str] = False):
-        from accelerate import Accelerator, PartialState
+    def __init__(self, cfg: TrainConfig, resume: Union[bool, str] = False, overwrite: bool = False):
+        """resume: True (the run folder's newest good checkpoint) or a run folder or checkpoint path. overwrite:
+        clear a run folder that already holds a run; without it (or resume) such a folder is refused."""
+        from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
         self.cfg = cfg
         cfg.validate()
-        # Several processes on a machine without GPUs (torchrun, accelerate launch): start the
-        # process group over gloo. Under DeepSpeed the Accelerator then wraps the model in DeepSpeed
-        # on top of it (CI's ZeRO tests run this way).
-        # The collective timeout is given to the first call that starts the process group (later ones reuse it).
+        max_skipped = cfg.optim.max_skipped_steps  # >= 1, checked with the other ranges by cfg.validate()
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
         self.timeout = collective_timeout()
-        if _use_fsdp() and os.environ.get("FSDP_VERSION", "1") != "2":
-            raise ConfigError(f"FSDP: fsdp_config.fsdp_version is {os.environ.get('FSDP_VERSION', '1')} in the "
-                              "accelerate config; set it to 2 (FSDP1 is not supported)")
-        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        cpu_multi = multi and not torch.cuda.is_available()
-        timeout = {"timeout": self.timeout} if multi else {}
-        state = PartialState(cpu=True, **timeout) if cpu_multi else PartialState(**timeout)
-        if cpu_multi and _use_deepspeed():
-            import deepspeed
-
-            deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=self.timeout)
-        if cpu_multi and _use_fsdp():
-            # accelerate selects FSDP only on accelerators; torch's FSDP2 also shards over gloo on CPU (CI runs it so)
-            from accelerate.utils import DistributedType
-
-            state.distributed_type = DistributedType.MULTI_GPU  # the Accelerator below upgrades it to FSDP
-        if multi:
-            # a collective torch's watchdog aborts (inside DeepSpeed or FSDP; the trainer's own all-reduces raise a
-            # CollectiveError instead): print where every thread of this rank stood then
-            import faulthandler
-
-            faulthandler.enable(all_threads=True)
+        state = process_state(self.timeout)
         cfg.validate_world(state.num_processes)
         self.grad_accum = _grad_accum(cfg, state.num_processes)
         self.world_size, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
-        self.run_dir = self._resolve_run_dir(resume)
+        self.run_dir = resolve_run_dir(cfg, resume, overwrite, state, self.print)
         self.resume_from = self._find_checkpoint(resume) if resume else None
         # A collective that never completes fails with a timeout error instead of hanging forever.
         pg = InitProcessGroupKwargs(timeout=self.timeout)
@@ -133,14 +121,14 @@ class Trainer:
             log_with=list(cfg.logging.trackers) or None,
             project_dir=self.run_dir,
             kwargs_handlers=[pg],
-            deepspeed_plugin=self._deepspeed_plugin(),
+            deepspeed_plugin=deepspeed_plugin(cfg, self.grad_accum, self.world_size),
         )
         from .models import zero_stage
 
         self.zero_stage = zero_stage(self.accelerator)
         self.fsdp = self.accelerator.is_fsdp2
         if self.fsdp and cfg.mixed_precision != "no":
-            self._fsdp_precision(cfg.mixed_precision)
+            fsdp_precision(self.accelerator, cfg.mixed_precision)
         self.current_phase = "set-up"
         from accelerate.utils import set_seed
 
@@ -155,18 +143,11 @@ class Trainer:
         self.algorithm = _algorithm_class(cfg.algorithm)(cfg, self)
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
         self.step = 0
-
-    def _deepspeed_plugin(self):
-        """Under `accelerate launch` with a DeepSpeed config, batch numbers come from the rlhf config."""
-        if not _use_deepspeed():
-            return None
-        from accelerate.utils import DeepSpeedPlugin
-
-        clip = self.cfg.optim.max_grad_norm
-        plugin = DeepSpeedPlugin(gradient_accumulation_steps=self.grad_accum, gradient_clipping=clip if clip > 0 else None)
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size(self.cfg)
-        plugin.deepspeed_config["train_batch_size"] = micro_batch_size(self.cfg) * self.grad_accum * self.world_size
-        return plugin
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite value, this run
+        self.skipped_in_a_row = 0
+        self.skip_reasons: list[str] = []  # what was not finite in the current run of skipped steps
+        self.max_skipped_steps = max_skipped
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint this process wrote
 
     def _build_model(self) -> torch.nn.Module:
         """The algorithm's model, with what it initializes at random (LoRA adapters, fresh score heads) drawn from
@@ -177,26 +158,8 @@ class Trainer:
             torch.manual_seed(self.cfg.seed)
             return self.algorithm.build_model()
 
-    def _fsdp_precision(self, precision: str) -> None:
-        """FSDP2 mixed precision: whole weights in half precision for forwards, as under DeepSpeed, but gradients
-        reduced in float32 (as DDP does) and module outputs left as computed. accelerate's default policy also casts
-        every module's output to half precision, which rounds PPO's log-probs (a ratio that is not 1 on the first
-        step) and values, and a reward model's scores."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=low, reduce_dtype=torch.float32)
-
     def _size_zero3(self, model: torch.nn.Module) -> None:
-        """ZeRO-3 keeps parameters below a size threshold whole on every rank; like transformers' "auto", scale it
-        with the model (10 x hidden size: norms and biases stay whole, matrices are sharded). DeepSpeed's fixed
-        default (1e5 elements) would leave a small model entirely unsharded."""
-        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
-        hidden = next((m.config.hidden_size for m in model.modules()
-                       if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)), None)
-        if hidden and zero.get("stage3_param_persistence_threshold", "auto") == "auto":
-            zero["stage3_param_persistence_threshold"] = 10 * hidden
+        size_zero3(self.accelerator, model)
 
     # ------------------------------------------------------------------------------------------
     @contextmanager
@@ -252,37 +215,27 @@ class Trainer:
 
             tqdm.write(" ".join(str(a) for a in args))
 
-    def _resolve_run_dir(self, resume: Union[bool, str]) -> str:
+    def _find_checkpoint(self, resume: Union[bool, str]) -> Optional[str]:
+        """The checkpoint to resume from, chosen and verified on rank 0; every rank gets it (or the same error)."""
         from accelerate.utils import broadcast_object_list
 
-        log = self.cfg.logging
-        if isinstance(resume, str) and resume:
-            path = resume
-            if os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints":
-                path = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            if not os.path.isdir(path):
-                raise ConfigError(f"--resume {resume}: no such run folder or checkpoint")
-            return path
-        if resume and not log.run_name:
-            runs = sorted(glob.glob(os.path.join(log.output_dir, f"{self.cfg.algorithm}-*")), key=os.path.getmtime)
-            if not runs:
-                raise ConfigError(f"--resume: no earlier '{self.cfg.algorithm}-*' run in {log.output_dir}; set logging.run_name")
-            return runs[-1]
-        name = [log.run_name or f"{self.cfg.algorithm}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-        name = broadcast_object_list(name)  # one name for all ranks
-        path = os.path.join(log.output_dir, name[0])
+        found: list = [None, None]
         if self.is_main:
-            os.makedirs(path, exist_ok=True)
-        return path
+            try:
+                found = [choose_checkpoint(self.cfg, self.run_dir, resume, self.print), None]
+            except (ConfigError, CheckpointError) as e:
+                found = [None, (isinstance(e, ConfigError), str(e))]
+        found = broadcast_object_list(found)
+        if found[1] is not None:
+            is_config, message = found[1]
+            raise (ConfigError if is_config else CheckpointError)(message)
+        return found[0]
 
-    def _find_checkpoint(self, resume: Union[bool, str]) -> Optional[str]:
-        if isinstance(resume, str) and os.path.basename(os.path.dirname(os.path.abspath(resume))) == "checkpoints":
-            return resume
-        found = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", CHECKPOINT_GLOB)))
-        found = [f for f in found if not f.endswith(".tmp")]
-        if not found:
-            raise ConfigError(f"--resume: no checkpoint in {self.run_dir}/checkpoints")
-        return found[-1]
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective when several processes): ranks then decide alike."""
+        if self.world_size == 1:
+            return flag
+        return bool(all_reduce_sum_(torch.tensor([float(flag)], device=self.device)).item() > 0)
 
     # ------------------------------------------------------------------------------------------
     def _optimizer(self, model: torch.nn.Module):
@@ -316,7 +269,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run to the configured number of steps; returns the last logged metrics."""
+        """Run to the configured number of steps; returns the last logged metrics. Raises Interrupted after a
+        SIGTERM / SIGINT (a checkpoint of the step is written) and NonFiniteError when too many steps in a row were
+        not finite."""
         acc, cfg, algo = self.accelerator, self.cfg, self.algorithm
         if self.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -334,9 +289,11 @@ class Trainer:
             self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
             algo.prepared(model)
 
+        resumed_step = None
         if self.resume_from:
             with self.phase("resume"):
                 self._load_checkpoint(self.resume_from)
+            resumed_step = self.step
             self.print(f"resumed from {self.resume_from} at step {self.step}")
         elif self.is_main and os.path.exists(self.metrics.path):
             os.remove(self.metrics.path)
@@ -350,41 +307,71 @@ class Trainer:
                    disable=not (self.is_main and cfg.logging.progress))
         last: dict = {}
         step_iter = algo.steps(self.step)
-        while self.step < total:
-            t0 = time.time()
-            with self.phase("batch"):  # PPO names its rollout inside
-                batch = next(step_iter)
-            with self.phase("train step"):
-                stats = self._optimizer_step(model, optimizer, scheduler, batch.micro_batches)
-                self.step += 1
-                stats.update(batch.metrics)
-                stats.update(algo.after_step(model, self.step))
-            stats["optim/lr"] = scheduler.get_last_lr()[0]
-            stats["time/step_s"] = time.time() - t0
-            if self.step % cfg.logging.log_every == 0 or self.step == total:
-                self.log(stats)
-                last = stats
-            bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{float(stats[k]):.4g}" for k in algo.progress_keys if k in stats})
-            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
-                self.log(self.evaluate())
-            if cfg.logging.save_every and self.step % cfg.logging.save_every == 0 and algo.can_checkpoint(self.step):
-                self.save_checkpoint()
+        deferred = False  # a stop signal came at a step that cannot be checkpointed
+        with StopSignals(self.print) as signals:
+            while self.step < total:
+                t0 = time.time()
+                with self.phase("batch"):  # PPO names its rollout inside
+                    batch = next(step_iter)
+                with self.phase("train step"):
+                    stats = self._optimizer_step(model, optimizer, scheduler, batch.micro_batches, batch.metrics)
+                    self.step += 1
+                    stats.update(batch.metrics)
+                    stats.update(algo.after_step(model, self.step))
+                stats["time/step_s"] = time.time() - t0
+                if self.step % cfg.logging.log_every == 0 or self.step == total or self.skipped_in_a_row:
+                    self.log(stats)
+                    last = stats
+                if self.skipped_in_a_row >= self.max_skipped_steps:
+                    bar.close()
+                    raise NonFiniteError(
+                        f"stopped at step {self.step}: {self.skipped_in_a_row} optimizer steps in a row had a "
+                        f"non-finite {', '.join(self.skip_reasons)} and were skipped (optim.max_skipped_steps="
+                        f"{self.max_skipped_steps}); nothing non-finite was written. Lower optim.lr (now "
+                        f"{cfg.optim.lr:g}) or check the data and the initial weights")
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{float(stats[k]):.4g}" for k in algo.progress_keys if k in stats})
+                if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
+                    self.log(self.evaluate())
+                saved = None
+                due = cfg.logging.save_every and self.step % cfg.logging.save_every == 0
+                if due and algo.can_checkpoint(self.step):
+                    saved = self.save_checkpoint()
+                if self._stop_requested(signals):
+                    if not algo.can_checkpoint(self.step):  # e.g. PPO: only between iterations
+                        if not deferred:
+                            self.print(f"step {self.step}: a checkpoint can be written only at the next step that "
+                                       f"allows one; training on until then")
+                        deferred = True
+                        continue
+                    bar.close()
+                    path = saved or self.save_checkpoint()
+                    acc.end_training()
+                    raise Interrupted(signals.signum or signal.SIGTERM, self.step, path)
         bar.close()
+        if self.skipped_steps:
+            self.print(f"{self.skipped_steps} of {total} optimizer steps were skipped for non-finite values "
+                       f"(train/skipped_steps in metrics.jsonl)")
         final_eval = self.evaluate()
         if final_eval:
             self.log(final_eval)
             last.update(final_eval)
-        if not self.resume_from or self.step > int(os.path.basename(self.resume_from).split("_")[-1]):
+        if (resumed_step is None or self.step > resumed_step) and self.saved_step != self.step:
             self.save_checkpoint()
         self.save_final()
         acc.end_training()
         return last
 
-    def _optimizer_step(self, model, optimizer, scheduler, micro_batches: list) -> dict:
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether a stop signal reached any rank: all ranks then stop after the same step."""
+        return self._any_rank(signals.signum is not None)
+
+    def _optimizer_step(self, model, optimizer, scheduler, micro_batches: list, batch_metrics: dict) -> dict:
         acc, algo = self.accelerator, self.algorithm
         if len(micro_batches) != self.grad_accum:
-            raise RuntimeError(f"algorithm gave {len(micro_batches)} micro-batches for a step; expected {self.grad_accum}")
+            raise RuntimeError(f"algorithm gave {len(micro_batches)} micro-batches for a step; "
+                               f"expected {self.grad_accum}")
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step() it is the next step's)
         # Normalize by the step's global unit count (tokens, pairs): the loss is then the same
         # whatever the split into ranks and micro-batches.
         weight = torch.tensor(float(sum(algo.loss_weight(mb) for mb in micro_batches)), device=self.device)
@@ -392,6 +379,7 @@ class Trainer:
         scale = self.world_size * self.grad_accum / weight
         sums: dict[str, torch.Tensor] = {}
         total_loss = torch.zeros((), device=self.device)
+        grad_norm, skipped = None, []
         for mb in micro_batches:
             with acc.accumulate(model):
                 with acc.autocast():
@@ -400,23 +388,66 @@ class Trainer:
                 total_loss += loss.detach().float() / weight
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float()
-                grad_norm = None
-                if acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
-                    # under DeepSpeed the engine clips inside backward and returns None here
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+                if acc.sync_gradients:
+                    grad_norm = self._clip_grad_norm(model)
+                    skipped = self._nonfinite(total_loss, grad_norm, sums, batch_metrics)
+                    if not skipped:
+                        optimizer.step()
+                    elif acc.scaler is not None:  # fp16: close the scaler's record of this step's unscale_
+                        acc.scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when the first optimizer step was the skipped one
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()  # a skipped step still advances the schedule: step k always uses the rate of step k
         keys = sorted(sums)
         packed = torch.stack([total_loss] + [sums[k] / len(micro_batches) for k in keys])
         packed = all_reduce_sum_(packed)  # the loss: already per global unit, so summed; the stats: rank means
-        out = {"train/loss": packed[0].item()}
+        out = {"train/loss": packed[0].item(), "optim/lr": lr}
         out.update({k: (packed[i + 1] / self.world_size).item() for i, k in enumerate(keys)})
         if grad_norm is None and hasattr(model, "get_global_grad_norm"):
             grad_norm = model.get_global_grad_norm()
         if grad_norm is not None:
             out["optim/grad_norm"] = float(grad_norm)
+        self._count_skip(skipped)
+        out["train/skipped_steps"] = self.skipped_steps
         return out
+
+    def _clip_grad_norm(self, model):
+        """The global gradient norm, clipped to optim.max_grad_norm; with clipping off it is still measured (an
+        infinite threshold scales nothing) for the non-finite check. None under DeepSpeed (the engine clips)."""
+        clip = self.cfg.optim.max_grad_norm
+        return self.accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+
+    def _nonfinite(self, loss: torch.Tensor, grad_norm, sums: dict, batch_metrics: dict) -> list[str]:
+        """Names of the step's non-finite values (loss, gradient norm, reward-model scores), the same on every rank:
+        the flags are summed over ranks, so every rank skips the step or none does. Under fp16 the loss scaler
+        handles overflowing gradients itself (it skips those steps and lowers the scale), so the norm is not
+        checked there. Under DeepSpeed the engine steps inside backward: the check counts and stops the run but
+        cannot hold that step back."""
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 gives the norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
+        checks = [("loss", loss)]
+        if grad_norm is not None and self.accelerator.scaler is None:
+            checks.append(("grad norm", torch.as_tensor(grad_norm, device=self.device)))
+        checks += [(k, sums[k]) for k in sorted(sums) if k.startswith(SCORE_KEYS)]
+        flags = torch.stack([(~torch.isfinite(v.float())).any().float() for _, v in checks])
+        flags = all_reduce_sum_(flags) if self.world_size > 1 else flags
+        bad = [name for (name, _), f in zip(checks, flags.tolist()) if f > 0]
+        # the rollout's scores are already reduced over ranks: the same on every rank
+        bad += [k for k in sorted(batch_metrics) if k.startswith(SCORE_KEYS)
+                and isinstance(batch_metrics[k], (int, float)) and not ckpt.finite(float(batch_metrics[k]))]
+        return bad
+
+    def _count_skip(self, bad: list[str]) -> None:
+        if not bad:
+            self.skipped_in_a_row, self.skip_reasons = 0, []
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        self.skip_reasons += [b for b in bad if b not in self.skip_reasons]
+        self.print(f"step {self.step + 1}: non-finite {', '.join(bad)}; optimizer step skipped "
+                   f"({self.skipped_in_a_row} in a row; the run stops at optim.max_skipped_steps="
+                   f"{self.max_skipped_steps})")
 
     def evaluate(self) -> dict:
         """The algorithm's evaluation on whole weights: ranks' shares of the eval set may differ in size."""
@@ -437,53 +468,104 @@ class Trainer:
         if self.cfg.logging.trackers:
             self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=self.step)
 
-    # --- checkpoints ----------------------------------------------------------------------------
+    # --- checkpoints and export -----------------------------------------------------------------
+    def _refuse_nonfinite(self, what: str) -> None:
+        """Stop before writing weights that hold a NaN or an infinity (checked on every rank's shards)."""
+        bad = ckpt.nonfinite_parameters(self.model)
+        if not self._any_rank(bool(bad)):
+            return
+        good = ckpt.list_checkpoints(os.path.join(self.run_dir, "checkpoints"))
+        names = ", ".join(n.removeprefix("module.") for n in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise NonFiniteError(f"refusing to write {what} at step {self.step}: parameters hold NaN or infinite values "
+                             f"({names or 'on another rank'}); last finite checkpoint: "
+                             f"{good[-1][0] if good else 'none'}")
+
+    def _on_main(self, write: Callable[[], None], target: str, needed: Callable[[], int]) -> None:
+        """Run `write` on rank 0; every rank learns whether it failed and raises too (none waits at a barrier for a
+        rank that gave up). A full disk becomes one DiskFullError naming `target`."""
+        error: Optional[BaseException] = None
+        if self.is_main:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001 - re-raised below, once the ranks agree
+                error = e
+        if not self._any_rank(error is not None):
+            return
+        if error is None:
+            raise RuntimeError(f"writing {target} failed; see rank 0's error")
+        if ckpt.is_disk_full(error):
+            raise DiskFullError(f"no space left on device: {target} (about {needed()} bytes needed)") from error
+        raise error
+
     def save_checkpoint(self) -> str:
-        """Model, optimizer, schedule, RNG states and step, written to a temp folder then renamed."""
+        """Model, optimizer, schedule, RNG states and step, written to a temp folder, verified by a manifest written
+        last, then renamed. Older checkpoints beyond logging.keep_checkpoints are pruned after."""
         acc = self.accelerator
-        final = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:06d}")
+        folder = os.path.join(self.run_dir, "checkpoints")
+        name = ckpt.checkpoint_name(self.step)
+        final = os.path.join(folder, name)
         tmp = final + ".tmp"
+        needed = lambda: ckpt.state_bytes(self.model, self.optimizer)  # noqa: E731
         with self.phase("checkpoint"):
+            self._refuse_nonfinite(f"checkpoint {final}")
             if self.is_main:
+                import shutil
+
                 shutil.rmtree(tmp, ignore_errors=True)
             acc.wait_for_everyone()
-            acc.save_state(tmp)  # under ZeRO each rank writes its own shards
-            acc.wait_for_everyone()  # every rank's shard and RNG state is on disk before the rename
-            state = {"step": self.step, "algorithm": self.algorithm.state_dict()}
-            if self.is_main:
-                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-                with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                    json.dump({"step": self.step}, f)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                self._prune_checkpoints()
-            acc.wait_for_everyone()
-        return final
+            error = None
+            try:
+                acc.save_state(tmp)  # under ZeRO each rank writes its own shards
+            except Exception as e:  # noqa: BLE001 - a full disk on one rank must stop every rank
+                if not ckpt.is_disk_full(e):
+                    raise
+                error = e
+            failed = self._any_rank(error is not None)  # also: every rank's shard and RNG state is on disk
+            state = {"step": self.step, "algorithm": self.algorithm.state_dict(), "skipped_steps": self.skipped_steps}
 
-    def _prune_checkpoints(self) -> None:
-        keep = self.cfg.logging.keep_checkpoints
-        found = sorted(p for p in glob.glob(os.path.join(self.run_dir, "checkpoints", CHECKPOINT_GLOB))
-                       if not p.endswith(".tmp"))
-        for old in found[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            def finish():
+                import shutil
+
+                try:
+                    if failed:
+                        raise DiskFullError(f"no space left on device: {final} (about {needed()} bytes needed)")
+                    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+                    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                        json.dump({"step": self.step}, f)
+                    save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+                    ckpt.write_manifest(tmp, name, self.step, self.run_dir)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
+                    raise
+                ckpt.replace_folder(tmp, final)
+                ckpt.prune(folder, self.cfg.logging.keep_checkpoints)
+            self._on_main(finish, final, needed)
+            acc.wait_for_everyone()
+        self.saved_step = self.step
+        return final
 
     def _load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.algorithm.load_state_dict(state["algorithm"])
         if self.is_main:
-            truncate_metrics(self.metrics.path, self.step)
+            truncate_metrics(self.metrics.path, self.step, say=self.print)
 
     def save_final(self) -> str:
-        """final/: whole weights written by rank 0 (under ZeRO-3 gathered first), loadable with from_pretrained."""
+        """final/: whole weights written by rank 0 (under ZeRO-3 gathered first), loadable with from_pretrained.
+        Written to final.tmp and renamed: an earlier final/ is replaced only by a complete one."""
         out = os.path.join(self.run_dir, "final")
         with self.phase("final export"):
+            self._refuse_nonfinite("final/")
             self.accelerator.wait_for_everyone()
             with self.full_model() as model:
                 self.algorithm.prepare_export(model)  # every rank: e.g. the reward model's calibration scores
-                if self.is_main:
-                    os.makedirs(out, exist_ok=True)
-                    self.algorithm.save_model(model, out)
+
+                def write():
+                    with ckpt.atomic_folder(out, lambda: ckpt.state_bytes(model)) as tmp:
+                        self.algorithm.save_model(model, tmp)
+                self._on_main(write, out, lambda: ckpt.state_bytes(model))
             self.accelerator.wait_for_everyone()
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Optional
 
@@ -169,6 +170,13 @@ class RewardModeling(Algorithm):
         if scores is None:  # called outside Trainer.save_final: one process scores everything
             scores = self.score_responses(target, self._normalization_pairs())
         mean, std = scores.mean().item(), scores.std(unbiased=False).clamp(min=1e-6).item()
+        bad = int((~torch.isfinite(scores)).sum())
+        if bad or not (math.isfinite(mean) and math.isfinite(std)):  # folding NaN would make every score NaN
+            from ..checkpoints import NonFiniteError
+
+            raise NonFiniteError(f"reward normalization: {bad} of {scores.numel()} {r.normalize_on} response scores "
+                                 f"are not finite (mean {mean:.4g}, std {std:.4g}); refusing to fold them into the "
+                                 f"score head")
         head = target.score
         folded = fold_normalization(head, mean, std)
         shift = float(folded.bias.item())
