@@ -200,6 +200,76 @@ def test_no_grad_scoring_equals_grad_scoring():
     assert torch.equal(ref, pol.detach())
 
 
+def pair_batch(seed: int = 0):
+    """4 pairs with prompt/chosen/rejected lengths that differ, an empty chosen response among them."""
+    from rlhf.data.preference import PairExample, collate_pairs
+
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(1, 300, (n,), generator=g).tolist()
+    lengths = [(5, 7, 3), (9, 2, 11), (3, 10, 10), (6, 0, 4)]
+    return collate_pairs(0)([PairExample(tokens(p), tokens(c), tokens(r), index=i)
+                             for i, (p, c, r) in enumerate(lengths)])
+
+
+def test_shared_prefix_layout_masks_and_positions():
+    from rlhf.models.shared_prefix import pack_pairs
+
+    b = pair_batch()
+    packed = pack_pairs(b.input_ids, b.attention_mask, b.response_mask)
+    # pair 0: prompt 5, chosen 7, rejected 3 -> one row of 15; positions restart at 5 for the rejected tokens
+    assert packed.position_ids[0, :15].tolist() == list(range(12)) + [5, 6, 7]
+    m = packed.mask[0, 0]
+    assert m[12, :5].all() and not m[12, 5:12].any() and m[12, 12]  # rejected sees the prompt, not the chosen
+    assert not m[11, 12:].any()  # causal
+    # every response token is predicted once: 7 + 2 + 10 + 0 chosen, 3 + 11 + 10 + 4 rejected
+    assert torch.bincount(packed.owner, minlength=8).tolist() == [7, 2, 10, 0, 3, 11, 10, 4]
+    L = packed.input_ids.shape[1]
+    assert packed.source[7].item() == 4 and packed.target[7].item() == 12  # rejected 0 from the last prompt token
+    assert packed.last[3].item() == 3 * L + 5  # an empty chosen response: the last prompt token
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prefix_dpo_logprobs_and_gradients_equal_separate_rows(impl):
+    from rlhf.models.forward import pair_sequence_logprobs
+
+    model = tiny_qwen2(tied=True)
+    model.config._attn_implementation = impl
+    model.logprob_chunk_size = 7
+    b = pair_batch()
+
+    def run(shared):
+        model.shared_prefix = shared
+        logps, counts = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = logps.chunk(2)
+        return logps.detach(), counts, grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    (logps, counts, g), (logps0, counts0, g0) = run(True), run(False)
+    torch.testing.assert_close(logps, logps0, atol=SUM_ATOL, rtol=0)
+    assert torch.equal(counts, counts0)
+    assert_same_grads(g, g0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prefix_reward_scores_and_gradients_equal_separate_rows(impl):
+    from rlhf.models.forward import pair_scores
+
+    model = tiny_qwen2(tied=True, seq_cls=True)
+    model.config._attn_implementation = impl
+    b = pair_batch()
+
+    def run(shared):
+        model.shared_prefix = shared
+        scores = pair_scores(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = scores.chunk(2)
+        return scores.detach(), grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    (scores, g), (scores0, g0) = run(True), run(False)
+    torch.testing.assert_close(scores, scores0, atol=TOKEN_ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: bf16 at a real vocabulary size
 # ---------------------------------------------------------------------------------------------------------------------

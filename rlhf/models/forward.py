@@ -69,7 +69,7 @@ def _lm_parts(model):
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: torch.nn.Module,
-                  **kwargs) -> torch.Tensor:
+                  position_ids: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
     """The output (first element) of `module`, a submodule of `model`, from one forward of the whole `model`.
 
     The forward goes through `model` itself, wrappers included, so DDP and DeepSpeed see it and sync gradients, and
@@ -82,8 +82,10 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
     handle = module.register_forward_hook(keep)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              **kwargs)
     finally:
         handle.remove()
     return captured[-1]
@@ -209,3 +211,77 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     logp = token_logprobs(model, input_ids, attention_mask, positions=response_mask)
     mask = response_mask.to(logp.dtype)
     return masked_sum(logp, mask, dim=-1), mask.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pairs (DPO, reward model): one row per pair, the prompt once (rlhf.models.shared_prefix)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shares_prefix(model) -> bool:
+    """Whether the model takes the shared-prefix layout: an attention kernel with arbitrary 4D masks (sdpa, eager)."""
+    from .shared_prefix import MASKABLE
+
+    inner = _unwrap(model)
+    impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    return impl in MASKABLE and getattr(inner, "shared_prefix", True)
+
+
+def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """The 4D mask in the form the attention kernel reads: bool (True = attend) for sdpa, additive for eager."""
+    inner = _unwrap(model)
+    if inner.config._attn_implementation == "sdpa":
+        return mask
+    dtype = next(inner.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _packed(model, input_ids, attention_mask, response_mask, device):
+    from .shared_prefix import pack_pairs
+
+    pad = getattr(_unwrap(model).config, "pad_token_id", None) or 0
+    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad).to(device)
+
+
+def pair_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logprobs of a PairBatch's 2B rows (chosen rows first): ([2B] summed response log-probs, [2B] counts).
+
+    With a maskable attention kernel each pair runs as one row with its prompt once (shared_prefix); otherwise as
+    the 2B rows themselves. Rows may sit on the CPU: they are packed there and moved to the model's device.
+    """
+    device = next(_unwrap(model).parameters()).device
+    if not shares_prefix(model):
+        return sequence_logprobs(model, input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+    packed = _packed(model, input_ids, attention_mask, response_mask, device)
+    mask = _model_mask(model, packed.mask)
+    labels = packed.input_ids.reshape(-1)[packed.target]
+    parts = _lm_parts(model)
+    chunk = chunk_tokens(model)
+    if parts is None or chunk <= 0:
+        out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                    use_cache=False)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])[packed.source].float()
+        logp = logprobs_from_logits(logits[None], labels[None])[0]
+    else:
+        decoder, head = parts
+        hidden = hidden_states(model, packed.input_ids, mask, decoder, position_ids=packed.position_ids,
+                               logits_to_keep=1)
+        logp = logprobs_from_hidden(head, hidden.reshape(-1, hidden.shape[-1])[packed.source], labels,
+                                    chunk_size=chunk)
+    n = packed.last.numel()
+    sums = torch.zeros(n, dtype=logp.dtype, device=device).index_add(0, packed.owner, logp)
+    counts = torch.bincount(packed.owner, minlength=n).to(logp.dtype)
+    return sums, counts
+
+
+def pair_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor) -> torch.Tensor:
+    """[2B] reward-model scores of a PairBatch's rows (chosen rows first), read at each response's last token."""
+    device = next(_unwrap(model).parameters()).device
+    if not shares_prefix(model):
+        return scalar_scores(model, input_ids.to(device), attention_mask.to(device))
+    packed = _packed(model, input_ids, attention_mask, response_mask, device)
+    values = hidden_states(model, packed.input_ids, _model_mask(model, packed.mask), _unwrap(model).score,
+                           position_ids=packed.position_ids)
+    return values.reshape(-1)[packed.last].float()
