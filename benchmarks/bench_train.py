@@ -133,7 +133,7 @@ def sync() -> None:
     import torch
 
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def peak_bytes() -> int:
