@@ -15,7 +15,8 @@ of the same 8 pairs). No gradient checkpointing, bf16, constant learning rate, n
 sampler), so every trainer sees the same rows in the same order.
 Measured: tokens/s = real tokens (prompt + chosen + rejected words, + one EOS per response) of the steps after the
 warm-up, over their step time (CUDA-synchronized); rlhf's DPO with `reference: precomputed` also pays the
-precompute time, in proportion to the steps counted. Peak = torch.cuda.max_memory_allocated over the whole run, each
+precompute time (its steady-state per-batch time, the first batch's warm-up left out like the warm-up steps), in
+proportion to the steps counted. Peak = torch.cuda.max_memory_allocated over the whole run, each
 trainer in its own process. Loss = the last step's training loss.
 rlhf runs with the fused AdamW of rlhf.optim.make_adamw (the optimizer line of Trainer._optimizer swapped in here
 until the trainer builds its optimizer with it); checkpoint and final export are skipped (not timed either way).
@@ -142,6 +143,28 @@ def peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
+def profile_steps(trainer_cls, first: int = 3, count: int = 3) -> None:
+    """Print torch.profiler's top CUDA ops over optimizer steps first .. first + count - 1 (where time goes)."""
+    import torch
+
+    step = trainer_cls._optimizer_step
+    state = {"n": 0}
+
+    def profiled(self, *a, **k):
+        state["n"] += 1
+        if state["n"] == first:
+            state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+        out = step(self, *a, **k)
+        if state["n"] == first + count - 1 and "prof" in state:
+            sync()
+            state["prof"].__exit__(None, None, None)
+            print(state["prof"].key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        return out
+    trainer_cls._optimizer_step = profiled
+
+
 def run_rlhf(spec: dict) -> dict:
     import torch
 
@@ -161,17 +184,30 @@ def run_rlhf(spec: dict) -> dict:
     Trainer._optimizer = fused_optimizer
     Trainer.save_checkpoint = lambda self: None  # writing GBs of weights is neither measured nor needed
     Trainer.save_final = lambda self: None
-    precompute = []
-    table = DPO.reference_table
+    # The precompute's micro-batches are timed one by one: its first one also pays the process's one-time warm-up
+    # (CUDA context, Triton compiles), which TRL pays in its first steps, and that is left out as they are.
+    batches, scoring = [], []
+    table, forward = DPO.reference_table, DPO.forward
 
-    def timed_table(self, model):
+    def timed_forward(self, model, batch):
+        if not scoring:
+            return forward(self, model, batch)
         sync()
         t0 = time.perf_counter()
-        out = table(self, model)
+        out = forward(self, model, batch)
         sync()
-        precompute.append(time.perf_counter() - t0)
+        batches.append(time.perf_counter() - t0)
         return out
-    DPO.reference_table = timed_table
+
+    def timed_table(self, model):
+        scoring.append(True)
+        try:
+            return table(self, model)
+        finally:
+            scoring.clear()
+    DPO.forward, DPO.reference_table = timed_forward, timed_table
+    if spec.get("profile"):
+        profile_steps(Trainer)
 
     kind, B = spec["kind"], spec["pairs"]
     data = spec["data"]
@@ -201,7 +237,8 @@ def run_rlhf(spec: dict) -> dict:
     records = [json.loads(line) for line in open(os.path.join(spec["run_dir"], "run", "metrics.jsonl"))]
     steps = [r for r in records if "time/step_s" in r]
     return {"step_s": [r["time/step_s"] for r in steps], "loss": [r["train/loss"] for r in steps],
-            "precompute_s": sum(precompute), "peak_bytes": peak_bytes()}
+            "precompute_s": sum(batches[1:]) * len(batches) / max(len(batches) - 1, 1) if batches else 0.0,
+            "peak_bytes": peak_bytes()}
 
 
 def run_trl(spec: dict) -> dict:
@@ -229,6 +266,8 @@ def run_trl(spec: dict) -> dict:
 
         data = Dataset.from_list(rows)
         common["per_device_train_batch_size"] = B
+        # a scalar-head model has no LM head for Liger's fused loss to replace: its layer kernels only
+        common["liger_kernel_config"] = {"fused_linear_cross_entropy": False, "cross_entropy": False}
     else:
         from trl import DPOConfig as Config, DPOTrainer as TrainerCls
 
@@ -328,6 +367,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (SFT: twice as many rows)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per trainer run")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of rlhf's steps 3-5")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -354,7 +394,7 @@ def main() -> None:
                 kind = name.split("-")[1]
                 spec = {"trainer": name, "kind": kind, "liger": name.endswith("liger"), "steps": args.steps,
                         "pairs": args.pairs, "data": data, "models": models,
-                        "run_dir": os.path.join(wdir, name)}
+                        "run_dir": os.path.join(wdir, name), "profile": args.profile}
                 res = summarize(measure(spec, args.timeout), step_tokens(kind, lengths, args.pairs, args.steps),
                                 args.warmup)
                 res.update(trainer=name, kind=kind, shape=shape, workload=workload)

@@ -94,6 +94,11 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float,
                    top_k: int, top_p: float, return_entropy: bool):
     logits = head(hidden)  # the module itself: ZeRO-3 gathers its weight inside its forward
+    if temperature == 1.0 and top_k <= 0 and top_p >= 1.0 and not return_entropy:
+        # no filter: logprobs_from_logits' arithmetic (z_y - logsumexp(z) in float32) with one float32 copy of the
+        # chunk instead of its three (label gather, filtered copy, label scatter), which are memory traffic only
+        z = logits.float()
+        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     logp = logprobs_from_logits(logits[None], labels[None], temperature=temperature, top_k=top_k, top_p=top_p)[0]
     if return_entropy:
         return logp, entropy_from_logits(logits[None], temperature=temperature)[0]
