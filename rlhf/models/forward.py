@@ -113,15 +113,18 @@ def logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: to
     hidden [N, H], labels [N]. Each chunk is exactly ops.logprobs_from_logits of head(chunk), so temperature, top-k
     and top-p act as in sampling and the numbers equal the full-logits path up to the head's matmul rounding.
     With gradients on, each chunk is checkpointed: backward recomputes its logits, so only one chunk's [chunk, V]
-    logits are alive at any time, in forward and in backward.
+    logits are alive at any time, in forward and in backward (not under ZeRO-3, see below).
     """
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    # DeepSpeed ZeRO-3 does not gather a partitioned head weight again when backward recomputes a chunk (seen with a
+    # frozen LoRA base: the recomputed weight is the empty partition), so there each chunk keeps its logits instead
+    recompute = grad and not any(hasattr(p, "ds_id") for p in head.parameters())
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], max(chunk_size, 1)):
         args = (head, hidden[start:start + chunk_size], labels[start:start + chunk_size], temperature, top_k, top_p,
                 return_entropy)
         # nothing random happens in the head (dropout is off), so no RNG state needs stashing per chunk
-        out = (checkpoint(_head_logprobs, *args, use_reentrant=False, preserve_rng_state=False) if grad
+        out = (checkpoint(_head_logprobs, *args, use_reentrant=False, preserve_rng_state=False) if recompute
                else _head_logprobs(*args))
         logp, entropy = out if return_entropy else (out, None)
         logps.append(logp)
