@@ -18,6 +18,14 @@ def test_adamw_is_fused_for_cuda_training_only():
     assert not make_adamw([{"params": params}], o, "cpu").defaults["fused"]
 
 
+def test_adamw_under_deepspeed_keeps_the_default(monkeypatch):
+    from rlhf.config import OptimConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert not make_adamw([{"params": params}], OptimConfig(), "cuda").defaults["fused"]
+
+
 def test_fused_and_default_adamw_take_the_same_step():
     """One AdamW step from the same state: the fused kernel and the default loop agree to float32 rounding
     (a few ulps of |p| ~ 1, i.e. ~1e-6)."""
