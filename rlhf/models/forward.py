@@ -97,7 +97,7 @@ def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
     if temperature == 1.0 and top_k <= 0 and top_p >= 1.0 and not return_entropy:
         # no filter: logprobs_from_logits' arithmetic (z_y - logsumexp(z) in float32) with one float32 copy of the
         # chunk instead of its three (label gather, filtered copy, label scatter), which are memory traffic only
-        z = logits.float()
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # float64 stays
         return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     logp = logprobs_from_logits(logits[None], labels[None], temperature=temperature, top_k=top_k, top_p=top_p)[0]
     if return_entropy:
