@@ -87,6 +87,21 @@ def test_the_fast_path_is_taken_and_never_builds_full_logits():
     assert rows[forward_calls:] == rows[1:forward_calls][::-1]
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
+def test_ppo_scoring_logprobs_without_entropy_equal_full_logits(temperature, top_k, top_p):
+    """Without the entropy the chunk takes its own arithmetic when no filter applies (temperature still does)."""
+    model = tiny_qwen2(tied=True)
+    ids, mask, response = batch()
+
+    def run(m):
+        logp = token_logprobs(m, ids, mask, temperature, top_k, top_p)
+        return logp.detach(), grads(m, (logp * mask[:, 1:]).sum())
+
+    (logp, g), (logp0, g0) = both_paths(model, run)
+    torch.testing.assert_close(logp, logp0, atol=TOKEN_ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
 def test_ppo_scoring_logprobs_and_entropy_equal_full_logits(tied, temperature, top_k, top_p):
