@@ -20,9 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line: where, what was given, what was expected."""
+from .errors import ConfigError  # noqa: F401  (re-exported: `from rlhf.config import ConfigError`)
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -49,6 +47,9 @@ class ModelConfig:
     lora_alpha: int = opt(16, "LoRA scaling numerator.")
     lora_dropout: float = opt(0.0, "Dropout inside the LoRA adapters.")
     lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA adapters.")
+    logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
+    liger_kernels: Union[Literal["auto"], bool] = opt(
+        "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
 
 
 @dataclass

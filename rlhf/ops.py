@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Masked reductions
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,8 +70,6 @@ def collective_timeout() -> timedelta:
     except ValueError:
         seconds = -1.0
     if seconds <= 0:
-        from .config import ConfigError
-
         raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
     return timedelta(seconds=seconds)
 

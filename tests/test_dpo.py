@@ -153,7 +153,8 @@ def test_chosen_and_rejected_share_one_forward(tiny_model_dir, prefs_file, tmp_p
     model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
     batch = algo.collate(algo.train_pairs[:4])
     algo.loss(model, batch)
-    assert calls == [torch.Size([8, batch.input_ids.shape[1]])]  # 4 chosen + 4 rejected rows, one call
+    # one call, one row per pair: chosen and rejected follow one copy of their prompt (rlhf.models.shared_prefix)
+    assert len(calls) == 1 and calls[0][0] == 4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..data import BadRows
 from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
 from ..losses import dpo_loss
 from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
-from ..models.forward import sequence_logprobs
+from ..models.forward import pair_sequence_logprobs
 from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
@@ -149,10 +149,9 @@ class DPO(Algorithm):
 
     # --- the objective -------------------------------------------------------------------------
     def forward(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """([2B] summed response log-probs, [2B] response lengths) from one forward of chosen + rejected rows."""
-        dev = self.trainer.device
-        return sequence_logprobs(model, batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                                 batch.response_mask.to(dev))
+        """([2B] summed response log-probs, [2B] response lengths) from one forward of chosen + rejected rows
+        (one row per pair, the prompt once, where the attention kernel allows)."""
+        return pair_sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask)
 
     def pair_losses(self, model, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(per-pair losses [B], per-pair stats [B]) of the policy `model` against the reference."""

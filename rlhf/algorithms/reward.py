@@ -27,7 +27,8 @@ from ..config import ConfigError, RewardSection
 from ..data import BadRows
 from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs, load_pairs
 from ..losses import bradley_terry_loss
-from ..models import is_peft, load_scalar_model, scalar_scores
+from ..models import is_peft, load_scalar_model
+from ..models.forward import pair_scores
 from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
@@ -95,9 +96,9 @@ class RewardModeling(Algorithm):
 
     # --- the objective -------------------------------------------------------------------------
     def scores(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B] chosen scores, [B] rejected scores), read at each row's last real token, from one forward."""
-        dev = self.trainer.device
-        return scalar_scores(model, batch.input_ids.to(dev), batch.attention_mask.to(dev)).float().chunk(2)
+        """([B] chosen scores, [B] rejected scores), read at each response's last token, from one forward
+        (one row per pair, the prompt once, where the attention kernel allows)."""
+        return pair_scores(model, batch.input_ids, batch.attention_mask, batch.response_mask).float().chunk(2)
 
     def loss_weight(self, batch: PairBatch) -> float:
         return float(batch.num_pairs)

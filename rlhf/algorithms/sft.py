@@ -79,8 +79,8 @@ def sft_token_loss(model, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL of the labelled tokens, their mask [B, T-1])."""
     device = next(model.parameters()).device
     ids, mask, labels = batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device)
-    logp = token_logprobs(model, ids, mask)
     target_mask = (labels[:, 1:] != IGNORE).float()
+    logp = token_logprobs(model, ids, mask, positions=target_mask)
     return -masked_sum(logp, target_mask), target_mask
 
 

@@ -1,35 +1,35 @@
 """Forward passes shared by every algorithm and the evaluation harness.
 
 Left- or right-padded batches both work: position ids are derived from the attention mask.
+
+Log-probs of a causal LM come from its hidden states, not from its logits: the model runs through its wrapper (DDP,
+DeepSpeed, FSDP, peft) with `logits_to_keep=1`, a forward hook on the decoder keeps the final hidden states, and the
+LM head is applied in chunks of `logprob_chunk_size` tokens, only at the positions asked for. A chunk's logits live in
+the model's dtype, are upcast to float32 one chunk at a time, and are recomputed in backward (activation checkpointing
+per chunk), so neither the [B, T, V] logits nor their float32 copy ever exist: at a 152k vocabulary that copy alone
+is 0.6 MB per token. Models whose logits are not plainly `lm_head(last_hidden_state)` (soft-capped or scaled logits,
+a LoRA-wrapped head, custom code without `logits_to_keep`) take the plain full-logits path, as does a chunk size of 0.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
+from typing import Optional
 
-from ..ops import logprobs_from_logits, masked_sum
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import entropy_from_logits, logprobs_from_logits, masked_sum
+
+# Tokens per LM-head chunk. The working set of one chunk is ~20 bytes x chunk x V (bf16 logits, their float32 copy,
+# softmax and gradient in backward): 1024 x 152k gives ~3 GB, while chunks of 1024 rows still keep the head's
+# matmul efficient (M = 1024 against N = V).
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] positions counting only real tokens, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
-    """[B, T-1] log p(input_ids[:, t+1] | input_ids[:, :t+1]) under the sampling distribution.
-
-    temperature/top_k/top_p must equal the ones used to sample, or PPO's importance ratio is biased.
-    """
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = out.logits[:, :-1].float()
-    logp = logprobs_from_logits(logits, input_ids[:, 1:], temperature=temperature, top_k=top_k, top_p=top_p)
-    if return_entropy:
-        from ..ops import entropy_from_logits
-
-        return logp, entropy_from_logits(logits, temperature=temperature)
-    return logp
 
 
 def _unwrap(model):
@@ -41,21 +41,158 @@ def _unwrap(model):
     return model
 
 
+def chunk_tokens(model) -> int:
+    """The LM-head chunk size set on the model at load time (model.logprob_chunk_size), else the default."""
+    n = getattr(_unwrap(model), "logprob_chunk_size", None)
+    return DEFAULT_CHUNK_TOKENS if n is None else int(n)
+
+
+def _lm_parts(model):
+    """(decoder, lm_head) when the model's logits are exactly lm_head(decoder(...)[0]); None otherwise."""
+    inner = _unwrap(model)
+    cfg = getattr(inner, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    get_decoder = getattr(inner, "get_decoder", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    # a plain Linear only: a LoRA-wrapped or otherwise modified head keeps the model's own forward
+    if get_decoder is None or type(head) is not torch.nn.Linear:
+        return None
+    try:
+        decoder = get_decoder()
+        takes_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not isinstance(decoder, torch.nn.Module) or decoder is inner or not takes_keep:
+        return None
+    return decoder, head
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, module: torch.nn.Module,
+                  position_ids: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    """The output (first element) of `module`, a submodule of `model`, from one forward of the whole `model`.
+
+    The forward goes through `model` itself, wrappers included, so DDP and DeepSpeed see it and sync gradients, and
+    ZeRO-3/FSDP gather the weights the way they do for any forward.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(_m, _i, out):
+        captured.append(out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out)
+
+    handle = module.register_forward_hook(keep)
+    try:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              **kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   top_k: int, top_p: float, return_entropy: bool):
+    logits = head(hidden)  # the module itself: ZeRO-3 gathers its weight inside its forward
+    if temperature == 1.0 and top_k <= 0 and top_p >= 1.0 and not return_entropy:
+        # no filter: logprobs_from_logits' arithmetic (z_y - logsumexp(z) in float32) with one float32 copy of the
+        # chunk instead of its three (label gather, filtered copy, label scatter), which are memory traffic only
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # float64 stays
+        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    logp = logprobs_from_logits(logits[None], labels[None], temperature=temperature, top_k=top_k, top_p=top_p)[0]
+    if return_entropy:
+        return logp, entropy_from_logits(logits[None], temperature=temperature)[0]
+    return logp
+
+
+def logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                         top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False,
+                         chunk_size: int = DEFAULT_CHUNK_TOKENS):
+    """[N] log pi(labels | hidden) (and [N] entropies) with logits = head(hidden), chunk by chunk.
+
+    hidden [N, H], labels [N]. Each chunk is exactly ops.logprobs_from_logits of head(chunk), so temperature, top-k
+    and top-p act as in sampling and the numbers equal the full-logits path up to the head's matmul rounding.
+    With gradients on, each chunk is checkpointed: backward recomputes its logits, so only one chunk's [chunk, V]
+    logits are alive at any time, in forward and in backward (not under ZeRO-3, see below).
+    """
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    # DeepSpeed ZeRO-3 does not gather a partitioned head weight again when backward recomputes a chunk (seen with a
+    # frozen LoRA base: the recomputed weight is the empty partition), so there each chunk keeps its logits instead
+    recompute = grad and not any(hasattr(p, "ds_id") for p in head.parameters())
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], max(chunk_size, 1)):
+        args = (head, hidden[start:start + chunk_size], labels[start:start + chunk_size], temperature, top_k, top_p,
+                return_entropy)
+        # nothing random happens in the head (dropout is off), so no RNG state needs stashing per chunk
+        out = (checkpoint(_head_logprobs, *args, use_reentrant=False, preserve_rng_state=False) if recompute
+               else _head_logprobs(*args))
+        logp, entropy = out if return_entropy else (out, None)
+        logps.append(logp)
+        entropies.append(entropy)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if return_entropy else empty
+    logp = torch.cat(logps)
+    return (logp, torch.cat(entropies)) if return_entropy else logp
+
+
+def _full_logits_logprobs(model, input_ids, attention_mask, temperature, top_k, top_p, return_entropy):
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, :-1].float()
+    logp = logprobs_from_logits(logits, input_ids[:, 1:], temperature=temperature, top_k=top_k, top_p=top_p)
+    if return_entropy:
+        return logp, entropy_from_logits(logits, temperature=temperature)
+    return logp
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False,
+                   positions: Optional[torch.Tensor] = None):
+    """[B, T-1] log p(input_ids[:, t+1] | input_ids[:, :t+1]) under the sampling distribution (float32).
+
+    temperature/top_k/top_p must equal the ones used to sample, or PPO's importance ratio is biased.
+    positions [B, T-1] (optional, 0/1 or bool): compute only where it is set (e.g. response tokens); elsewhere the
+    result is 0 (and the entropy 0). Without it every position is computed.
+    """
+    parts = _lm_parts(model)
+    chunk = chunk_tokens(model)
+    if parts is None or chunk <= 0:
+        out = _full_logits_logprobs(model, input_ids, attention_mask, temperature, top_k, top_p, return_entropy)
+        if positions is None:
+            return out
+        keep = positions != 0
+        zero = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        if return_entropy:
+            return torch.where(keep, out[0], zero), torch.where(keep, out[1], zero)
+        return torch.where(keep, out, zero)
+    decoder, head = parts
+    hidden = hidden_states(model, input_ids, attention_mask, decoder, logits_to_keep=1)[:, :-1]
+    labels = input_ids[:, 1:]
+    B, T1 = labels.shape
+    if positions is None:
+        result = logprobs_from_hidden(head, hidden.reshape(B * T1, -1), labels.reshape(-1), temperature, top_k,
+                                      top_p, return_entropy, chunk)
+        return tuple(r.view(B, T1) for r in result) if return_entropy else result.view(B, T1)
+    keep = positions != 0
+    result = logprobs_from_hidden(head, hidden[keep], labels[keep], temperature, top_k, top_p, return_entropy, chunk)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(B, T1, dtype=values.dtype, device=values.device)
+        return dense.masked_scatter(keep, values)
+
+    return tuple(scatter(r) for r in result) if return_entropy else scatter(result)
+
+
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] scalar head of a sequence-classification model at every position (V(s_t) reads position t).
 
     The forward goes through `model` itself, wrappers included, so DDP/DeepSpeed see it and sync
     gradients; the per-position head outputs are taken with a hook before the model pools them.
+    A sequence-classification model has no LM head: the only vocabulary-sized weight it touches is the embedding.
     """
     head = _unwrap(model).score
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    finally:
-        handle.remove()
-    return captured[-1].squeeze(-1).float()
+    return hidden_states(model, input_ids, attention_mask, head).squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,9 +213,83 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                       response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] summed log-prob of each row's response tokens, [B] their count).
 
-    response_mask [B, T-1] is aligned with token_logprobs: 1 where input_ids[:, t+1] is a response token.
-    The length-averaged log-prob (IPO, SimPO-style losses) is sum / count.clamp(min=1).
+    response_mask [B, T-1] is aligned with token_logprobs: 1 where input_ids[:, t+1] is a response token; only those
+    positions go through the LM head. The length-averaged log-prob (IPO, SimPO-style losses) is sum / count.clamp(min=1).
     """
-    logp = token_logprobs(model, input_ids, attention_mask)
+    logp = token_logprobs(model, input_ids, attention_mask, positions=response_mask)
     mask = response_mask.to(logp.dtype)
     return masked_sum(logp, mask, dim=-1), mask.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pairs (DPO, reward model): one row per pair, the prompt once (rlhf.models.shared_prefix)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shares_prefix(model) -> bool:
+    """Whether the model takes the shared-prefix layout: an attention kernel with arbitrary 4D masks (sdpa, eager)."""
+    from .shared_prefix import MASKABLE
+
+    inner = _unwrap(model)
+    impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    return impl in MASKABLE and getattr(inner, "shared_prefix", True)
+
+
+def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """The 4D mask in the form the attention kernel reads: bool (True = attend) for sdpa, additive for eager."""
+    inner = _unwrap(model)
+    if inner.config._attn_implementation == "sdpa":
+        return mask
+    dtype = next(inner.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _packed(model, input_ids, attention_mask, response_mask, device):
+    from .shared_prefix import pack_pairs
+
+    pad = getattr(_unwrap(model).config, "pad_token_id", None) or 0
+    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad).to(device)
+
+
+def pair_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logprobs of a PairBatch's 2B rows (chosen rows first): ([2B] summed response log-probs, [2B] counts).
+
+    With a maskable attention kernel each pair runs as one row with its prompt once (shared_prefix); otherwise as
+    the 2B rows themselves. Rows may sit on the CPU: they are packed there and moved to the model's device.
+    """
+    device = next(_unwrap(model).parameters()).device
+    if not shares_prefix(model):
+        return sequence_logprobs(model, input_ids.to(device), attention_mask.to(device), response_mask.to(device))
+    packed = _packed(model, input_ids, attention_mask, response_mask, device)
+    mask = _model_mask(model, packed.mask)
+    labels = packed.input_ids.reshape(-1)[packed.target]
+    parts = _lm_parts(model)
+    chunk = chunk_tokens(model)
+    if parts is None or chunk <= 0:
+        out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                    use_cache=False)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])[packed.source].float()
+        logp = logprobs_from_logits(logits[None], labels[None])[0]
+    else:
+        decoder, head = parts
+        hidden = hidden_states(model, packed.input_ids, mask, decoder, position_ids=packed.position_ids,
+                               logits_to_keep=1)
+        logp = logprobs_from_hidden(head, hidden.reshape(-1, hidden.shape[-1])[packed.source], labels,
+                                    chunk_size=chunk)
+    n = packed.last.numel()
+    sums = torch.zeros(n, dtype=logp.dtype, device=device).index_add(0, packed.owner, logp)
+    counts = torch.bincount(packed.owner, minlength=n).to(logp.dtype)
+    return sums, counts
+
+
+def pair_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor) -> torch.Tensor:
+    """[2B] reward-model scores of a PairBatch's rows (chosen rows first), read at each response's last token."""
+    device = next(_unwrap(model).parameters()).device
+    if not shares_prefix(model):
+        return scalar_scores(model, input_ids.to(device), attention_mask.to(device))
+    packed = _packed(model, input_ids, attention_mask, response_mask, device)
+    values = hidden_states(model, packed.input_ids, _model_mask(model, packed.mask), _unwrap(model).score,
+                           position_ids=packed.position_ids)
+    return values.reshape(-1)[packed.last].float()

@@ -46,7 +46,32 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(cfg, name, 0.0)
 
 
+def apply_liger_kernels(model, setting) -> bool:
+    """Swap in Liger's fused RMSNorm, SwiGLU MLP and RoPE (Triton, CUDA only) on this model instance when
+    `setting` (model.liger_kernels) asks for them; returns whether they were applied.
+
+    auto: on CUDA when liger-kernel is installed. Liger's own LM-head loss is left off: log-probs come from
+    rlhf.models.forward, which serves every algorithm (and the reward model has no LM head).
+    """
+    if setting is False or not torch.cuda.is_available():
+        if setting is True and not torch.cuda.is_available():
+            raise ConfigError("model.liger_kernels=true: Liger's kernels need a CUDA device")
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        if setting is True:
+            raise ConfigError("model.liger_kernels=true: liger-kernel is not installed (pip install 'rlhf[liger]')")
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
 def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
+    # read by rlhf.models.forward; a plain attribute, so it never reaches a saved config
+    model.logprob_chunk_size = cfg.logprob_chunk_size
+    apply_liger_kernels(model, cfg.liger_kernels)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:

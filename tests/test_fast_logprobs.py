@@ -1,0 +1,327 @@
+# Run: .venv/bin/python -m pytest -q tests/test_fast_logprobs.py
+"""Log-probs from hidden states in LM-head chunks (rlhf.models.forward) against the plain full-logits path.
+
+The two paths run the same float32 arithmetic except for the head's matmul, which is blocked differently (a chunk of
+rows against the whole [B, T] batch) and so may sum its H products in another order. With H = 32, |h| ~ 1 after the
+final norm and weights ~ N(0, 0.02^2) a logit is ~0.1 and its rounding error <= H * eps32 * sum|h_i w_i| ~ 32 *
+1.2e-7 * 0.1 ~ 4e-7; a log-prob z_y - logsumexp(z) moves by at most twice that, and a sum over the <= 24 response
+tokens of a row by 24 times that, ~2e-5 in the worst case, ~1e-6 typically. atol 1e-5 per token and 1e-4 for row
+sums cover the bound with room; a wrong chunk, label or position is off by O(1).
+"""
+
+import pytest
+import torch
+
+from rlhf.algorithms.sft import IGNORE, SFTBatch, sft_token_loss
+from rlhf.models.forward import (_lm_parts, logprobs_from_hidden, scalar_scores, sequence_logprobs, token_logprobs,
+                                 token_values)
+from rlhf.ops import logprobs_from_logits
+
+TOKEN_ATOL = 1e-5
+SUM_ATOL = 1e-4
+SAMPLING = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 20, 1.0), (0.8, 0, 0.9), (0.6, 50, 0.8)]
+
+
+def tiny_qwen2(tied: bool, vocab: int = 300, seq_cls: bool = False, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0,
+                      num_labels=1)
+    model = (Qwen2ForSequenceClassification if seq_cls else Qwen2ForCausalLM)(cfg).float()
+    return model
+
+
+def batch(B: int = 4, T: int = 24, vocab: int = 300, seed: int = 1):
+    """Right-padded rows of lengths T, T-3, ...; a prompt of 5 tokens, the rest response."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    lengths = torch.tensor([T - 3 * i for i in range(B)])
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    response = mask[:, 1:].clone()
+    response[:, :4] = 0  # targets 1..4 are prompt tokens
+    return ids, mask, response
+
+
+def both_paths(model, fn):
+    """fn(model) with the chunked path (chunk of 7 tokens: chunks straddle rows) and with the full-logits path."""
+    model.logprob_chunk_size = 7
+    fast = fn(model)
+    model.logprob_chunk_size = 0
+    plain = fn(model)
+    return fast, plain
+
+
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(fast: dict, plain: dict):
+    assert fast.keys() == plain.keys()
+    for name in fast:
+        # a gradient is a sum of per-token terms each within the per-token bound: compare relative to its scale
+        scale = plain[name].abs().max().item()
+        torch.testing.assert_close(fast[name], plain[name], atol=TOKEN_ATOL * max(scale, 1.0), rtol=1e-4, msg=name)
+
+
+def test_the_fast_path_is_taken_and_never_builds_full_logits():
+    model = tiny_qwen2(tied=True)
+    ids, mask, response = batch()
+    assert _lm_parts(model) is not None
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[:-1].numel()))
+    model.logprob_chunk_size = 7
+    logps = sequence_logprobs(model, ids, mask, response)[0]
+    # the model's own head call sees one position per row (logits_to_keep=1); every other call is a chunk of
+    # response positions, each position once
+    assert rows[0] == ids.shape[0] and max(rows[1:]) == 7
+    assert sum(rows[1:]) == int(response.sum())
+    forward_calls = len(rows)
+    logps.sum().backward()
+    handle.remove()
+    # backward recomputes each chunk once, last first (checkpointing), instead of keeping its logits
+    assert rows[forward_calls:] == rows[1:forward_calls][::-1]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
+def test_ppo_scoring_logprobs_without_entropy_equal_full_logits(temperature, top_k, top_p):
+    """Without the entropy the chunk takes its own arithmetic when no filter applies (temperature still does)."""
+    model = tiny_qwen2(tied=True)
+    ids, mask, response = batch()
+
+    def run(m):
+        logp = token_logprobs(m, ids, mask, temperature, top_k, top_p)
+        return logp.detach(), grads(m, (logp * mask[:, 1:]).sum())
+
+    (logp, g), (logp0, g0) = both_paths(model, run)
+    torch.testing.assert_close(logp, logp0, atol=TOKEN_ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
+def test_ppo_scoring_logprobs_and_entropy_equal_full_logits(tied, temperature, top_k, top_p):
+    model = tiny_qwen2(tied)
+    ids, mask, response = batch()
+
+    def run(m):
+        logp, ent = token_logprobs(m, ids, mask, temperature, top_k, top_p, return_entropy=True)
+        weights = torch.linspace(-1, 1, logp.numel()).view_as(logp)  # a loss that weighs every position differently
+        return logp.detach(), ent.detach(), grads(m, (logp * weights * mask[:, 1:]).sum() + ent.mean())
+
+    (logp, ent, g), (logp0, ent0, g0) = both_paths(model, run)
+    torch.testing.assert_close(logp, logp0, atol=TOKEN_ATOL, rtol=0)
+    torch.testing.assert_close(ent, ent0, atol=TOKEN_ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
+def test_positions_compute_only_there_and_zero_elsewhere():
+    model = tiny_qwen2(tied=True)
+    ids, mask, response = batch()
+    model.logprob_chunk_size = 5
+    only = token_logprobs(model, ids, mask, 0.9, 10, 0.95, positions=response)
+    every = token_logprobs(model, ids, mask, 0.9, 10, 0.95)
+    keep = response.bool()
+    torch.testing.assert_close(only[keep], every[keep], atol=TOKEN_ATOL, rtol=0)
+    assert (only[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_dpo_sequence_logprobs_and_gradients_equal_full_logits(tied):
+    model = tiny_qwen2(tied)
+    ids, mask, response = batch(B=6)
+
+    def run(m):
+        logps, counts = sequence_logprobs(m, ids, mask, response)
+        chosen, rejected = logps.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).sum()
+        return logps.detach(), counts, grads(m, loss)
+
+    (logps, counts, g), (logps0, counts0, g0) = both_paths(model, run)
+    torch.testing.assert_close(logps, logps0, atol=SUM_ATOL, rtol=0)
+    assert torch.equal(counts, counts0)
+    assert_same_grads(g, g0)
+
+
+def test_sft_loss_and_gradients_equal_full_logits():
+    model = tiny_qwen2(tied=True)
+    ids, mask, response = batch()
+    labels = torch.where(torch.cat([torch.zeros_like(response[:, :1]), response], 1).bool(), ids, IGNORE)
+    sft = SFTBatch(ids, mask, labels)
+
+    def run(m):
+        nll, target = sft_token_loss(m, sft)
+        return nll.detach(), target, grads(m, nll)
+
+    (nll, target, g), (nll0, target0, g0) = both_paths(model, run)
+    torch.testing.assert_close(nll, nll0, atol=SUM_ATOL * ids.shape[0], rtol=0)  # one sum over all rows
+    assert torch.equal(target, target0)
+    assert_same_grads(g, g0)
+
+
+def test_lora_policy_takes_the_fast_path_with_the_same_numbers():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_qwen2(tied=True)
+    model.logprob_chunk_size = 7
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    torch.manual_seed(3)
+    for n, p in model.named_parameters():  # LoRA's B starts at 0: move it so the adapters change the numbers
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    ids, mask, response = batch()
+    assert _lm_parts(model) is not None
+
+    def run(m):
+        logps, _ = sequence_logprobs(m, ids, mask, response)
+        return logps.detach(), grads(m, logps.sum())
+
+    fast, g = run(model)
+    model.base_model.model.logprob_chunk_size = 0
+    plain, g0 = run(model)
+    torch.testing.assert_close(fast, plain, atol=SUM_ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
+def test_reward_model_values_and_scores_equal_the_models_own_head():
+    """The RM path never touches an LM head: values are the score head on the final hidden states, and the score at
+    the last real token equals what the transformers model pools itself."""
+    model = tiny_qwen2(tied=True, seq_cls=True)
+    ids, mask, _ = batch()
+    values = token_values(model, ids, mask)
+    hidden = model.model(input_ids=ids, attention_mask=mask,
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    torch.testing.assert_close(values, model.score(hidden).squeeze(-1), atol=TOKEN_ATOL, rtol=0)
+    scores = scalar_scores(model, ids, mask)
+    own = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(scores, own.squeeze(-1), atol=TOKEN_ATOL, rtol=0)
+    scores.sum().backward()
+    assert model.score.weight.grad is not None and model.model.embed_tokens.weight.grad is not None
+
+
+def test_no_grad_scoring_equals_grad_scoring():
+    """The reference pass (no_grad, no checkpointing) and the policy pass (checkpointed chunks) give one number."""
+    model = tiny_qwen2(tied=True)
+    model.logprob_chunk_size = 7
+    ids, mask, response = batch()
+    with torch.no_grad():
+        ref = sequence_logprobs(model, ids, mask, response)[0]
+    pol = sequence_logprobs(model, ids, mask, response)[0]
+    assert torch.equal(ref, pol.detach())
+
+
+def pair_batch(seed: int = 0):
+    """4 pairs with prompt/chosen/rejected lengths that differ, an empty chosen response among them."""
+    from rlhf.data.preference import PairExample, collate_pairs
+
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(1, 300, (n,), generator=g).tolist()
+    lengths = [(5, 7, 3), (9, 2, 11), (3, 10, 10), (6, 0, 4)]
+    return collate_pairs(0)([PairExample(tokens(p), tokens(c), tokens(r), index=i)
+                             for i, (p, c, r) in enumerate(lengths)])
+
+
+def test_shared_prefix_layout_masks_and_positions():
+    from rlhf.models.shared_prefix import pack_pairs
+
+    b = pair_batch()
+    packed = pack_pairs(b.input_ids, b.attention_mask, b.response_mask)
+    # pair 0: prompt 5, chosen 7, rejected 3 -> one row of 15; positions restart at 5 for the rejected tokens
+    assert packed.position_ids[0, :15].tolist() == list(range(12)) + [5, 6, 7]
+    m = packed.mask[0, 0]
+    assert m[12, :5].all() and not m[12, 5:12].any() and m[12, 12]  # rejected sees the prompt, not the chosen
+    assert not m[11, 12:].any()  # causal
+    # every response token is predicted once: 7 + 2 + 10 + 0 chosen, 3 + 11 + 10 + 4 rejected
+    assert torch.bincount(packed.owner, minlength=8).tolist() == [7, 2, 10, 0, 3, 11, 10, 4]
+    L = packed.input_ids.shape[1]
+    assert packed.source[7].item() == 4 and packed.target[7].item() == 12  # rejected 0 from the last prompt token
+    assert packed.last[3].item() == 3 * L + 5  # an empty chosen response: the last prompt token
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prefix_dpo_logprobs_and_gradients_equal_separate_rows(impl):
+    from rlhf.models.forward import pair_sequence_logprobs
+
+    model = tiny_qwen2(tied=True)
+    model.config._attn_implementation = impl
+    model.logprob_chunk_size = 7
+    b = pair_batch()
+
+    def run(shared):
+        model.shared_prefix = shared
+        logps, counts = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = logps.chunk(2)
+        return logps.detach(), counts, grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    (logps, counts, g), (logps0, counts0, g0) = run(True), run(False)
+    torch.testing.assert_close(logps, logps0, atol=SUM_ATOL, rtol=0)
+    assert torch.equal(counts, counts0)
+    assert_same_grads(g, g0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prefix_reward_scores_and_gradients_equal_separate_rows(impl):
+    from rlhf.models.forward import pair_scores
+
+    model = tiny_qwen2(tied=True, seq_cls=True)
+    model.config._attn_implementation = impl
+    b = pair_batch()
+
+    def run(shared):
+        model.shared_prefix = shared
+        scores = pair_scores(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = scores.chunk(2)
+        return scores.detach(), grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    (scores, g), (scores0, g0) = run(True), run(False)
+    torch.testing.assert_close(scores, scores0, atol=TOKEN_ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: bf16 at a real vocabulary size
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 50, 0.9)])
+def test_bf16_real_vocabulary_matches_full_logits_on_gpu(temperature, top_k, top_p):
+    """Qwen2.5-0.5B's head shape (hidden 896, vocab 151,936), one layer, bf16 weights.
+
+    Both paths round each fp32-accumulated logit to bf16 once; the GEMMs may accumulate in another order, so a logit
+    can differ by one bf16 ulp: |dz| <= 2^-7 |z| (eps_bf16 = 2^-7, one ulp at |z|). A log-prob z_y - logsumexp(z)
+    moves by <= |dz_y| + max|dz| <= 2 * 2^-7 * max|z|. Gradients are compared by relative norm, within 4 eps_bf16.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=1,
+                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    ids, mask, response = batch(B=4, T=512, vocab=151936)
+    ids, mask, response = ids.cuda(), mask.cuda(), response.cuda()
+
+    def run(chunk):
+        model.logprob_chunk_size = chunk
+        logp = token_logprobs(model, ids, mask, temperature, top_k, top_p, positions=response)
+        model.zero_grad(set_to_none=True)
+        (logp * response).sum().backward()
+        return logp.detach(), model.lm_head.weight.grad.float(), model.model.layers[0].mlp.down_proj.weight.grad.float()
+
+    logp, gw, gd = run(1024)
+    logp0, gw0, gd0 = run(0)
+    with torch.no_grad():
+        max_logit = model(input_ids=ids, attention_mask=mask).logits.float().abs().max().item()
+    eps = 2.0 ** -7
+    keep = response.bool()
+    assert (logp[keep] - logp0[keep]).abs().max().item() <= 2 * eps * max_logit
+    for fast, plain in ((gw, gw0), (gd, gd0)):
+        assert ((fast - plain).norm() / plain.norm()).item() <= 4 * eps

@@ -1,0 +1,77 @@
+# Run: .venv/bin/python -m pytest -q tests/test_speed_helpers.py
+"""The fused-AdamW choice, the import order of ops and config, and the model.liger_kernels setting."""
+
+import pytest
+import torch
+
+from rlhf.config import ConfigError
+from rlhf.optim import make_adamw
+
+
+def test_adamw_is_fused_for_cuda_training_only():
+    from rlhf.config import OptimConfig
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+
+    o = OptimConfig(lr=0.1, weight_decay=0.01)
+    assert make_adamw([{"params": params}], o, "cuda").defaults["fused"] is True  # built before the move to the GPU
+    assert not make_adamw([{"params": params}], o, "cpu").defaults["fused"]
+
+
+def test_adamw_under_deepspeed_keeps_the_default(monkeypatch):
+    from rlhf.config import OptimConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert not make_adamw([{"params": params}], OptimConfig(), "cuda").defaults["fused"]
+
+
+def test_fused_and_default_adamw_take_the_same_step():
+    """One AdamW step from the same state: the fused kernel and the default loop agree to float32 rounding
+    (a few ulps of |p| ~ 1, i.e. ~1e-6)."""
+    from rlhf.config import OptimConfig
+
+    o = OptimConfig(lr=0.1, weight_decay=0.01)
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused, plain = make_adamw([{"params": [a]}], o, "cuda"), make_adamw([{"params": [b]}], o, "cpu")
+    for _ in range(3):
+        g = torch.randn(64)
+        a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_ops_does_not_import_config():
+    """config -> losses -> ops must not lead back to config: no import of config anywhere in ops.py, lazy or not."""
+    import ast
+
+    import rlhf.ops
+
+    tree = ast.parse(open(rlhf.ops.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.split(".")[-1] == "config"}, imported
+
+
+def test_liger_setting_is_auto_or_a_bool():
+    from rlhf.config import config_from_dict
+
+    base = {"algorithm": "sft", "model": {"name_or_path": "org/model"}}
+    for value in ("auto", True, False):
+        cfg = config_from_dict({**base, "model": {**base["model"], "liger_kernels": value}})
+        assert cfg.model.liger_kernels == value
+    with pytest.raises(ConfigError):
+        config_from_dict({**base, "model": {**base["model"], "liger_kernels": "yes"}})
+
+
+def test_liger_true_without_cuda_says_so():
+    from rlhf.models.loading import apply_liger_kernels
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only message")
+    assert apply_liger_kernels(torch.nn.Linear(2, 2), "auto") is False
+    with pytest.raises(ConfigError, match="CUDA"):
+        apply_liger_kernels(torch.nn.Linear(2, 2), True)
