@@ -244,8 +244,9 @@ class Trainer:
         for g in groups:
             g.setdefault("lr", o.lr)
             g["initial_lr"] = g["lr"]
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
-                                 weight_decay=o.weight_decay)
+        from .optim import make_adamw
+
+        return make_adamw(groups, o, self.device)
 
     def _scheduler(self, optimizer, total_steps: int):
         from transformers import get_scheduler
