@@ -18,8 +18,8 @@ warm-up, over their step time (CUDA-synchronized); rlhf's DPO with `reference: p
 precompute time (its steady-state per-batch time, the first batch's warm-up left out like the warm-up steps), in
 proportion to the steps counted. Peak = torch.cuda.max_memory_allocated over the whole run, each
 trainer in its own process. Loss = the last step's training loss.
-rlhf runs with the fused AdamW of rlhf.optim.make_adamw (the optimizer line of Trainer._optimizer swapped in here
-until the trainer builds its optimizer with it); checkpoint and final export are skipped (not timed either way).
+rlhf runs with its Trainer's optimizer (AdamW, fused on CUDA); checkpoint and final export are skipped (not timed
+either way).
 """
 
 from __future__ import annotations
@@ -171,17 +171,7 @@ def run_rlhf(spec: dict) -> dict:
     from rlhf import Trainer
     from rlhf.algorithms.dpo import DPO
     from rlhf.config import config_from_dict
-    from rlhf.optim import make_adamw
 
-    def fused_optimizer(self, model):  # Trainer._optimizer with its last line as the lead applies it
-        o = self.cfg.optim
-        groups = self.algorithm.param_groups(model)
-        for g in groups:
-            g.setdefault("lr", o.lr)
-            g["initial_lr"] = g["lr"]
-        return make_adamw(groups, o, self.device)
-
-    Trainer._optimizer = fused_optimizer
     Trainer.save_checkpoint = lambda self: None  # writing GBs of weights is neither measured nor needed
     Trainer.save_final = lambda self: None
     # The precompute's micro-batches are timed one by one: its first one also pays the process's one-time warm-up

@@ -7,9 +7,9 @@ are gigabytes of peak memory. The update is the same AdamW.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .distributed import _use_deepspeed
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -25,8 +25,7 @@ def make_adamw(groups: list[dict], optim_cfg, device) -> torch.optim.AdamW:
     params = [p for g in groups for p in g["params"]]
     # under DeepSpeed the ZeRO optimizer steps this one over its own flat partitions, on the CPU under ZeRO-Offload:
     # the default implementation is left to it there
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    fused = (torch.device(device).type == "cuda" and not deepspeed
+    fused = (torch.device(device).type == "cuda" and not _use_deepspeed()
              and all(p.dtype in FUSED_DTYPES for p in params))
     o = optim_cfg
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,

@@ -115,7 +115,7 @@ def without(kind, name) -> bytes:
 
 
 # (kind of the file, the bad line, the error after "FILE") by name. Kinds the loaders already refused stay as guards;
-# docs/reliability_input.md gives each kind's outcome before and now.
+# RELIABILITY.md ("Bad input") gives each kind's outcome before and now.
 DATA_CASES: dict[str, tuple[str, bytes, str]] = {
     # file-level: each line unreadable
     "non-UTF-8 bytes": ("prompt_response", b'{"prompt": "caf\xe9", "response": "b"}', r":2: not valid UTF-8: byte 0xe9"),

@@ -1,6 +1,6 @@
 # Run: PYTHONPATH=. .venv/bin/python tests/probe_bad_input.py [--save INPUTS.pkl | --load INPUTS.pkl]
 """Count what becomes of bad input: every kind in tests/bad_input_cases.py, and rows and configs generated with its
-strategies (derandomized, so the figures repeat). Prints the tables of docs/reliability_input.md.
+strategies (derandomized, so the figures repeat). Prints the tables of RELIABILITY.md ("Bad input").
 
 Outcomes: error (one line naming file:line, or the config key), skip (counted under data.on_bad_row=skip), accepted
 (loaded; for a bad kind that means silently), crash (any other exception: a traceback for the user). Only

@@ -4,7 +4,7 @@ per run (exit code, traceback or not, last stderr line, checkpoints left, share 
     python tests/probe_faults.py . /tmp/faults > new.jsonl                      # this tree
     FULL_DIR=/mnt/small ONLY=disk python tests/probe_faults.py . /tmp/faults    # a full disk: FULL_DIR is a small
                                                                                 # filesystem, e.g. a 2 MiB tmpfs
-ONLY=nan,folders,damage,signals,disk picks groups. Figures in docs/reliability_runs.md come from this probe.
+ONLY=nan,folders,damage,signals,disk picks groups. Figures in RELIABILITY.md (run folders, checkpoints) come from this probe.
 """
 import json
 import os
