@@ -390,7 +390,7 @@ UNIT, UNIT_OPEN = Bound(0, 1), Bound(0, 1, open_high=True)
 # missing here, so a new field gets its range when it is added.
 RANGES: dict[str, Bound] = {
     "seed": Bound(0, 2**31 - 1),  # numpy's seed must stay below 2**32 after adding the rank
-    "model.lora_r": NONNEG, "model.lora_alpha": POS, "model.lora_dropout": UNIT_OPEN,
+    "model.lora_r": NONNEG, "model.lora_alpha": POS, "model.lora_dropout": UNIT_OPEN, "model.logprob_chunk_size": NONNEG,
     "data.max_length": POS, "data.max_prompt_length": POS, "data.limit": NONNEG,
     "optim.lr": POS, "optim.weight_decay": NONNEG, "optim.adam_betas": UNIT_OPEN, "optim.adam_eps": POS,
     "optim.warmup_ratio": UNIT_OPEN, "optim.max_grad_norm": NONNEG, "optim.batch_size": POS,

@@ -59,7 +59,7 @@ def test_ops_does_not_import_config():
 def test_liger_setting_is_auto_or_a_bool():
     from rlhf.config import config_from_dict
 
-    base = {"algorithm": "sft", "model": {"name_or_path": "org/model"}}
+    base = {"algorithm": "sft", "model": {"name_or_path": "org/model"}, "data": {"train": "org/data"}}
     for value in ("auto", True, False):
         cfg = config_from_dict({**base, "model": {**base["model"], "liger_kernels": value}})
         assert cfg.model.liger_kernels == value
