@@ -558,6 +558,109 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Alias:
+    """Where a TRL/transformers TrainingArguments name lives here: `key`, or `ppo` in a PPO config (whose length and
+    batches are counted in iterations and rollouts), with a note when the meaning differs."""
+
+    key: str
+    note: str = ""
+    ppo: str = ""
+
+
+# TRL/transformers names a user brings along, and ours. One table: unknown-key errors read it, and a test checks that
+# every target is a key of some config.
+TRL_NAMES: dict[str, Alias] = {
+    "learning_rate": Alias("optim.lr"),
+    "per_device_train_batch_size": Alias("optim.micro_batch_size", ppo="ppo.micro_batch_size"),
+    "gradient_accumulation_steps": Alias(
+        "optim.batch_size", "accumulation is derived: optim.batch_size = world_size x optim.micro_batch_size x "
+        "accumulation", ppo="ppo.num_minibatches"),
+    "num_train_epochs": Alias("optim.epochs", ppo="ppo.iterations"),
+    "max_steps": Alias("optim.max_steps", ppo="ppo.iterations"),
+    "total_episodes": Alias("ppo.iterations", "episodes = iterations x rollout_batch_size x samples_per_prompt"),
+    "warmup_ratio": Alias("optim.warmup_ratio"),
+    "warmup_steps": Alias("optim.warmup_ratio", "a fraction of the steps"),
+    "lr_scheduler_type": Alias("optim.scheduler"),
+    "weight_decay": Alias("optim.weight_decay"),
+    "max_grad_norm": Alias("optim.max_grad_norm"),
+    "adam_beta1": Alias("optim.adam_betas", "a list [beta1, beta2]"),
+    "adam_beta2": Alias("optim.adam_betas", "a list [beta1, beta2]"),
+    "adam_epsilon": Alias("optim.adam_eps"),
+    "output_dir": Alias("logging.output_dir", "the parent of run folders; the run folder is output_dir/run_name"),
+    "run_name": Alias("logging.run_name"),
+    "logging_steps": Alias("logging.log_every"),
+    "save_steps": Alias("logging.save_every"),
+    "eval_steps": Alias("logging.eval_every"),
+    "save_total_limit": Alias("logging.keep_checkpoints"),
+    "report_to": Alias("logging.trackers"),
+    "seed": Alias("seed", "at the top level"),
+    "bf16": Alias("mixed_precision", "bf16: true is mixed_precision: bf16"),
+    "fp16": Alias("mixed_precision", "fp16: true is mixed_precision: fp16"),
+    "gradient_checkpointing": Alias("model.gradient_checkpointing"),
+    "model_name_or_path": Alias("model.name_or_path"),
+    "sft_model_path": Alias("model.name_or_path"),
+    "torch_dtype": Alias("model.dtype"),
+    "dtype": Alias("model.dtype"),
+    "trust_remote_code": Alias("model.trust_remote_code"),
+    "use_peft": Alias("model.lora_r", "LoRA is on when model.lora_r > 0"),
+    "lora_r": Alias("model.lora_r"),
+    "lora_alpha": Alias("model.lora_alpha"),
+    "lora_dropout": Alias("model.lora_dropout"),
+    "lora_target_modules": Alias("model.lora_target_modules"),
+    "dataset_name": Alias("data.train"),
+    "dataset_train_split": Alias("data.train_split"),
+    "dataset_test_split": Alias("data.eval_split"),
+    "max_length": Alias("data.max_length"),
+    "max_seq_length": Alias("data.max_length"),
+    "max_prompt_length": Alias("data.max_prompt_length"),
+    "max_completion_length": Alias("data.max_length", "prompt + completion; the completion gets data.max_length - "
+                                   "data.max_prompt_length", ppo="ppo.max_new_tokens"),
+    "assistant_only_loss": Alias("sft.loss_on", "assistant_only_loss: true is sft.loss_on: assistant"),
+    "completion_only_loss": Alias("sft.loss_on", "completion_only_loss: true is sft.loss_on: last_turn, false is all"),
+    "center_rewards_coefficient": Alias("reward.center_coef"),
+    "beta": Alias("dpo.beta", ppo="ppo.kl_coef"),
+    "loss_type": Alias("dpo.loss_type"),
+    "label_smoothing": Alias("dpo.label_smoothing"),
+    "reference_free": Alias("dpo.reference_free"),
+    "precompute_ref_log_probs": Alias("dpo.reference", "precompute_ref_log_probs: true is dpo.reference: precomputed"),
+    "sync_ref_model": Alias("dpo.ref_update_every", "0 = never"),
+    "ref_model_sync_steps": Alias("dpo.ref_update_every"),
+    "ref_model_mixup_alpha": Alias("dpo.ref_update_alpha"),
+    "reward_model_path": Alias("ppo.reward_model"),
+    "kl_coef": Alias("ppo.kl_coef"),
+    "kl_estimator": Alias("ppo.kl_estimator"),
+    "cliprange": Alias("ppo.clip_eps"),
+    "cliprange_value": Alias("ppo.value_clip_eps"),
+    "vf_coef": Alias("ppo.vf_coef"),
+    "gamma": Alias("ppo.gamma"),
+    "lam": Alias("ppo.lam"),
+    "num_ppo_epochs": Alias("ppo.ppo_epochs"),
+    "num_mini_batches": Alias("ppo.num_minibatches"),
+    "local_rollout_forward_batch_size": Alias("ppo.rollout_micro_batch_size"),
+    "response_length": Alias("ppo.max_new_tokens"),
+    "missing_eos_penalty": Alias("ppo.missing_eos_penalty"),
+    "temperature": Alias("ppo.temperature"),
+}
+
+
+def _trl_hint(values: dict, cls: type, algorithm: str, prefix: str = "") -> None:
+    """Raise the TRL-name hint for the first unknown key of `values` (at any depth) that TRL_NAMES knows; other
+    unknown keys are left to `_build`, which suggests the nearest valid name."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key in hints:
+            if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+                _trl_hint(value, hints[key], algorithm, where)
+            continue
+        alias = TRL_NAMES.get(str(key))
+        if alias is not None:
+            ours = alias.ppo if algorithm == "ppo" and alias.ppo else alias.key
+            note = f" ({alias.note})" if alias.note and ours == alias.key else ""
+            raise ConfigError(f"unknown key '{where}' (a TRL/transformers name); here it is '{ours}'{note}")
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -594,6 +697,12 @@ def parse_overrides(args: list[str]) -> dict:
             key, raw = arg[2:].split("=", 1)
             i += 1
         else:
+            if arg[2:] in TRL_NAMES and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+                # a TRL boolean flag (--bf16, --gradient_checkpointing): read as true, so the config's
+                # unknown-key check names our key for it instead of a parse error
+                _set_dotted(tree, arg[2:], True)
+                i += 1
+                continue
             if i + 1 >= len(args):
                 raise ConfigError(f"override '{arg}': missing value")
             key, raw = arg[2:], args[i + 1]
@@ -621,6 +730,7 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     if not isinstance(algo, str) or algo not in CONFIGS:
         raise ConfigError(f"{source}: algorithm={algo!r}: expected one of {', '.join(CONFIGS)}")
     try:
+        _trl_hint(values, CONFIGS[algo], algo)
         cfg = _build(CONFIGS[algo], values)
         cfg.validate()
     except ConfigError as e:
