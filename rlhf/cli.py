@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Callable, Optional
 
-from .config import CONFIGS, ConfigError, help_lines
+from .config import CONFIGS, ConfigError, TrainConfig, help_lines, load_config, own_sections
 
 USAGE = """usage: rlhf COMMAND ...
 
@@ -27,20 +27,27 @@ commands:
   compare RUN_DIR ...                                                       compare runs in a report
   pipeline CONFIG                                                           SFT -> RM -> DPO/PPO -> eval -> report
 
-`rlhf train --help` lists every config key."""
+`rlhf train --help` lists every config key; `rlhf train CONFIG --help` that config's keys and values.
+`rlhf --version` prints the version."""
+
+
+def _train_usage() -> None:
+    print("usage: rlhf train CONFIG [--resume [RUN_OR_CHECKPOINT] | --overwrite] [--section.key VALUE ...]\n")
+    print("  --resume     continue the run folder's newest good checkpoint (or the given run folder or checkpoint)")
+    print("  --overwrite  replace the run already in the run folder (its checkpoints, final/ and metrics)")
+    print("  --help       with CONFIG: that algorithm's keys and the config's values\n")
 
 
 def _train(argv: list[str]) -> int:
     """Exit codes: 0 done, 1 stopped by non-finite values or a full disk, 2 a config, data or checkpoint problem,
     130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rlhf train CONFIG [--resume [RUN_OR_CHECKPOINT] | --overwrite] [--section.key VALUE ...]\n")
-        print("  --resume     continue the run folder's newest good checkpoint (or the given run folder or checkpoint)")
-        print("  --overwrite  replace the run already in the run folder (its checkpoints, final/ and metrics)\n")
+        _train_usage()
+        print("shared config keys (every algorithm):")
+        print("\n".join(help_lines(TrainConfig)))
         for algo, cls in CONFIGS.items():
-            print(f"{algo} config keys:")
-            print("\n".join(help_lines(cls)))
-            print()
+            print(f"\n{algo} config keys:")
+            print("\n".join(help_lines(cls, names=own_sections(cls))))
         return 0
     path, rest = argv[0], argv[1:]
     resume: object = False
@@ -55,7 +62,14 @@ def _train(argv: list[str]) -> int:
     overwrite = "--overwrite" in rest
     if overwrite:
         rest.remove("--overwrite")
-    from .config import load_config
+    if "-h" in rest or "--help" in rest:
+        # this config's keys with its values (the file's and the other flags'); checked for keys and types only,
+        # so it works before the model and data it names exist
+        cfg = load_config(path, [a for a in rest if a not in ("-h", "--help")], validate=False)
+        _train_usage()
+        print(f"{cfg.algorithm} config keys, values from {path}:")
+        print("\n".join(help_lines(type(cfg), current=cfg)))
+        return 0
     from .trainer import CheckpointError, CollectiveError, DiskFullError, Interrupted, NonFiniteError, Trainer
 
     cfg = load_config(path, rest)
@@ -122,8 +136,24 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("rlhf")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(f"rlhf {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -723,7 +723,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
+def config_from_dict(values: dict, source: str = "<dict>", validate: bool = True) -> TrainConfig:
+    """Build the algorithm's config from nested values; `validate=False` checks only keys and types (as for
+    `rlhf train CONFIG --help`, which must work before the config's model and data exist)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
     algo = values.get("algorithm")
@@ -732,14 +734,15 @@ def config_from_dict(values: dict, source: str = "<dict>") -> TrainConfig:
     try:
         _trl_hint(values, CONFIGS[algo], algo)
         cfg = _build(CONFIGS[algo], values)
-        cfg.validate()
+        if validate:
+            cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
-def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Read a YAML file, apply `--a.b value` overrides and validate."""
+def load_config(path: str, overrides: Optional[list[str]] = None, validate: bool = True) -> TrainConfig:
+    """Read a YAML file, apply `--a.b value` overrides and validate (see `config_from_dict`)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
     with open(path, "rb") as f:
@@ -764,7 +767,7 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> TrainConfig
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     values = _merge(values, parse_overrides(overrides or []))
-    return config_from_dict(values, source=path)
+    return config_from_dict(values, source=path, validate=validate)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -776,16 +779,27 @@ def save_config(cfg: TrainConfig, path: str) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-def help_lines(cls: type, prefix: str = "") -> list[str]:
-    """`--section.key (type, default): help` lines for the CLI."""
+def help_lines(cls: type, prefix: str = "", current: Any = None, names: Optional[list[str]] = None) -> list[str]:
+    """`--section.key (type, default): help` lines for the CLI; with `current` (a config of `cls`) each line also
+    gives the value there when it differs from the default. `names`: only these fields of `cls`."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
         tp = hints[f.name]
         name = f"{prefix}{f.name}"
+        value = getattr(current, f.name) if current is not None else None
         if dataclasses.is_dataclass(tp):
-            lines += help_lines(tp, name + ".")
+            lines += help_lines(tp, name + ".", value)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+        shown = f"value {value!r}; default {default!r}" if current is not None and value != default else f"default {default!r}"
+        lines.append(f"  --{name} ({_type_name(tp)}, {shown}): {f.metadata.get('help', '')}")
     return lines
+
+
+def own_sections(cls: type) -> list[str]:
+    """The fields an algorithm's config adds to TrainConfig's shared ones (its own section, e.g. ['ppo'])."""
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    return [f.name for f in dataclasses.fields(cls) if f.name not in shared]
