@@ -105,9 +105,9 @@ class LoggingConfig:
     save_every: int = opt(0, "Checkpoint every N optimizer steps (0 = only at the end).")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep (0 = keep all).")
     trackers: list[Literal["wandb", "tensorboard"]] = opt([], "Extra trackers on top of metrics.jsonl.")
-    project: str = opt("rlhf", "wandb project.")
-    group: str = opt("", "wandb group: runs of one comparison share it.")
-    tags: list[str] = opt([], "wandb tags.")
+    project: str = opt("", "wandb project; empty: $WANDB_PROJECT, else 'rlhf' (the entity is $WANDB_ENTITY's).")
+    group: str = opt("", "wandb group: runs of one comparison share it; empty: $WANDB_RUN_GROUP.")
+    tags: list[str] = opt([], "wandb tags; empty: $WANDB_TAGS (comma-separated).")
     progress: bool = opt(True, "Show a progress bar.")
 
 
@@ -236,7 +236,9 @@ class PPOSection:
 class TrainConfig:
     algorithm: str = opt("", "sft, reward, dpo or ppo.")
     seed: int = opt(0, "Seed of everything (per-rank seeds derive from it).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "Autocast precision of forward passes.")
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = opt(
+        None, "Autocast precision of forward passes; unset: the accelerate config's (accelerate launch exports it as "
+        "ACCELERATE_MIXED_PRECISION), else 'no'. Resolved once at start-up; a different one in both is an error.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and batch."})
@@ -304,6 +306,16 @@ class PPOConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         p = self.ppo  # single-field ranges are checked by super().validate() (RANGES)
+        # PPO's length and batches are its own (iterations of rollouts, split into minibatches): these optim keys
+        # would be silently ignored, so they are refused with where to look instead
+        unused = {"max_steps": "ppo.iterations (rollout + update phases)",
+                  "epochs": "ppo.iterations, and ppo.ppo_epochs for passes over each rollout batch",
+                  "batch_size": "ppo.rollout_batch_size, ppo.samples_per_prompt and ppo.num_minibatches",
+                  "micro_batch_size": "ppo.micro_batch_size and ppo.rollout_micro_batch_size"}
+        defaults = OptimConfig()
+        for key, instead in unused.items():
+            if getattr(self.optim, key) != getattr(defaults, key):
+                raise ConfigError(f"optim.{key}={getattr(self.optim, key)}: PPO does not use it; set {instead}")
         if p.reward_model:
             check_local_path("ppo.reward_model", p.reward_model, "a reward-model folder")
         if p.missing_eos_penalty is not None and p.missing_eos_penalty < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Mapping, Optional
 
 import torch
 
@@ -109,3 +110,23 @@ def size_zero3(accelerator, model: torch.nn.Module) -> None:
                    if isinstance(getattr(getattr(m, "config", None), "hidden_size", None), int)), None)
     if hidden and zero.get("stage3_param_persistence_threshold", "auto") == "auto":
         zero["stage3_param_persistence_threshold"] = 10 * hidden
+
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def resolve_mixed_precision(ours: Optional[str], env: Optional[Mapping[str, str]] = None) -> str:
+    """The run's mixed precision: the rlhf config's `mixed_precision`, else the accelerate config's (exported by
+    `accelerate launch` as ACCELERATE_MIXED_PRECISION), else 'no'. accelerate launch exports 'no' when its config
+    sets nothing, so its 'no' gives way to the rlhf config; any other disagreement is an error naming both."""
+    env = os.environ if env is None else env
+    theirs = (env.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower() or None
+    if theirs is not None and theirs not in PRECISIONS:
+        raise ConfigError(f"ACCELERATE_MIXED_PRECISION={theirs!r} (the accelerate config's mixed_precision): expected "
+                          f"one of {', '.join(PRECISIONS)}")
+    if ours is None:
+        return theirs or "no"
+    if theirs not in (None, "no", ours):
+        raise ConfigError(f"mixed_precision={ours!r} in the rlhf config but {theirs!r} in the accelerate config "
+                          f"(ACCELERATE_MIXED_PRECISION); set one of them, or the same in both")
+    return ours

@@ -7,7 +7,7 @@ import math
 import netrc
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 
 def _jsonable(v: Any) -> Any:
@@ -68,6 +68,32 @@ def truncate_metrics(path: str, after_step: int, say: Callable[[str], None] = pr
     with open(path, "w") as f:
         for r in kept:
             f.write(json.dumps(r) + "\n")
+
+
+def wandb_settings(log: Any, env: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """wandb's project, entity, group and tags for the `logging` section `log`: what it sets, else wandb's own
+    environment variables (WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS comma-separated), else the
+    project 'rlhf' and no entity, group or tags. Passed to wandb.init, where a given value beats its environment."""
+    env = os.environ if env is None else env
+    tags = list(log.tags) or [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return {"project": log.project or env.get("WANDB_PROJECT") or "rlhf",
+            "entity": env.get("WANDB_ENTITY") or None,
+            "group": log.group or env.get("WANDB_RUN_GROUP") or None,
+            "tags": tags or None}
+
+
+def trackers(names: list[str], run_dir: str) -> list[Any]:
+    """accelerate trackers for `logging.trackers`. TensorBoard writes to `<run>/tensorboard/`: named, accelerate
+    would use the project name as its folder (`<run>/rlhf/`)."""
+    out: list[Any] = []
+    for name in names:
+        if name == "tensorboard":
+            from accelerate.tracking import TensorBoardTracker
+
+            out.append(TensorBoardTracker("tensorboard", run_dir))
+        else:
+            out.append(name)
+    return out
 
 
 def _has_wandb_credentials() -> bool:

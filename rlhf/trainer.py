@@ -35,10 +35,11 @@ from . import checkpoints as ckpt
 from .checkpoints import CheckpointError, DiskFullError, NonFiniteError  # noqa: F401  (re-exported)
 from .config import ConfigError, TrainConfig, save_config
 from .distributed import (CollectiveError, _is_collective_failure, _use_deepspeed, _use_fsdp,  # noqa: F401
-                          deepspeed_plugin, fsdp_precision, micro_batch_size, process_state, size_zero3)
+                          deepspeed_plugin, fsdp_precision, micro_batch_size, process_state,
+                          resolve_mixed_precision, size_zero3)
 from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
 from .runs import choose_checkpoint, flat_config, resolve_run_dir  # noqa: F401  (flat_config: re-exported)
-from .tracking import MetricsWriter, prepare_wandb, truncate_metrics
+from .tracking import MetricsWriter, prepare_wandb, trackers, truncate_metrics, wandb_settings
 
 # Metrics holding reward-model scores: a non-finite one skips the step like a non-finite loss.
 SCORE_KEYS = ("objective/scores", "reward/")
@@ -103,6 +104,8 @@ class Trainer:
 
         self.cfg = cfg
         cfg.validate()
+        # once, before anything reads it (the run folder's config.yaml, resume's settings check, the Accelerator)
+        cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
         max_skipped = cfg.optim.max_skipped_steps  # >= 1, checked with the other ranges by cfg.validate()
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
@@ -118,7 +121,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=self.grad_accum,
-            log_with=list(cfg.logging.trackers) or None,
+            log_with=trackers(cfg.logging.trackers, self.run_dir) or None,
             project_dir=self.run_dir,
             kwargs_handlers=[pg],
             deepspeed_plugin=deepspeed_plugin(cfg, self.grad_accum, self.world_size),
@@ -261,12 +264,13 @@ class Trainer:
         if not log.trackers:
             return
         kwargs = {}
+        wandb = wandb_settings(log)
         if "wandb" in log.trackers:
             prepare_wandb(self.run_dir, self.print)
             kwargs["wandb"] = {"name": os.path.basename(self.run_dir), "dir": self.run_dir,
-                               "group": log.group or None, "tags": list(log.tags) or None,
+                               "entity": wandb["entity"], "group": wandb["group"], "tags": wandb["tags"],
                                "resume": "allow", "id": os.path.basename(self.run_dir)}
-        self.accelerator.init_trackers(log.project, config=flat_config(self.cfg), init_kwargs=kwargs)
+        self.accelerator.init_trackers(wandb["project"], config=flat_config(self.cfg), init_kwargs=kwargs)
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -18,8 +18,9 @@ def toy_config(tmp_path) -> str:
     cfg["output_dir"] = str(tmp_path / "demo")
     cfg["data_root"] = os.path.join(ROOT, "data")
     cfg["model"].update(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, vocab_size=600)
-    for stage in cfg["stages"].values():
-        stage["optim"]["max_steps"] = 2
+    for name, stage in cfg["stages"].items():
+        if name != "ppo":  # PPO's length is ppo.iterations (set below); it refuses optim.max_steps
+            stage["optim"]["max_steps"] = 2
         stage.setdefault("logging", {})["progress"] = False
     cfg["stages"]["ppo"]["ppo"].update(iterations=1, rollout_batch_size=16, micro_batch_size=4,
                                         rollout_micro_batch_size=16, max_new_tokens=8)
