@@ -46,7 +46,12 @@ class ModelConfig:
     lora_r: int = opt(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = opt(16, "LoRA scaling numerator.")
     lora_dropout: float = opt(0.0, "Dropout inside the LoRA adapters.")
-    lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA adapters.")
+    lora_target_modules: Union[Literal["all-linear"], list[str]] = opt(
+        "all-linear", "Module names that get LoRA adapters, or all-linear: every linear layer but the output head "
+        "(peft's meaning; fits any architecture).")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flex_attention", "flash_attention_2"]] = opt(
+        None, "Attention kernel, passed to from_pretrained (None = transformers' choice for the model).")
+    revision: Optional[str] = opt(None, "Hub branch, tag or commit of model.name_or_path (model and its tokenizer).")
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
@@ -615,6 +620,8 @@ TRL_NAMES: dict[str, Alias] = {
     "torch_dtype": Alias("model.dtype"),
     "dtype": Alias("model.dtype"),
     "trust_remote_code": Alias("model.trust_remote_code"),
+    "attn_implementation": Alias("model.attn_implementation"),
+    "model_revision": Alias("model.revision"),
     "use_peft": Alias("model.lora_r", "LoRA is on when model.lora_r > 0"),
     "lora_r": Alias("model.lora_r"),
     "lora_alpha": Alias("model.lora_alpha"),

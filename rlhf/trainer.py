@@ -142,7 +142,8 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                         field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path",
-                                        trust_remote_code=cfg.model.trust_remote_code)
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        revision=None if cfg.model.tokenizer else cfg.model.revision)
         self.algorithm = _algorithm_class(cfg.algorithm)(cfg, self)
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
         self.step = 0

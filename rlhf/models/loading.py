@@ -26,10 +26,12 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
         raise ConfigError(f"{field}='{path}': could not load as a {where}: {first}") from None
 
 
-def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False):
+def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False,
+                   revision: Optional[str] = None):
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code)
+    extra = {"revision": revision} if revision else {}
+    tok = _from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code, **extra)
     if tok.pad_token_id is None:
         # A pad distinct from EOS keeps "is this the end of the response?" unambiguous.
         tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -94,14 +96,23 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
     return model
 
 
+def _load_kwargs(cfg: ModelConfig, path: str) -> dict:
+    """from_pretrained's options from the model section. The revision belongs to model.name_or_path, so another
+    folder loaded with the same section (a reward model, a reference checkpoint) does not get it."""
+    kwargs: dict = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.revision and path == cfg.name_or_path:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer=None, path: Optional[str] = None, trainable: bool = True,
                    field: str = "model.name_or_path"):
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(
-        AutoModelForCausalLM, path or cfg.name_or_path, field,
-        dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-    )
+    path = path or cfg.name_or_path
+    model = _from_pretrained(AutoModelForCausalLM, path, field, **_load_kwargs(cfg, path))
     return _finish(model, cfg, tokenizer, trainable)
 
 
@@ -147,7 +158,7 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     rng = torch.random.get_rng_state()
     model, info = _from_pretrained(
         AutoModelForSequenceClassification, path, field,
-        num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, output_loading_info=True,
+        num_labels=1, output_loading_info=True, **_load_kwargs(cfg, path),
     )
     if "score.weight" in info.get("missing_keys", ()):
         draw_fresh_head_(model, rng)
