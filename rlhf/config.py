@@ -813,7 +813,8 @@ def help_lines(cls: type, prefix: str = "", current: Any = None, names: Optional
             lines += help_lines(tp, name + ".", value)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = f"value {value!r}; default {default!r}" if current is not None and value != default else f"default {default!r}"
+        changed = current is not None and value != default
+        shown = f"value {value!r}; default {default!r}" if changed else f"default {default!r}"
         lines.append(f"  --{name} ({_type_name(tp)}, {shown}): {f.metadata.get('help', '')}")
     return lines
 
