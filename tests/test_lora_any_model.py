@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf.config import ModelConfig, config_from_dict
+from rlhf.config import ConfigError, ModelConfig, config_from_dict
 from rlhf.models.loading import _load_kwargs, load_causal_lm
 from rlhf.trainer import Trainer
 from tests.conftest import PAIR_OPTIM, sft_config, train_config
@@ -90,6 +90,16 @@ def test_dpo_lora_all_linear_on_gpt2(tiny_gpt2_dir, prefs_file, tmp_path):
 def test_attn_implementation_reaches_the_model(tiny_model_dir, impl):
     model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, attn_implementation=impl), trainable=False)
     assert model.config._attn_implementation == impl
+
+
+def test_missing_attention_kernel_is_one_config_line(tiny_model_dir):
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"model.attn_implementation='flash_attention_2': .*FlashAttention2"):
+        load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, attn_implementation="flash_attention_2"))
 
 
 def test_revision_goes_with_the_policy_path_only():

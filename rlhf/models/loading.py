@@ -20,6 +20,12 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
     check_local_path(field, path, "a local model folder")
     try:
         return loader.from_pretrained(os.path.expanduser(path), **kwargs)
+    except ImportError as e:
+        # transformers refuses an attention kernel whose package is missing (flash_attention_2 without flash-attn)
+        if "attn_implementation" not in kwargs:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.attn_implementation={kwargs['attn_implementation']!r}: {first}") from None
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(path) else "hub name or local folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
