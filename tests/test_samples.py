@@ -95,3 +95,47 @@ def test_samples_table_goes_through_the_tracker():
     assert table.data == [[3, 1, "Say hi.", "hi", 0.5, 0.25, 2], [3, 1, "Name a fruit.", "pear", 2.5, -0.1, 3]]
     log_samples_table(tracker, [], step=4)  # nothing to log: no empty table
     assert len(tracker.logged) == 1
+
+
+@pytest.mark.slow
+def test_dpo_iter_rounds_write_their_labelled_samples(tiny_model_dir, tmp_path):
+    # 2 rounds of 6 prompts x 4 samples labelled by a (random) reward model; log_samples 8 = the first 2 prompts'
+    # samples in full, so each prompt's best and worst can be checked against the pairs the round trained on
+    import yaml
+
+    from rlhf.models import load_scalar_model, load_tokenizer
+    from rlhf.pipeline import Pipeline, load_pipeline
+
+    rm_dir = str(tmp_path / "rm")
+    rm = load_scalar_model(tiny_model_dir)
+    rm.save_pretrained(rm_dir)
+    load_tokenizer(tiny_model_dir).save_pretrained(rm_dir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "demo"), "data_root": os.path.join(root, "data"), "testbeds": ["assistant"],
+        "stages": {"dpo_iter": {"algorithm": "dpo", "data": {"max_length": 96, "max_prompt_length": 48},
+                                "optim": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 2, "max_steps": 2},
+                                "logging": {"progress": False, "log_samples": 8}}},
+        "dpo_iter": {"rounds": 2, "samples_per_prompt": 4, "max_new_tokens": 8, "prompts": 6}}))
+    pipeline = Pipeline(load_pipeline(str(path)), log=lambda *a: None)
+    pipeline.dpo_iter("assistant", str(tmp_path / "demo"), tiny_model_dir, rm_dir)
+    for r in (1, 2):
+        rows = samples(tmp_path / "demo" / "dpo_iter" / f"round{r}")
+        assert len(rows) == 8 and {row["iteration"] for row in rows} == {r}
+        assert all(set(row) == set(SAMPLE_COLUMNS) - {"step"} for row in rows)
+        assert all(1 <= row["length"] <= 8 for row in rows)
+        with open(tmp_path / "demo" / "dpo_iter" / f"pairs_round{r}.jsonl") as f:
+            pairs = {p["prompt"]: p for p in map(json.loads, f)}
+        shown = list(dict.fromkeys(row["prompt"] for row in rows))
+        assert len(shown) == 2 and any(prompt in pairs for prompt in shown)
+        for prompt in shown:
+            group = sorted((row["score"], row["response"]) for row in rows if row["prompt"] == prompt)
+            assert len(group) == 4
+            if prompt in pairs:  # the round's pair is this prompt's best and worst sample by the logged score
+                assert (pairs[prompt]["chosen"], pairs[prompt]["rejected"]) == (group[-1][1], group[0][1])
+        kls = [row["kl"] for row in rows]
+        if r == 1:
+            assert kls == [0.0] * 8  # round 1 samples from the SFT model itself
+        else:
+            assert any(k != 0.0 for k in kls)  # round 2 samples from round 1's DPO model
