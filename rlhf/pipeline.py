@@ -35,7 +35,7 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "dpo_iter": "DPO-Iter", "ppo": "PPO"}
 
 @dataclass
 class TinyModelSpec:
-    arch: str = opt("llama", "llama or qwen2.")
+    arch: str = opt("llama", "llama, qwen2, mistral or gpt2.")
     vocab_size: int = opt(1024, "BPE vocabulary size.")
     hidden_size: int = opt(128, "Hidden size.")
     layers: int = opt(2, "Transformer blocks.")
