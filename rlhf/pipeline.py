@@ -10,7 +10,8 @@ be inspected, resumed or re-run by hand. A stage whose `final/` exists is reused
 DPO-Iter (the paper's iterative DPO): each round samples responses from the current policy,
 labels the best and worst of each prompt's samples with the testbed's reward (the reward model
 on the assistant testbed, test execution on the code testbed), and trains DPO on those pairs with
-the reference reset to the current policy.
+the reference reset to the current policy. The round's run folder gets the first logging.log_samples labelled
+samples in samples.jsonl (score = the label, kl = to the SFT model).
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ objective/kl_coef, reward/<source>, response/length_mean, response/eos_rate, cri
 time/generate_s, time/score_s; in its last step time/train_s. Every step: ppo/policy_loss, ppo/value_loss (token
 means), ppo/clipfrac, ppo/approx_kl, ppo/ratio_mean, ppo/early_stop, ppo/vf_clipfrac,
 critic/value_mean.
+Samples: the first logging.log_samples rollouts of each iteration on rank 0 go to the run folder's samples.jsonl
+(prompt, response, score, per-sequence KL, length) and, with wandb, to a table (tracking.log_samples_table).
 """
 
 from __future__ import annotations
