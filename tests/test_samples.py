@@ -139,3 +139,23 @@ def test_dpo_iter_rounds_write_their_labelled_samples(tiny_model_dir, tmp_path):
             assert kls == [0.0] * 8  # round 1 samples from the SFT model itself
         else:
             assert any(k != 0.0 for k in kls)  # round 2 samples from round 1's DPO model
+
+
+@pytest.mark.slow
+def test_ppo_sends_the_samples_to_the_wandb_tracker(tiny_model_dir, sft_file, tmp_path, monkeypatch):
+    # wandb among the trackers, with a stand-in for accelerate's wandb tracker (no wandb run is started)
+    from accelerate import Accelerator
+
+    from rlhf.trainer import Trainer
+
+    tracker = FakeTracker()
+    monkeypatch.setattr(Trainer, "_init_trackers", lambda self: None)
+    monkeypatch.setattr(Accelerator, "get_tracker",
+                        lambda self, name, unwrap=False: tracker if name == "wandb" else None)
+    run(ppo_config(tiny_model_dir, sft_file, str(tmp_path), logging__log_samples=2, logging__trackers=["wandb"]))
+    tables = [(values["samples"], step) for values, step in tracker.logged]
+    assert [step for _, step in tables] == [1, 3]
+    rows = samples(tmp_path / "run")
+    for table, step in tables:
+        written = [[r[c] for c in SAMPLE_COLUMNS] for r in rows if r["step"] == step]
+        assert table.data == written and len(written) == 2
