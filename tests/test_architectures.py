@@ -65,7 +65,7 @@ def test_forward_paths_match_the_models_own_forward(arch_dir):
     assert type(model).__name__ == CLASSES[arch]
     # log-probs come from the decoder's hidden states through the LM head, not from a full-logits fallback
     decoder, head = _lm_parts(model)
-    assert head is model.get_output_embeddings()
+    assert decoder is model.get_decoder() and head is model.get_output_embeddings()
     ids = prompt_ids(tok)
     with torch.no_grad():
         own = torch.log_softmax(model(ids).logits[0, :-1].float() / 0.7, -1).gather(1, ids[0, 1:, None])[:, 0]
