@@ -106,7 +106,7 @@ def _init_model(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhf init-model", description="Build a tiny offline model and tokenizer.")
     p.add_argument("--out", required=True, help="Output folder (loadable with from_pretrained).")
     p.add_argument("--corpus", nargs="*", default=[], help="Extra .jsonl/.txt files to train the tokenizer on.")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral", "gpt2"])
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)

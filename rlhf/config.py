@@ -103,6 +103,7 @@ class LoggingConfig:
     output_dir: str = opt("runs", "Parent folder of run folders.")
     run_name: str = opt("", "Run folder name; default '<algorithm>-<timestamp>-<random suffix>'.")
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
+    log_samples: int = opt(8, "PPO (and the pipeline's DPO-Iter rounds): sampled responses per iteration written to samples.jsonl (prompt, response, score, per-sequence KL summed over tokens, length) and, for PPO with wandb among the trackers, logged as a wandb.Table; 0 = off. Several ranks: rank 0's first N rollouts.")
     eval_every: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end, if there is eval data).")
     eval_testbed: str = opt("", "Also run the evaluation harness on this testbed's held-out prompts at each evaluation (assistant, code).")
     eval_limit: int = opt(64, "Held-out prompts the harness evaluates during training (0 = all).")
@@ -413,7 +414,8 @@ RANGES: dict[str, Bound] = {
     "optim.warmup_ratio": UNIT_OPEN, "optim.max_grad_norm": NONNEG, "optim.batch_size": POS,
     "optim.micro_batch_size": POS, "optim.epochs": POS, "optim.max_steps": NONNEG,
     "optim.max_skipped_steps": POS,
-    "logging.log_every": POS, "logging.eval_every": NONNEG, "logging.eval_limit": NONNEG,
+    "logging.log_every": POS, "logging.log_samples": NONNEG,
+    "logging.eval_every": NONNEG, "logging.eval_limit": NONNEG,
     "logging.eval_max_new_tokens": POS, "logging.save_every": NONNEG, "logging.keep_checkpoints": NONNEG,
     "reward.center_coef": NONNEG,
     "dpo.beta": POS, "dpo.label_smoothing": Bound(0, 0.5), "dpo.ref_update_every": NONNEG,

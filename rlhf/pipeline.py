@@ -10,7 +10,8 @@ be inspected, resumed or re-run by hand. A stage whose `final/` exists is reused
 DPO-Iter (the paper's iterative DPO): each round samples responses from the current policy,
 labels the best and worst of each prompt's samples with the testbed's reward (the reward model
 on the assistant testbed, test execution on the code testbed), and trains DPO on those pairs with
-the reference reset to the current policy.
+the reference reset to the current policy. The round's run folder gets the first logging.log_samples labelled
+samples in samples.jsonl (score = the label, kl = to the SFT model).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .config import ConfigError, _build, _merge, config_from_dict, opt
+from .config import ConfigError, LoggingConfig, _build, _merge, config_from_dict, opt
 
 METHODS = ("sft", "dpo", "dpo_iter", "ppo")
 LABELS = {"sft": "SFT", "dpo": "DPO", "dpo_iter": "DPO-Iter", "ppo": "PPO"}
@@ -35,7 +36,7 @@ LABELS = {"sft": "SFT", "dpo": "DPO", "dpo_iter": "DPO-Iter", "ppo": "PPO"}
 
 @dataclass
 class TinyModelSpec:
-    arch: str = opt("llama", "llama or qwen2.")
+    arch: str = opt("llama", "llama, qwen2, mistral or gpt2.")
     vocab_size: int = opt(1024, "BPE vocabulary size.")
     hidden_size: int = opt(128, "Hidden size.")
     layers: int = opt(2, "Transformer blocks.")
@@ -118,6 +119,15 @@ class Pipeline:
             tree["logging"].update(group=self.cfg.wandb_group, tags=[testbed, stage])
         return config_from_dict(tree, source=f"pipeline stage '{stage}' ({testbed})")
 
+    def stage_logging(self, stage: str, testbed: str) -> LoggingConfig:
+        """The stage's logging section alone, readable before the stage's data exists (DPO-Iter's pairs)."""
+        tree = _merge(self.cfg.stages.get(stage, {}).get("logging", {}),
+                      self.cfg.per_testbed.get(testbed, {}).get(stage, {}).get("logging", {}))
+        try:
+            return _build(LoggingConfig, tree, prefix="logging")
+        except ConfigError as e:
+            raise ConfigError(f"pipeline stage '{stage}' ({testbed}): {e}") from None
+
     def train(self, stage: str, testbed: str, run_dir: str, **values) -> str:
         final = os.path.join(run_dir, "final")
         if os.path.isdir(final):
@@ -198,8 +208,11 @@ class Pipeline:
         for r in range(self.cfg.dpo_iter.rounds):
             run_dir = os.path.join(root, "dpo_iter", f"round{r + 1}")
             pairs = os.path.join(root, "dpo_iter", f"pairs_round{r + 1}.jsonl")
+            shown: list[dict] = []
             if not os.path.isdir(os.path.join(run_dir, "final")):
-                n = self.label_pairs(testbed, policy, rm, pairs, seed=self.cfg.seed * 1000 + r)
+                log_samples = self.stage_logging("dpo_iter", testbed).log_samples
+                n, shown = self.label_pairs(testbed, policy, rm, pairs, seed=self.cfg.seed * 1000 + r,
+                                            log_samples=log_samples, sft=sft, iteration=r + 1)
                 self.log(f"[{testbed}] dpo_iter round {r + 1}: {n} pairs from {policy}")
                 if n == 0:  # every prompt's samples scored alike: nothing to prefer, the policy stays
                     self.log(f"[{testbed}] dpo_iter round {r + 1}: no prompt had two differently scored samples "
@@ -209,9 +222,17 @@ class Pipeline:
             # the reference is the policy this round starts from: reset every round
             policy = self.train("dpo_iter", testbed, run_dir, model={"name_or_path": policy},
                                 data={"train": pairs})
+            if shown:  # after training: a fresh run clears its folder's samples.jsonl at the start
+                from .tracking import SAMPLES_FILE, write_samples
+
+                write_samples(os.path.join(run_dir, SAMPLES_FILE), shown)
         return policy  # the last round's final/: its run folder stands for DPO-Iter in the report
 
-    def label_pairs(self, testbed: str, policy: str, rm: Optional[str], out: str, seed: int) -> int:
+    def label_pairs(self, testbed: str, policy: str, rm: Optional[str], out: str, seed: int, log_samples: int = 0,
+                    sft: Optional[str] = None, iteration: int = 0) -> tuple[int, list[dict]]:
+        """(pairs written to `out`, the first `log_samples` labelled samples as samples.jsonl records: the round as
+        "iteration", prompt, response, score (the label), kl (KL(policy || SFT) of the response, summed over its
+        tokens; 0 while the policy is the SFT model) and length)."""
         import torch
 
         from .config import ModelConfig
@@ -234,6 +255,14 @@ class Pipeline:
         rollout = generate(model, tok, prompts, SamplingConfig(max_new_tokens=spec.max_new_tokens,
                                                                temperature=spec.temperature), batch_size=64)
         scores, _ = reward(rollout.input_ids, rollout.attention_mask, prompts, rollout.texts, columns)
+        shown = []
+        if log_samples > 0:
+            keep = list(range(min(log_samples, len(prompts))))
+            kl = self._kl_to_sft(model, sft, rollout, keep, spec.temperature) if sft and sft != policy \
+                else [0.0] * len(keep)
+            lengths = rollout.response_mask.sum(1)
+            shown = [{"iteration": iteration, "prompt": prompts[i], "response": rollout.texts[i],
+                      "score": float(scores[i]), "kl": kl[j], "length": int(lengths[i])} for j, i in enumerate(keep)]
         written = 0
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
@@ -244,7 +273,29 @@ class Pipeline:
                 if best[0] > worst[0] and best[1] != worst[1] and best[1].strip() and worst[1].strip():
                     f.write(json.dumps({"prompt": row["prompt"], "chosen": best[1], "rejected": worst[1]}) + "\n")
                     written += 1
-        return written
+        return written, shown
+
+    @staticmethod
+    def _kl_to_sft(model, sft: str, rollout, rows: list[int], temperature: float) -> list[float]:
+        """sum_t log pi(y_t) - log pi_SFT(y_t) over each response's tokens (the k1 estimate of KL(pi || SFT) at the
+        sampling temperature), for the given rollout rows."""
+        import torch
+
+        from .config import ModelConfig
+        from .models import load_causal_lm
+        from .models.forward import token_logprobs
+
+        reference = load_causal_lm(ModelConfig(name_or_path=sft), trainable=False)
+        ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
+        P = rollout.prompt_ids.shape[1]
+        positions = torch.zeros_like(mask[:, 1:])  # aligned with ids[:, 1:]: 1 where the label is a response token
+        positions[:, P - 1:] = rollout.response_mask[rows]
+        with torch.no_grad():
+            logp, ref_logp = (token_logprobs(m, ids.to(next(m.parameters()).device),
+                                             mask.to(next(m.parameters()).device), temperature=temperature,
+                                             positions=positions.to(next(m.parameters()).device)).cpu()
+                              for m in (model, reference))
+        return (logp - ref_logp).sum(1).tolist()
 
     def evaluate(self, testbed: str, method: str, final: str, sft: str, rm: Optional[str]) -> None:
         from .eval.runner import EvalSettings, evaluate

@@ -22,7 +22,8 @@ RESUME_FREE_SECTIONS = ("logging",)
 RESUME_LENGTH_KEYS = ("optim.max_steps", "optim.epochs", "ppo.iterations")
 RESUME_FREE_KEYS = ("optim.max_skipped_steps",)
 # What --overwrite clears from a run folder: what a run writes into it (algorithm caches `*.pt` are added).
-RUN_OUTPUTS = ("checkpoints", "final", "final.tmp", "final.old", "metrics.jsonl", "config.yaml", "eval")
+RUN_OUTPUTS = ("checkpoints", "final", "final.tmp", "final.old", "metrics.jsonl", "samples.jsonl", "config.yaml",
+               "eval")
 
 
 def flat_config(cfg: Union[TrainConfig, dict]) -> dict:

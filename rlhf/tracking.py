@@ -115,3 +115,31 @@ def prepare_wandb(run_dir: str, printer=print) -> Optional[str]:
         os.environ["WANDB_MODE"] = "offline"
         printer(f"wandb: no credentials or network; logging offline to {run_dir}/wandb (sync later with `wandb sync`)")
     return os.environ.get("WANDB_MODE")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollout samples: a few sampled responses per iteration, to read next to the metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+SAMPLES_FILE = "samples.jsonl"
+SAMPLE_COLUMNS = ("step", "iteration", "prompt", "response", "score", "kl", "length")
+
+
+def write_samples(path: str, records: list[dict]) -> None:
+    """Append one JSON line per sampled response to `path` (the run folder's samples.jsonl); the caller decides which
+    process writes (rank 0)."""
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n")
+
+
+def log_samples_table(tracker: Any, records: list[dict], step: int, key: str = "samples") -> None:
+    """Log `records` as one wandb.Table (a row per response, columns SAMPLE_COLUMNS) through `tracker`, accelerate's
+    wandb tracker (anything with `.log(values, step=)`), like TRL's completion tables. Nothing without records."""
+    if not records:
+        return
+    import wandb
+
+    columns = [c for c in SAMPLE_COLUMNS if any(c in r for r in records)]
+    table = wandb.Table(columns=columns, data=[[_jsonable(r.get(c)) for c in columns] for r in records])
+    tracker.log({key: table}, step=step)

@@ -39,7 +39,7 @@ from .distributed import (CollectiveError, _is_collective_failure, _use_deepspee
                           resolve_mixed_precision, size_zero3)
 from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
 from .runs import choose_checkpoint, flat_config, resolve_run_dir  # noqa: F401  (flat_config: re-exported)
-from .tracking import MetricsWriter, prepare_wandb, trackers, truncate_metrics, wandb_settings
+from .tracking import SAMPLES_FILE, MetricsWriter, prepare_wandb, trackers, truncate_metrics, wandb_settings
 
 # Metrics holding reward-model scores: a non-finite one skips the step like a non-finite loss.
 SCORE_KEYS = ("objective/scores", "reward/")
@@ -301,8 +301,10 @@ class Trainer:
                 self._load_checkpoint(self.resume_from)
             resumed_step = self.step
             self.print(f"resumed from {self.resume_from} at step {self.step}")
-        elif self.is_main and os.path.exists(self.metrics.path):
-            os.remove(self.metrics.path)
+        elif self.is_main:  # a fresh run: what an attempt that never got to hold a run (runs.holds_run) left goes
+            for path in (self.metrics.path, os.path.join(self.run_dir, SAMPLES_FILE)):
+                if os.path.exists(path):
+                    os.remove(path)
         self._init_trackers()
         self.print(f"run folder: {self.run_dir}  ({total} steps, world {self.world_size}, "
                    f"grad accum {self.grad_accum})")
@@ -558,6 +560,7 @@ class Trainer:
         self.algorithm.load_state_dict(state["algorithm"])
         if self.is_main:
             truncate_metrics(self.metrics.path, self.step, say=self.print)
+            truncate_metrics(os.path.join(self.run_dir, SAMPLES_FILE), self.step, say=self.print)
 
     def save_final(self) -> str:
         """final/: whole weights written by rank 0 (under ZeRO-3 gathered first), loadable with from_pretrained.

@@ -28,6 +28,8 @@ objective/kl_coef, reward/<source>, response/length_mean, response/eos_rate, cri
 time/generate_s, time/score_s; in its last step time/train_s. Every step: ppo/policy_loss, ppo/value_loss (token
 means), ppo/clipfrac, ppo/approx_kl, ppo/ratio_mean, ppo/early_stop, ppo/vf_clipfrac,
 critic/value_mean.
+Samples: the first logging.log_samples rollouts of each iteration on rank 0 go to the run folder's samples.jsonl
+(prompt, response, score, per-sequence KL, length) and, with wandb, to a table (tracking.log_samples_table).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, Runni
 from ..rewards import build_reward
 from ..rollout import SamplingConfig, generate
 from ..rollout.hf import ignored_generation_settings
+from ..tracking import SAMPLES_FILE, log_samples_table, write_samples
 from .base import Algorithm, StepBatch
 from .supervised import report_skipped
 
@@ -467,6 +470,7 @@ class PPO(Algorithm):
                          train_policy=iteration >= p.critic_warmup_iters)
         # global means: sums over this rank's sequences, summed over ranks
         seq_kl, seq_reward = masked_sum(kl, mask, dim=1), masked_sum(rewards, mask, dim=1)
+        self._log_samples(iteration, rows, rollout.texts, raw, seq_kl, mask.sum(1))
         names = ["objective/scores", "objective/kl", "objective/rlhf_reward", "response/length_mean",
                  "response/eos_rate"] + [f"reward/{k}" for k in per_source]
         sums = torch.stack([raw.sum(), seq_kl.sum(), seq_reward.sum(), mask.sum(), eos.float().sum()]
@@ -487,6 +491,22 @@ class PPO(Algorithm):
             metrics["rollout/sampler_logprob_gap"] = (gap[0] / gap[1].clamp(min=1)).item()
         self.kl_ctl.update(metrics["objective/kl"], p.rollout_batch_size * p.samples_per_prompt)
         return batch, metrics
+
+    def _log_samples(self, iteration: int, rows: list[PromptRow], texts: list[str], scores: Tensor, seq_kl: Tensor,
+                     lengths: Tensor) -> None:
+        """The first logging.log_samples rollouts of this rank (rank 0 only) into samples.jsonl and, with wandb, a
+        table. "step" is the step whose metrics.jsonl record holds this iteration's objective/* means, so resume
+        drops the samples of undone iterations the way it drops their metrics."""
+        n, trainer = self.cfg.logging.log_samples, self.trainer
+        if n <= 0 or not trainer.is_main:
+            return
+        step = iteration * self.steps_per_iteration + 1
+        records = [{"step": step, "iteration": iteration, "prompt": rows[i].text, "response": texts[i],
+                    "score": float(scores[i]), "kl": float(seq_kl[i]), "length": int(lengths[i])}
+                   for i in range(min(n, len(rows)))]
+        write_samples(os.path.join(trainer.run_dir, SAMPLES_FILE), records)
+        if "wandb" in self.cfg.logging.trackers:
+            log_samples_table(trainer.accelerator.get_tracker("wandb"), records, step)
 
     def steps(self, start_step: int):
         p = self.cfg.ppo

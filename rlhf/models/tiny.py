@@ -1,4 +1,4 @@
-"""Build a tiny Llama- or Qwen2-architecture model and a BPE tokenizer trained on shipped text.
+"""Build a tiny Llama-, Qwen2-, Mistral- or GPT-2-architecture model and a BPE tokenizer trained on shipped text.
 
     rlhf init-model --out runs/tiny --corpus data/assistant/sft.jsonl data/code/sft.jsonl
 
@@ -76,25 +76,32 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int = 1024):
     return fast
 
 
+# arch -> (config class, causal-LM class) in transformers
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+}
+
+
 def build_tiny_model(tokenizer, arch: str = "llama", hidden_size: int = 128, layers: int = 2, heads: int = 4,
                      kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 512, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    archs = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }
-    if arch not in archs:
-        raise ValueError(f"arch={arch!r}: expected one of {', '.join(archs)}")
-    config_cls, model_cls = archs[arch]
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
+    tokens = dict(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if arch == "gpt2":  # GPT-2 names its sizes its own way, and has no grouped key/value heads
+        sizes = dict(n_embd=hidden_size, n_layer=layers, n_head=heads, n_inner=intermediate_size,
+                     n_positions=max_positions)
+    else:
+        sizes = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions)
+    config_name, model_name = ARCHS[arch]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**common))
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**tokens, **sizes))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
