@@ -497,6 +497,11 @@ t.accelerator.backward(loss)
 optimizer.step()
 print(f"rank {t.rank}: {len(ids)} generate calls, {int(out.response_mask.sum())} tokens, then loss {loss.item():.4f}")
 t.accelerator.end_training()  # destroys the process group, as `rlhf train` does
+# and, as `rlhf train` does, frees the models while the interpreter is whole: gloo work still holding their tensors
+# can otherwise abort the process during interpreter exit
+del t, model, inner, whole, optimizer, loss
+import gc
+gc.collect()
 """
 
 
