@@ -38,9 +38,9 @@ class SeededSampler(LogitsProcessor):
 # output format; whether to sample at all is the caller's SamplingConfig.do_sample). Every other non-default setting
 # (repetition_penalty, no_repeat_ngram_size, min_new_tokens, temperature, bad_words_ids, ...) reshapes the sampling
 # distribution.
-NEUTRAL_SETTINGS = frozenset({"do_sample", 
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
-    "use_cache", "cache_implementation", "cache_config", "return_dict_in_generate", "output_scores", "output_logits",
+NEUTRAL_SETTINGS = frozenset({
+    "do_sample", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length",
+    "max_new_tokens", "use_cache", "cache_implementation", "cache_config", "return_dict_in_generate", "output_scores", "output_logits",
     "output_attentions", "output_hidden_states", "transformers_version", "_from_model_config", "num_return_sequences",
 })
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batching import attention_mask, pad
+from ..models.forward import _unwrap, position_ids_from_mask
 from ..ops import _sampling_logits
 from .base import Rollout, SamplingConfig, response_mask_from_ids
 
@@ -33,18 +34,9 @@ _M32 = 0xFFFFFFFF
 _TIE_SLACK = 16
 
 
-def _causal_lm(model):
-    """The transformers model inside DDP/DeepSpeed (`.module`) and peft wrappers (adapters stay active)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
-        model = model.base_model.model
-    return model
-
-
 def unsupported(model) -> Optional[str]:
     """None when the engine can run this model, else the reason it cannot."""
-    lm = _causal_lm(model)
+    lm = _unwrap(model)
     cfg = getattr(lm, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in SUPPORTED_TYPES:
@@ -109,7 +101,7 @@ class _Decoder:
     """The model's modules over a static KV cache of [rows, kv_heads, max_len, head_dim] per layer."""
 
     def __init__(self, model, rows: int, max_len: int):
-        lm = _causal_lm(model)
+        lm = _unwrap(model)
         self.lm, self.base = lm, lm.model
         cfg = lm.config
         self.layers = list(self.base.layers[: cfg.num_hidden_layers])
@@ -244,7 +236,7 @@ class StaticEngine:
         if N == 0:
             return 0
         device, L = ids.device, dec.max_len
-        positions = (pmask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(pmask)
         # prefill: query t sees the real prompt tokens at slots <= t (itself always, so padded rows have no empty row)
         slot = torch.arange(L, device=device)
         causal = (slot[None, :] <= torch.arange(P, device=device)[:, None])  # [P, L]
