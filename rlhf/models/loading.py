@@ -32,10 +32,22 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
         raise ConfigError(f"{field}='{path}': could not load as a {where}: {first}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether `path` names a tokenizer: a hub name, or a local folder with tokenizer files. A model folder without
+    them is not one (AutoTokenizer would otherwise build an empty tokenizer of the config's model type)."""
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False,
                    revision: Optional[str] = None):
     from transformers import AutoTokenizer
 
+    if not has_tokenizer(path):
+        raise ConfigError(f"{field}='{path}': the folder holds no tokenizer files (one of "
+                          f"{', '.join(TOKENIZER_FILES)}); set model.tokenizer to the tokenizer's folder")
     extra = {"revision": revision} if revision else {}
     tok = _from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code, **extra)
     if tok.pad_token_id is None:
