@@ -49,7 +49,8 @@ from ..config import ConfigError
 from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
-                      position_ids_from_mask, token_values, whole_loading)
+                      position_ids_from_mask, token_logprobs, token_values, whole_loading)
+from ..models.forward import _lm_parts, chunk_tokens, hidden_states
 from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits,
                    all_reduce_sum_, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
@@ -150,10 +151,29 @@ def global_explained_variance(count: float, r_sum: float, r_sq: float, e_sum: fl
 
 
 def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
-    """[B, R, V] float32 logits predicting the response tokens input_ids[:, P:] (P = prompt_width)."""
+    """[B, R, V] float32 logits predicting the response tokens input_ids[:, P:] (P = prompt_width). The full-logits
+    path, for models whose head the chunked path cannot take (models.forward._lm_parts)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.logits[:, prompt_width - 1:-1].float()
+
+
+def _response_positions(attention_mask: Tensor, prompt_width: int) -> Tensor:
+    """[B, T-1] 1 where the label input_ids[:, t+1] is a response token (token_logprobs' `positions`)."""
+    positions = torch.zeros_like(attention_mask[:, 1:])
+    positions[:, prompt_width - 1:] = attention_mask[:, prompt_width:]
+    return positions
+
+
+def response_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_width: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """[B, R] log-probs of the response tokens input_ids[:, P:] under the sampling distribution, 0 on padding.
+
+    Through models.forward.token_logprobs: the LM head runs on the response positions only, in chunks, so the
+    [B, R, V] float32 logits never exist (at a 152k vocabulary they are 0.6 MB per token)."""
+    logp = token_logprobs(model, input_ids, attention_mask, temperature, top_k, top_p,
+                          positions=_response_positions(attention_mask, prompt_width))
+    return logp[:, prompt_width - 1:]
 
 
 def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, temperature: float = 1.0,
@@ -172,6 +192,37 @@ def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, tem
         dropped = dropped.scatter(-1, y.unsqueeze(-1), False)  # the sampled token is always in the support
         rows.append(logprobs_from_logits(z.masked_fill(dropped, float("-inf"))[None], y[None], temperature)[0])
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def reference_logprobs(policy: nn.Module, reference: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                       prompt_width: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """[B, R] support_logprobs of the response tokens under `reference` on `policy`'s sampling support, 0 on
+    padding, without [B, R, V] logits: both models' final hidden states are taken at the response positions and
+    both heads run chunk by chunk (models.forward's chunk size), support_logprobs on each chunk.
+
+    Without top-k / top-p the support is the whole vocabulary: the reference's own log-probs, no policy pass.
+    A model whose head the chunked path cannot take (models.forward._lm_parts) is scored on full logits."""
+    P = prompt_width
+    if top_k <= 0 and top_p >= 1.0:
+        return response_logprobs(reference, input_ids, attention_mask, P, temperature)
+    parts = [_lm_parts(policy), _lm_parts(reference)]
+    chunk = min(chunk_tokens(policy), chunk_tokens(reference))
+    labels = input_ids[:, P:]
+    if None in parts or chunk <= 0:
+        return on_response(support_logprobs(response_logits(reference, input_ids, attention_mask, P),
+                                            response_logits(policy, input_ids, attention_mask, P), labels,
+                                            temperature, top_k, top_p), attention_mask[:, P:])
+    keep = attention_mask[:, P:] != 0
+    hidden = [hidden_states(m, input_ids, attention_mask, decoder, logits_to_keep=1)[:, P - 1:-1][keep]
+              for m, (decoder, _) in zip((policy, reference), parts)]
+    y = labels[keep]
+    out = []
+    for i in range(0, len(y), chunk):
+        z_pol, z_ref = (head(h[i:i + chunk])[None] for (_, head), h in zip(parts, hidden))
+        out.append(support_logprobs(z_ref, z_pol, y[None, i:i + chunk], temperature, top_k, top_p)[0])
+    values = torch.cat(out) if out else torch.zeros(0, device=input_ids.device)
+    return torch.zeros(keep.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(keep, values.float())
 
 
 def on_response(logprobs: Tensor, response_mask: Tensor) -> Tensor:
@@ -202,10 +253,10 @@ class PolicyAndCritic(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> tuple[Tensor, Tensor]:
         """(log-probs [B, R] of the response tokens under the sampling distribution, 0 on padding;
         values V(s_t) [B, R])."""
-        logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)
-        logp = logprobs_from_logits(logits, input_ids[:, prompt_width:], self.temperature, self.top_k, self.top_p)
+        logp = response_logprobs(self.policy, input_ids, attention_mask, prompt_width, self.temperature,
+                                 self.top_k, self.top_p)
         values = token_values(self.critic, input_ids, attention_mask)[:, prompt_width - 1:-1]
-        return on_response(logp, attention_mask[:, prompt_width:]), values
+        return logp, values
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,11 +464,9 @@ class PPO(Algorithm):
         s, n, parts = self.sampling, self.cfg.ppo.rollout_micro_batch_size, []
         for i in range(0, len(ids), n):
             x, m = ids[i:i + n], amask[i:i + n]
-            logits = response_logits(pair.policy, x, m, P)
-            logp = logprobs_from_logits(logits, x[:, P:], s.temperature, s.top_k, s.top_p)
-            ref_logp = support_logprobs(response_logits(self.reference, x, m, P), logits, x[:, P:],
-                                        s.temperature, s.top_k, s.top_p)
-            parts.append((on_response(logp, m[:, P:]), on_response(ref_logp, m[:, P:]),
+            logp = response_logprobs(pair.policy, x, m, P, s.temperature, s.top_k, s.top_p)
+            ref_logp = reference_logprobs(pair.policy, self.reference, x, m, P, s.temperature, s.top_k, s.top_p)
+            parts.append((logp, ref_logp,
                           token_values(pair.critic, x, m)[:, P - 1:]))  # V at positions P-1 .. P+R-1
         logp, ref_logp, values = (torch.cat(t) for t in zip(*parts))
         lengths = amask[:, P:].sum(1).long()
