@@ -8,7 +8,8 @@ at real model shapes, in one run on one GPU.
 Models are built from the Qwen2.5 configs (random init, bf16, vocabulary 151,936) with no download; prompts are
 random token ids of --prompt-len tokens, and EOS is set to an id the model never samples in practice, so every row
 generates --new-tokens tokens and the engines do equal work. Each engine samples at temperature 1 with no top-k /
-top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9).
+top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9)
+(`static-ppo`), and reading the whole KV cache at every step instead of its filled blocks (`static-whole`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -83,7 +84,9 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
         seeds = list(range(len(prompts)))
 
         def call():
-            return StaticEngine().generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
+            # static-whole: attention reads the whole cache every step (kv_block 0), for comparison
+            engine = StaticEngine(kv_block=0) if "whole" in name else StaticEngine()
+            return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     else:
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
@@ -148,7 +151,7 @@ def main() -> None:
         for name in a.engines.split(","):
             if name.startswith("hf") and batch > a.skip_hf_above:
                 continue
-            kw = {"top_k": 200, "top_p": 0.9} if name == "static-ppo" else {}
+            kw = {"top_k": 200, "top_p": 0.9} if name.endswith("-ppo") else {}
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             seconds = run_engine(name, model, tok, prompts, a.new_tokens, kw)
