@@ -211,7 +211,7 @@ def main() -> None:
         spec = {"run": run, "models": build_models(shape, a.out), "cuda": cuda, "prompts": prompts,
                 "samples": samples, "iterations": a.iterations, "prompt_len": a.prompt_len,
                 "new_tokens": a.new_tokens, "data": write_prompts(prompts, a.prompt_len, a.out),
-                "micro": 16 if big else 16, "rollout_micro": 64, "engine": a.engine,
+                "micro": 16, "rollout_micro": 64, "engine": a.engine,
                 "run_dir": os.path.join(a.out, run)}
         t0 = time.time()
         res = summarize(run, measure(spec, a.timeout), prompts * samples, a.new_tokens)
