@@ -55,10 +55,6 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 HEAD_KEY = "base_model.model.score.weight"  # where a peft sequence-classification adapter keeps its score head
 
 
-def is_lora_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(os.path.expanduser(path), ADAPTER_CONFIG))
-
-
 class SharedBaseActorCritic(PolicyAndCritic):
     """Actor and critic as adapters of one peft model `lm`, plus the critic's `value_head` (see the module doc)."""
 
