@@ -347,3 +347,53 @@ def test_critic_starts_from_a_lora_reward_model(tiny_model_dir, sft_file, tmp_pa
     other.model.lora_r = 8  # another rank: the reward model's adapter does not fit... but its own config is used
     pair = build_shared_base(other, tok, SamplingConfig())
     assert pair.lm.peft_config[CRITIC].r == 4 and pair.lm.peft_config[ACTOR].r == 8
+
+
+@pytest.mark.slow
+def test_one_optimizer_holds_the_actor_then_the_critic_and_head(shared_run):
+    cfg, trainer, _ = shared_run
+    lm, head = trainer.algorithm._pair().lm, trainer.algorithm._pair().value_head
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2
+    assert [id(q) for q in groups[0]["params"]] == [id(q) for q in adapter_parameters(lm, ACTOR).values()]
+    assert [id(q) for q in groups[1]["params"]] == ([id(q) for q in adapter_parameters(lm, CRITIC).values()]
+                                                    + [id(head.weight)])
+    assert groups[0]["lr"] == cfg.optim.lr and groups[1]["lr"] == cfg.ppo.critic_lr
+
+
+@pytest.mark.slow
+def test_resume_at_an_iteration_boundary_reproduces_the_shared_base_run(shared_run, tiny_model_dir, tmp_path):
+    """1 iteration, a checkpoint, then the 2nd after --resume: the same metrics as the uninterrupted run (the EMA
+    reference adapter comes back from the algorithm's state)."""
+    cfg, _, whole = shared_run
+    first = shared_config(tiny_model_dir, cfg.data.train, str(tmp_path), ppo__ref_ema=0.1, ppo__iterations=1,
+                          logging__save_every=2)
+    Trainer(first).train()
+    again = shared_config(tiny_model_dir, cfg.data.train, str(tmp_path), ppo__ref_ema=0.1, logging__save_every=2)
+    Trainer(again, resume=True).train()
+    assert_same_metrics(whole, metrics_of(again), tol=1e-6)
+
+
+def test_half_precision_reference_adapter_keeps_a_float32_master(tiny_model_dir, sft_file, tmp_path):
+    """A bf16 reference adapter cannot hold eta = 1e-3 increments: the EMA runs on a float32 master and the scoring
+    adapter is the master rounded to bf16. Actor entries of 1.0 and a reference at 0: after 3 updates the master is
+    1 - 0.999^3 = 0.002997001."""
+    eta = 1e-3
+    cfg = shared_config(tiny_model_dir, sft_file, str(tmp_path), ppo__ref_ema=eta)
+    pair = build_shared_base(cfg, load_tokenizer(tiny_model_dir), SamplingConfig())
+    from rlhf.algorithms.ppo_shared import AdapterReference
+
+    with torch.no_grad():
+        for name, value in ((ACTOR, 1.0), (REFERENCE, 0.0)):
+            for q in adapter_parameters(pair.lm, name).values():
+                q.data = torch.full_like(q.data, value, dtype=torch.bfloat16)
+    ref = AdapterReference(pair, has_adapter=True)
+    assert ref.master is not None and {q.dtype for q in ref.master} == {torch.float32}
+    for _ in range(3):
+        ref.update(eta)
+    expected = 1 - (1 - eta) ** 3
+    for m, q in zip(ref.master, adapter_parameters(pair.lm, REFERENCE).values()):
+        torch.testing.assert_close(m, torch.full_like(m, expected), atol=1e-7, rtol=0)
+        assert torch.equal(q, m.to(torch.bfloat16))
+    # why the master: near 1 a bf16 value cannot move by eta (1 - 1e-3 rounds back to 1; bf16 spacing below 1: 2^-8)
+    assert torch.tensor(1.0 - eta, dtype=torch.bfloat16).item() == 1.0
