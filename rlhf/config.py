@@ -222,6 +222,8 @@ class PPOSection:
                                    "and the EMA reference (ref_ema > 0; else adapters off); needs model.lora_r > 0.")
     export_merged: bool = opt(False, "With shared_base: also write final/merged/, the base with the actor adapter "
                                      "merged in (a plain from_pretrained folder).")
+    reward_adapter: bool = opt(False, "With shared_base: ppo.reward_model (a LoRA reward model of the same base) scores "
+                                      "as adapter 'reward' + its score head on the shared base, not as a second model.")
     # critic
     critic_init: Literal["reward_model", "policy"] = opt("reward_model", "Initialize the critic from the reward model or the policy.")
     critic_lr: float = opt(5e-6, "Critic learning rate (actor: optim.lr).")
@@ -350,6 +352,11 @@ class PPOConfig(TrainConfig):
         if p.export_merged and not p.shared_base:
             raise ConfigError("ppo.export_merged=true applies to ppo.shared_base=true (final/ of a separate-model "
                               "run is already a whole model); set ppo.shared_base: true or drop ppo.export_merged")
+        if p.reward_adapter and not (p.shared_base and p.reward_model and os.path.isfile(
+                os.path.join(os.path.expanduser(p.reward_model), "adapter_config.json"))):
+            raise ConfigError(f"ppo.reward_adapter=true needs ppo.shared_base=true (got {str(p.shared_base).lower()}) "
+                              f"and ppo.reward_model a LoRA reward-model folder of the same base (a peft folder with "
+                              f"adapter_config.json; got '{p.reward_model}')")
         if p.shared_base and p.critic_init == "reward_model" and p.reward_model and os.path.isdir(
                 os.path.expanduser(p.reward_model)) and not os.path.isfile(
                 os.path.join(os.path.expanduser(p.reward_model), "adapter_config.json")):

@@ -47,13 +47,14 @@ def trained(cfg):
     return trainer, metrics_of(cfg)
 
 
-def assert_same_metrics(a, b, tol=TOL):
+def assert_same_metrics(a, b, tol=TOL, skip=()):
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
         keys = [k for k in ra if not k.startswith("time/")]
         assert keys == [k for k in rb if not k.startswith("time/")]
         for k in keys:
-            assert ra[k] == pytest.approx(rb[k], abs=tol), (ra["step"], k)
+            if k not in skip:
+                assert ra[k] == pytest.approx(rb[k], abs=tol), (ra["step"], k)
 
 
 def logprobs(model, ids, mask, P, sampling):
@@ -86,6 +87,11 @@ def test_shared_base_settings_fail_at_start_up(tiny_model_dir, sft_file, tmp_pat
     with pytest.raises(ConfigError, match=r"critic_init=reward_model: ppo.reward_model=.* is a whole model"):
         shared_config(tiny_model_dir, sft_file, str(tmp_path), ppo__reward_model=tiny_model_dir,
                       ppo__critic_init="reward_model")
+    with pytest.raises(ConfigError, match=r"ppo.reward_adapter=true needs ppo.shared_base=true \(got false\)"):
+        ppo_config(tiny_model_dir, sft_file, str(tmp_path), ppo__reward_adapter=True)
+    with pytest.raises(ConfigError, match=r"ppo.reward_adapter=true needs .* LoRA reward-model folder .*got '"):
+        shared_config(tiny_model_dir, sft_file, str(tmp_path), ppo__reward_adapter=True,
+                      ppo__reward_model=tiny_model_dir)
     assert shared_config(tiny_model_dir, sft_file, str(tmp_path)).ppo.shared_base
 
 
@@ -122,7 +128,7 @@ def test_using_adapter_switches_what_runs_and_never_what_trains(tiny_model_dir, 
             assert all(layer.disable_adapters for layer in tuner_layers(lm))
         assert all(layer.active_adapters == [CRITIC] and not layer.disable_adapters for layer in tuner_layers(lm))
     assert {n for n, q in lm.named_parameters() if q.requires_grad} == trainable
-    with pytest.raises(ValueError, match="adapter 'nope' is missing"):
+    with pytest.raises(ValueError, match="no LoRA layer has an adapter 'nope'"):
         with using_adapter(lm, "nope"):
             pass
 
@@ -322,17 +328,23 @@ def test_generation_runs_the_actor_adapter(tiny_model_dir, sft_file, tmp_path, e
         assert torch.equal(top[keep], g.input_ids[:, g.prompt_ids.shape[1]:][keep])
 
 
-def test_critic_starts_from_a_lora_reward_model(tiny_model_dir, sft_file, tmp_path):
-    tok = load_tokenizer(tiny_model_dir)
-    rm = get_peft_model(load_scalar_model(tiny_model_dir, tokenizer=tok),
+def lora_reward_model(model_dir, out):
+    """(a LoRA reward model of the tiny base with non-zero B and score head, saved by peft into `out`; the model)."""
+    tok = load_tokenizer(model_dir)
+    rm = get_peft_model(load_scalar_model(model_dir, tokenizer=tok),
                         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
     with torch.no_grad():
         for n, q in rm.named_parameters():
             if "lora_B" in n or "modules_to_save" in n:
                 q.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(n)))
-    rm_dir = str(tmp_path / "rm")
-    rm.save_pretrained(rm_dir)
-    tok.save_pretrained(rm_dir)
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, rm.eval()
+
+
+def test_critic_starts_from_a_lora_reward_model(tiny_model_dir, sft_file, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    rm_dir, rm = lora_reward_model(tiny_model_dir, str(tmp_path / "rm"))
     cfg = shared_config(tiny_model_dir, sft_file, str(tmp_path), ppo__reward_model=rm_dir,
                         ppo__critic_init="reward_model")
     pair = build_shared_base(cfg, tok, SamplingConfig()).eval()
@@ -397,3 +409,29 @@ def test_half_precision_reference_adapter_keeps_a_float32_master(tiny_model_dir,
         assert torch.equal(q, m.to(torch.bfloat16))
     # why the master: near 1 a bf16 value cannot move by eta (1 - 1e-3 rounds back to 1; bf16 spacing below 1: 2^-8)
     assert torch.tensor(1.0 - eta, dtype=torch.bfloat16).item() == 1.0
+
+
+@pytest.mark.slow
+def test_reward_adapter_on_the_shared_base_scores_as_the_separate_reward_model(tiny_model_dir, sft_file, tmp_path):
+    """ppo.reward_adapter: the LoRA reward model runs as adapter "reward" of the shared base; the run equals one that
+    loads the same reward model as a second, merged model (float32: merged W + s B A against the unmerged adapter
+    differ by rounding, far below 1e-5 on scores of order 1). The clip fractions are counts: a token whose ratio or
+    value sits on the clip boundary can flip with that rounding (1 of 64 tokens = 0.015625), so they are left out;
+    the losses, continuous across the boundary, are compared."""
+    rm_dir, rm = lora_reward_model(tiny_model_dir, str(tmp_path / "rm"))
+    common = dict(ppo__reward_model=rm_dir, ppo__reward_fns=[], ppo__iterations=1)
+    adapter = shared_config(tiny_model_dir, sft_file, str(tmp_path / "a"), ppo__reward_adapter=True, **common)
+    trainer, with_adapter = trained(adapter)
+    _, separate = trained(shared_config(tiny_model_dir, sft_file, str(tmp_path / "b"), **common))
+    assert_same_metrics(with_adapter, separate, skip=("ppo/clipfrac", "ppo/vf_clipfrac"))
+    assert abs(with_adapter[0]["reward/model"]) > 1e-3
+    pair = trainer.algorithm._pair()
+    assert not any(q.requires_grad for q in adapter_parameters(pair.lm, "reward").values())
+    assert not pair.reward_head.weight.requires_grad
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 5, 9, 7, 8, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    from rlhf.models import scalar_scores
+
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.algorithm.reward.model(ids, mask), scalar_scores(rm, ids, mask),
+                                   atol=TOL, rtol=0)

@@ -276,8 +276,15 @@ class PPO(Algorithm):
         super().__init__(cfg, trainer)
         p = cfg.ppo
         self.prompts = self._load_prompts()
-        with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also under ZeRO-3
-            self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
+        if p.reward_adapter:  # the reward model is an adapter of the shared base, bound in build_model
+            from ..rewards import FunctionReward, RewardSources
+            from .ppo_shared import AdapterReward
+
+            self.reward = RewardSources(AdapterReward(trainer.tokenizer, p.rollout_micro_batch_size),
+                                        [FunctionReward(f) for f in p.reward_fns], p.reward_weights)
+        else:
+            with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also ZeRO-3
+                self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
         rm = self.reward.model
         if rm is not None and not rm.shares_tokenizer:
             if p.critic_init == "reward_model":
@@ -324,6 +331,8 @@ class PPO(Algorithm):
 
             pair = build_shared_base(cfg, tok, self.sampling, self.trainer)
             self._name_ignored_generation_settings(pair.lm)
+            if cfg.ppo.reward_adapter:
+                self.reward.model.bind(pair)
             return pair
         policy = load_causal_lm(cfg.model, tok)
         self._name_ignored_generation_settings(policy)

@@ -16,7 +16,9 @@ the one a forward runs, so scoring, the loss and generation cannot mix them up):
              in adapter space: B_ref @ A_ref is NOT the EMA of the products B @ A (the product of averages is not the
              average of products); it is what "reference EMA" means under ppo.shared_base. A half-precision adapter
              keeps a float32 master of the adapter tensors, as the full-model reference does.
-  reward     a separate reward model (ppo.reward_model through rlhf.rewards), as without shared_base.
+  reward     a separate reward model (ppo.reward_model through rlhf.rewards), as without shared_base; or, with
+             ppo.reward_adapter, the LoRA reward model ppo.reward_model as adapter "reward" + its score head (both
+             frozen) on the shared base (`AdapterReward`): no second model at all.
 
 Not supported (refused at start-up): ZeRO-3 and FSDP (the adapters are small: DDP or ZeRO-1/2 hold them whole),
 critic_init=reward_model with a full (merged) reward-model folder. Gradients of the actor and the critic flow in
@@ -50,7 +52,7 @@ from ..models.loading import draw_fresh_head_
 from ..ops import soft_update_
 from .ppo import PolicyAndCritic, response_logits
 
-ACTOR, CRITIC, REFERENCE = "actor", "critic", "reference"
+ACTOR, CRITIC, REFERENCE, REWARD = "actor", "critic", "reference", "reward"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HEAD_KEY = "base_model.model.score.weight"  # where a peft sequence-classification adapter keeps its score head
 
@@ -75,15 +77,19 @@ class SharedBaseActorCritic(PolicyAndCritic):
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B, T] float32 V(s_t) = value_head(last hidden state at t) with the critic adapter: what a
         sequence-classification critic's score head gives at every position (models.forward.token_values)."""
-        with using_adapter(self.lm, CRITIC):
-            decoder = _unwrap(self.lm).get_decoder()
-            hidden = hidden_states(self.lm, input_ids, attention_mask, decoder, logits_to_keep=1)
-        return self.value_head(hidden).squeeze(-1).float()
+        return self.head_outputs(CRITIC, self.value_head, input_ids, attention_mask)
 
     def reference_logits(self, adapter: Optional[str], input_ids: Tensor, attention_mask: Tensor,
                          prompt_width: int) -> Tensor:
         with using_adapter(self.lm, adapter):
             return response_logits(self.lm, input_ids, attention_mask, prompt_width)
+
+    def head_outputs(self, adapter: str, head: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] float32 head(last hidden state) at every position, with adapter `adapter` active."""
+        with using_adapter(self.lm, adapter):
+            decoder = _unwrap(self.lm).get_decoder()
+            hidden = hidden_states(self.lm, input_ids, attention_mask, decoder, logits_to_keep=1)
+        return head(hidden).squeeze(-1).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -146,9 +152,9 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
     if trainer is not None and (trainer.zero_stage == 3 or trainer.fsdp):
         raise ConfigError("ppo.shared_base=true: not supported under DeepSpeed ZeRO-3 or FSDP (the base is frozen "
                           "and the adapters are small: run it on one GPU, with DDP, or with ZeRO-1/2)")
-    critic_source = None
-    if p.critic_init == "reward_model":
-        critic_source = _reward_model_critic(p.reward_model, m.name_or_path)
+    rm_source = (_reward_model_critic(p.reward_model, m.name_or_path)
+                 if p.critic_init == "reward_model" or p.reward_adapter else None)
+    critic_source = rm_source if p.critic_init == "reward_model" else None
     base = load_causal_lm(m, tokenizer, trainable=False)  # eval, frozen, dropout off
     holder: list = []
     if m.gradient_checkpointing:
@@ -161,7 +167,8 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
         copy_adapter_(lm, ACTOR, REFERENCE)
     holder.append(lm)
     inner = _unwrap(lm)
-    head = nn.Linear(inner.config.hidden_size, 1, bias=False, dtype=next(base.parameters()).dtype)
+    dtype = next(base.parameters()).dtype
+    head = nn.Linear(inner.config.hidden_size, 1, bias=False, dtype=dtype)
     if critic_source:
         _, tensors, head_weight = critic_source
         _load_adapter_(lm, CRITIC, tensors, p.reward_model)
@@ -169,13 +176,21 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
             head.weight.copy_(head_weight.reshape(head.weight.shape))
     else:
         draw_fresh_head_(types.SimpleNamespace(score=head, config=inner.config), torch.random.get_rng_state())
+    if p.reward_adapter:  # after the draws above, so they do not depend on it
+        lm.add_adapter(REWARD, copy.deepcopy(rm_source[0]))
+        _load_adapter_(lm, REWARD, rm_source[1], p.reward_model)
     # trainability is set here once; using_adapter never changes it (peft's set_adapter would)
     lm.requires_grad_(False)
     for name in (ACTOR, CRITIC):
         for q in adapter_parameters(lm, name).values():
             q.requires_grad_(True)
     lm.train()
-    return SharedBaseActorCritic(lm, head, sampling)
+    pair = SharedBaseActorCritic(lm, head, sampling)
+    if p.reward_adapter:  # frozen: a submodule so that it follows the model to its device, never trained
+        pair.reward_head = nn.Linear(inner.config.hidden_size, 1, bias=False, dtype=dtype).requires_grad_(False)
+        with torch.no_grad():
+            pair.reward_head.weight.copy_(rm_source[2].reshape(pair.reward_head.weight.shape))
+    return pair
 
 
 def _load_adapter_(lm: nn.Module, name: str, tensors: dict, source: str) -> None:
@@ -190,6 +205,40 @@ def _load_adapter_(lm: nn.Module, name: str, tensors: dict, source: str) -> None
                 raise ConfigError(f"'{source}': {key} has shape {tuple(tensors[key].shape)}, expected "
                                   f"{tuple(q.shape)} (another LoRA rank or base?)")
             q.copy_(tensors[key])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reward adapter
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class AdapterReward:
+    """rlhf.rewards.ModelReward's part for a LoRA reward model on the shared base (ppo.reward_adapter): [B] scores
+    at each row's last real token, from adapter "reward" and its score head. Bound to the model once it is built
+    (`bind`); it reads the policy's tokens (one base, one tokenizer)."""
+
+    name = "model"
+    shares_tokenizer = True
+
+    def __init__(self, tokenizer, batch_size: int):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.pair: Optional[SharedBaseActorCritic] = None
+
+    def bind(self, pair: SharedBaseActorCritic) -> None:
+        self.pair = pair
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        from ..models.forward import last_token_index
+
+        if self.pair is None:
+            raise RuntimeError("AdapterReward: no model bound yet (PPO.build_model binds it)")
+        parts = []
+        for i in range(0, len(input_ids), self.batch_size):
+            x, m = input_ids[i:i + self.batch_size], attention_mask[i:i + self.batch_size]
+            values = self.pair.head_outputs(REWARD, self.pair.reward_head, x, m)
+            parts.append(values.gather(1, last_token_index(m).unsqueeze(1)).squeeze(1))
+        return torch.cat(parts).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

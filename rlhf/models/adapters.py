@@ -49,11 +49,11 @@ def using_adapter(model: torch.nn.Module, name: Optional[str]) -> Iterator[torch
     layers = tuner_layers(model)
     if not layers:
         raise ValueError("using_adapter: the model has no LoRA layers")
-    if name is not None:
-        missing = [type(m).__name__ for m in layers if name not in m._get_available_adapters()]
-        if missing:
-            raise ValueError(f"using_adapter: adapter '{name}' is missing from {len(missing)} of {len(layers)} "
-                             f"LoRA layers (adapters here: {sorted(layers[0]._get_available_adapters())})")
+    # a layer without adapter `name` (adapters of different target modules) runs its base alone: peft's LoRA forward
+    # skips an active adapter the layer does not have
+    if name is not None and not any(name in m._get_available_adapters() for m in layers):
+        raise ValueError(f"using_adapter: no LoRA layer has an adapter '{name}' (adapters here: "
+                         f"{sorted(set().union(*(m._get_available_adapters() for m in layers)))})")
     saved = _state(layers)
     _set_state(layers, [([name], False) if name is not None else (active, True) for active, _ in saved])
     try:
