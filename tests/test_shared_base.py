@@ -359,6 +359,15 @@ def test_critic_starts_from_a_lora_reward_model(tiny_model_dir, sft_file, tmp_pa
     other.model.lora_r = 8  # another rank: the reward model's adapter does not fit... but its own config is used
     pair = build_shared_base(other, tok, SamplingConfig())
     assert pair.lm.peft_config[CRITIC].r == 4 and pair.lm.peft_config[ACTOR].r == 8
+    # a LoRA reward model of another base is refused, naming both bases
+    import json
+
+    config_file = os.path.join(rm_dir, "adapter_config.json")
+    adapter_config = json.load(open(config_file))
+    adapter_config["base_model_name_or_path"] = str(tmp_path / "another-base")
+    json.dump(adapter_config, open(config_file, "w"))
+    with pytest.raises(ConfigError, match=r"was trained on base '.*another-base', not on model.name_or_path="):
+        build_shared_base(cfg, tok, SamplingConfig())
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def needs_reference_adapter(ppo) -> bool:
     return ppo.ref_ema > 0 or ppo.ref_reset_every > 0
 
 
-def _reward_model_critic(path: str, base_path: str):
+def _lora_reward_model(path: str, base_path: str):
     """(LoraConfig, {adapter tensor name: tensor}, head weight) of a LoRA reward-model folder."""
     from peft import LoraConfig
     from safetensors.torch import load_file
@@ -127,9 +127,10 @@ def _reward_model_critic(path: str, base_path: str):
     config = LoraConfig.from_pretrained(folder)
     rm_base = config.base_model_name_or_path
     if rm_base and os.path.realpath(os.path.expanduser(rm_base)) != os.path.realpath(os.path.expanduser(base_path)):
-        raise ConfigError(f"ppo.critic_init=reward_model with ppo.shared_base: the LoRA reward model '{path}' was "
-                          f"trained on base '{rm_base}', not on model.name_or_path='{base_path}'; its adapter only "
-                          f"fits its own base (set ppo.critic_init: policy)")
+        raise ConfigError(f"ppo.reward_model: the LoRA reward model '{path}' was trained on base '{rm_base}', not "
+                          f"on model.name_or_path='{base_path}'; its adapter fits only its own base, so it can "
+                          f"neither start the critic adapter (set ppo.critic_init: policy) nor score as an adapter of "
+                          f"this base (set ppo.reward_adapter: false)")
     weights_file = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights_file):
         raise ConfigError(f"ppo.reward_model: '{path}' has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
@@ -152,7 +153,7 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
     if trainer is not None and (trainer.zero_stage == 3 or trainer.fsdp):
         raise ConfigError("ppo.shared_base=true: not supported under DeepSpeed ZeRO-3 or FSDP (the base is frozen "
                           "and the adapters are small: run it on one GPU, with DDP, or with ZeRO-1/2)")
-    rm_source = (_reward_model_critic(p.reward_model, m.name_or_path)
+    rm_source = (_lora_reward_model(p.reward_model, m.name_or_path)
                  if p.critic_init == "reward_model" or p.reward_adapter else None)
     critic_source = rm_source if p.critic_init == "reward_model" else None
     base = load_causal_lm(m, tokenizer, trainable=False)  # eval, frozen, dropout off
