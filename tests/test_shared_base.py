@@ -241,9 +241,12 @@ def test_reference_adapter_is_the_ema_of_the_actor_factors(tiny_model_dir, sft_f
 @pytest.mark.slow
 def test_frozen_reference_is_the_base_and_its_kl_is_exactly_zero_before_the_first_update(tiny_model_dir, sft_file,
                                                                                          tmp_path):
-    # the actor's LoRA B starts at 0, so actor == base == the adapters-off reference bit for bit: KL exactly 0
-    cfg = shared_config(tiny_model_dir, sft_file, str(tmp_path))
+    # the actor's LoRA B starts at 0, so actor == base == the adapters-off reference bit for bit: KL exactly 0.
+    # The evaluation harness runs too, generating with the actor adapter (eval/callback.py enters pair.actor()).
+    cfg = shared_config(tiny_model_dir, sft_file, str(tmp_path), logging__eval_every=4,
+                        logging__eval_testbed="assistant", logging__eval_limit=4, logging__eval_max_new_tokens=4)
     trainer, records = trained(cfg)
+    assert [r["step"] for r in records if "eval/assistant/gold/reward" in r] == [4]
     assert records[0]["objective/kl"] == 0.0 and records[0]["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert records[2]["objective/kl"] != 0.0  # after two updates the actor has left the base
     lm = trainer.algorithm._pair().lm

@@ -22,6 +22,9 @@ Over several ranks an iteration is a function of (seed, iteration, weights) alon
 Under ZeRO-3 the policy and critic are gathered once per rollout phase (Trainer.full_model), not per token, and the
 reference is a whole copy on every rank.
 
+With LoRA, ppo.shared_base runs the policy, the critic and the reference as adapters of one frozen base model
+(ppo_shared.py): PolicyAndCritic's roles (actor, policy_logits, values) are then adapters, not models.
+
 Metrics (means over all ranks). Once an iteration, in its first step: objective/scores (the reward sources' score),
 objective/kl (per-token KL estimate summed over a response), objective/rlhf_reward (summed per-token rewards),
 objective/kl_coef, reward/<source>, response/length_mean, response/eos_rate, critic/explained_variance,
