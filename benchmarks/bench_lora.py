@@ -167,11 +167,15 @@ def time_generation(model, tok, prompts, new_tokens: int) -> float:
     """Seconds of one static-engine generation of every prompt, after one warm-up call at the same shapes."""
     from rlhf.rollout import SamplingConfig, generate
 
+    import torch
+
     s = SamplingConfig(max_new_tokens=new_tokens, top_k=200, top_p=0.9)  # PPO's defaults
     seeds = list(range(len(prompts)))
+    gpu = torch.cuda.is_available()
 
-    def call():
-        return generate(model, tok, prompt_ids=prompts, sampling=s, batch_size=64, seeds=seeds, engine="static")
+    def call():  # under bf16 autocast, as PPO generates (peft keeps the adapters in float32)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            return generate(model, tok, prompt_ids=prompts, sampling=s, batch_size=64, seeds=seeds, engine="static")
     call()
     sync()
     t0 = time.perf_counter()
@@ -205,7 +209,8 @@ def run_gen(spec: dict) -> dict:
     with using_adapter(lm, "actor"):
         lora = time_generation(lm, tok, prompts, N)
     tokens = len(prompts) * N
-    return {"bare_tok_s": tokens / bare, "lora_tok_s": tokens / lora, "ratio": bare / lora,  # = LoRA tokens/s over bare tokens/s "peak_bytes": peak_bytes()}
+    # ratio: LoRA tokens/s over bare tokens/s (= bare seconds over LoRA seconds)
+    return {"bare_tok_s": tokens / bare, "lora_tok_s": tokens / lora, "ratio": bare / lora, "peak_bytes": peak_bytes()}
 
 
 def worker(spec: dict) -> None:

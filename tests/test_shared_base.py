@@ -15,8 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from rlhf.algorithms.ppo import PPO, PolicyAndCritic, on_response
-from rlhf.algorithms.ppo_shared import (ACTOR, CRITIC, REFERENCE, SharedBaseActorCritic, build_shared_base,
-                                        merged_state_dict)
+from rlhf.algorithms.ppo_shared import ACTOR, CRITIC, REFERENCE, build_shared_base
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer, token_values
 from rlhf.models.adapters import BASE, adapter_parameters, tuner_layers, using_adapter
