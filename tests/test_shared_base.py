@@ -382,6 +382,12 @@ def test_one_optimizer_holds_the_actor_then_the_critic_and_head(shared_run):
     assert [id(q) for q in groups[1]["params"]] == ([id(q) for q in adapter_parameters(lm, CRITIC).values()]
                                                     + [id(head.weight)])
     assert groups[0]["lr"] == cfg.optim.lr and groups[1]["lr"] == cfg.ppo.critic_lr
+    # both adapters trained in the same steps: their B factors (initialized at 0) moved, and AdamW holds state for
+    # every trainable tensor of both groups
+    for name in (ACTOR, CRITIC):
+        moved = [q for k, q in adapter_parameters(lm, name).items() if "lora_B" in k]
+        assert all(q.abs().max() > 0 for q in moved), name
+    assert all(trainer.optimizer.state[q] for g in groups for q in g["params"])
 
 
 @pytest.mark.slow
