@@ -173,6 +173,8 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     from transformers import AutoModelForSequenceClassification
 
     cfg = cfg or ModelConfig(name_or_path=path)
+    if is_lora_folder(path):
+        return _load_lora_scalar_model(path, cfg, tokenizer, trainable, field)
     rng = torch.random.get_rng_state()
     model, info = _from_pretrained(
         AutoModelForSequenceClassification, path, field,
@@ -180,6 +182,28 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     )
     if "score.weight" in info.get("missing_keys", ()):
         draw_fresh_head_(model, rng)
+    return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
+
+
+def is_lora_folder(path: str) -> bool:
+    """Whether `path` is a local peft adapter folder (adapter_config.json) rather than a whole model."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+
+
+def _load_lora_scalar_model(path: str, cfg: ModelConfig, tokenizer, trainable: bool, field: str):
+    """A LoRA scalar model (a peft sequence-classification adapter with its score head in modules_to_save, e.g. a
+    shared-base PPO run's final/critic/): its base (adapter_config.json's base_model_name_or_path) with the adapter
+    merged in, a plain sequence-classification model."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = PeftConfig.from_pretrained(os.path.expanduser(path)).base_model_name_or_path
+    if not base:
+        raise ConfigError(f"{field}='{path}': a LoRA adapter folder whose adapter_config.json names no "
+                          f"base_model_name_or_path; expected the base it was trained on")
+    model = _from_pretrained(AutoModelForSequenceClassification, base, f"{field} (its base model)", num_labels=1,
+                             **_load_kwargs(cfg, base))
+    model = PeftModel.from_pretrained(model, os.path.expanduser(path)).merge_and_unload()
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
 
 
