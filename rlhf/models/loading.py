@@ -111,6 +111,10 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
         ))
     if not trainable:
         model.eval().requires_grad_(False)
+    else:
+        # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
+        # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
+        model.train()
     return model
 
 
