@@ -6,7 +6,10 @@
 
 `config` is a TrainConfig, a dict of config values, or a YAML path; objects override their config field:
   model            model.name_or_path    a PreTrainedModel, trained in place; the steps after loading (log-prob
-                                         chunking, dropout off, gradient checkpointing, LoRA, Liger) apply to it
+                                         chunking, dropout off, gradient checkpointing, LoRA, Liger) apply to it,
+                                         at its own dtype and device. Reward modelling trains a one-output sequence
+                                         classifier in place; a causal LM becomes one with a fresh head (see PPO's
+                                         critic below), leaving the object as it was
   tokenizer        model.tokenizer       (TRL's `processing_class` is the same argument); without one, a model
                                          object takes its tokenizer from model.tokenizer, else the config's
                                          model.name_or_path, else the object's own `name_or_path` (from_pretrained's)
@@ -28,7 +31,8 @@
                                          run after the step (at the next step a checkpoint can be written), with a
                                          checkpoint, final/ and the closing evaluation as at a normal end
 A field given by an object holds '<object: ClassName>' in the run folder's config.yaml, which also starts with a
-comment naming every object. With an object model, model.name_or_path may be empty.
+comment naming every object. With an object model, model.name_or_path may be empty. A TrainConfig passed in is
+filled in place (as the Trainer always resolved mixed_precision in it).
 
 PPO's critic with critic_init=policy (or reward_model) and an object model: the object is written once to a
 temporary folder with save_pretrained and read back as a sequence classifier (rlhf.models.saved_pretrained), so the
@@ -110,7 +114,8 @@ class TrainerObjects:
                 raise ConfigError(f"ref_model= with dpo.reference={cfg.dpo.reference!r}, dpo.reference_free="
                                   f"{cfg.dpo.reference_free}: set dpo.reference to 'copy' or 'precomputed' to use it")
         if (self.reward_model is not None or self.reward_fns or self.reward_tokenizer is not None) and algo != "ppo":
-            raise ConfigError(f"reward_model=, reward_tokenizer=, reward_fns=: PPO's reward sources; algorithm is {algo}")
+            raise ConfigError(f"reward_model=, reward_tokenizer=, reward_fns=: PPO's reward sources; algorithm is "
+                              f"{algo}")
         if self.reward_tokenizer is not None and self.reward_model is None:
             raise ConfigError("reward_tokenizer= belongs to a reward_model= object; pass both")
         if self.reward_model is not None:

@@ -2,6 +2,10 @@
 
     from rlhf import Trainer, SFTConfig
     Trainer(cfg).train()          # or: rlhf train configs/sft_tiny.yaml [--resume | --overwrite] [--optim.lr 1e-4]
+    Trainer("configs/dpo_tiny.yaml", model=model, ref_model=ref, train_dataset=ds, callbacks=[cb]).train()
+
+Python objects (models, tokenizer, datasets, reward callables, a peft LoraConfig, callbacks) can take the place of
+what the config names by path: rlhf/api.py.
 
 It owns the accelerator, the optimizer and schedule, gradient accumulation and clipping, the run
 folder (config.yaml, metrics.jsonl, checkpoints/, final/), trackers, progress and resume. The

@@ -343,3 +343,50 @@ def test_callbacks_see_every_log_and_can_stop_the_run(tiny_model_dir, tmp_path):
     assert rec.saves == [checkpoint] and os.path.isdir(checkpoint)
     assert os.path.isdir(os.path.join(trainer.run_dir, "final"))
     assert rec.events == [("begin", 0), ("end", 2, result)]
+
+
+def test_ppo_reward_tokenizer_of_its_own_scores_texts(tiny_model_dir, tmp_path):
+    def one(prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    own = AutoTokenizer.from_pretrained(tiny_model_dir)
+    own.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # another template: another encoding
+    trainer = Trainer(ppo_values(tmp_path, model={"name_or_path": tiny_model_dir}), reward_model=reward,
+                      reward_tokenizer=own, reward_fns=[one])
+    rm = trainer.algorithm.reward.model
+    assert rm.model is reward and rm.tokenizer is own and not rm.shares_tokenizer
+    # the reward object scores the texts through its own tokenizer: the same as encoding them here
+    from rlhf.data.templates import encode_prompt, encode_response
+    from rlhf.models import scalar_scores
+
+    ids = torch.tensor([encode_prompt(own, "Why?") + encode_response(own, "Because.")])
+    with torch.no_grad():
+        expected = scalar_scores(reward, ids, torch.ones_like(ids))
+    torch.testing.assert_close(rm.score_texts(["Why?"], ["Because."]), expected.float(), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="reward_tokenizer= belongs to a reward_model= object"):
+        Trainer(ppo_values(tmp_path / "b", model={"name_or_path": tiny_model_dir}), reward_tokenizer=own,
+                reward_fns=[one])
+
+
+def test_resume_with_the_same_objects_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    import datasets
+
+    data = datasets.Dataset.from_list(rows("sft.jsonl", 16))
+    config = values("sft", tmp_path, optim={"max_steps": 4})
+
+    def run(out, resume=False, **kw):
+        logging = {**config["logging"], "output_dir": str(out)}
+        return Trainer({**config, "logging": logging}, model=llama(tiny_model_dir), train_dataset=data, resume=resume,
+                       **kw)
+
+    whole = run(tmp_path / "whole")
+    whole.train()
+    run(tmp_path / "parts", callbacks=[Recorder(stop_at=2)]).train()  # stops at step 2 with a checkpoint
+    resumed = run(tmp_path / "parts", resume=True)  # objects loaded again as at the start
+    resumed.train()
+    assert [r["step"] for r in read_metrics(os.path.join(resumed.run_dir, "metrics.jsonl"))] == [1, 2, 3, 4]
+    a = load_file(os.path.join(whole.run_dir, "final", "model.safetensors"))
+    b = load_file(os.path.join(resumed.run_dir, "final", "model.safetensors"))
+    for k in a:  # the same arithmetic in the same order on one CPU process: equal bit for bit
+        assert torch.equal(a[k], b[k]), k

@@ -10,8 +10,10 @@ log-probs (dpo.reference) come from
   adapter      the LoRA policy itself with its adapters disabled: no second copy in memory
   precomputed  one pass of the initial policy over the train + eval pairs before training, cached in
                <run>/ref_logps.pt and reused on resume
-or are dropped (dpo.reference_free). Metrics carry TRL's names: rewards/{chosen,rejected,accuracies,margins},
-logps/{chosen,rejected}, and eval/ versions of them and of the loss on data.eval.
+A ref_model object given to the Trainer (rlhf.api) takes the place of the initial policy in 'copy' and
+'precomputed'. Or the reference log-probs are dropped (dpo.reference_free). Metrics carry TRL's names:
+rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, and eval/ versions of them and of the loss on
+data.eval.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm
 from ..models.forward import pair_sequence_logprobs
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
+                         total_steps)
 
 REF_CACHE = "ref_logps.pt"
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -144,7 +147,8 @@ class DPO(Algorithm):
         given = self.trainer.objects.ref_model
         if given is None:
             return None
-        return load_causal_lm(self.cfg.model, self.trainer.tokenizer, trainable=False, model=given).to(self.trainer.device)
+        ref = load_causal_lm(self.cfg.model, self.trainer.tokenizer, trainable=False, model=given)
+        return ref.to(self.trainer.device)
 
     def prepared(self, model) -> None:
         if not self.cfg.dpo.reference_free:

@@ -31,7 +31,8 @@ from ..models import is_peft, load_scalar_model
 from ..models.forward import pair_scores
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
+                         total_steps)
 
 NORMALIZATION_FILE = "reward_normalization.json"
 EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")

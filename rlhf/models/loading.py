@@ -100,7 +100,7 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
         from peft import LoraConfig, get_peft_model
 
         task = "SEQ_CLS" if not hasattr(model, "lm_head") else "CAUSAL_LM"
-        if cfg.peft_config is not None:  # Trainer(peft_config=...); the task follows the model it wraps (policy, critic)
+        if cfg.peft_config is not None:  # Trainer(peft_config=...); the task follows the model it wraps
             lora = copy.deepcopy(cfg.peft_config)
             lora.task_type = task
         else:
