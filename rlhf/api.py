@@ -34,16 +34,17 @@ A field given by an object holds '<object: ClassName>' in the run folder's confi
 comment naming every object. With an object model, model.name_or_path may be empty. A TrainConfig passed in is
 filled in place (as the Trainer always resolved mixed_precision in it).
 
-PPO's critic with critic_init=policy (or reward_model) and an object model: the object is written once to a
-temporary folder with save_pretrained and read back as a sequence classifier (rlhf.models.saved_pretrained), so the
-critic starts from the same weights and draws the same fresh head as from a path, for any architecture, and shares
-no tensor with the policy.
+PPO's critic when its source (critic_init=policy: the policy; reward_model: the reward model) is given as an
+object: the object is written once to a temporary folder with save_pretrained and read back as a sequence classifier
+(rlhf.models.saved_pretrained), so the critic starts from the same weights and draws the same fresh head as from a
+path, for any architecture, and shares no tensor with the policy or the reward model.
 
 Resume: pass the same config and objects again, loaded as they were at the start of the run, not the objects the
 interrupted run trained in place (the checkpoint restores the trained weights; a frozen reference copy is taken from
 the model before that, and LoRA would wrap an already wrapped model). A config whose field holds '<object: ...>'
-(e.g. the run folder's config.yaml) needs that object passed again. Objects are tested on one process; under ZeRO-3
-and FSDP load the models from paths.
+(e.g. the run folder's config.yaml) needs that object passed again. DPO's cached reference log-probs (dpo.reference
+precomputed) are keyed by '<object: ClassName>', not by the object's weights: resume reuses them. Objects are tested
+on one process; under ZeRO-3 and FSDP load the models from paths.
 """
 
 from __future__ import annotations
