@@ -390,3 +390,18 @@ def test_resume_with_the_same_objects_equals_an_uninterrupted_run(tiny_model_dir
     b = load_file(os.path.join(resumed.run_dir, "final", "model.safetensors"))
     for k in a:  # the same arithmetic in the same order on one CPU process: equal bit for bit
         assert torch.equal(a[k], b[k]), k
+
+
+def test_reward_modelling_with_model_objects(tiny_model_dir, tmp_path):
+    scalar = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    start = clone_state(scalar)
+    Trainer(values("reward", tmp_path / "a", optim={"max_steps": 1}), model=scalar).train()
+    trunk = [k for k in start if not k.startswith("score")]
+    assert any(not torch.equal(scalar.state_dict()[k], start[k]) for k in trunk)  # trained in place
+    lm = llama(tiny_model_dir)  # a causal LM: a new scalar model from its weights, the object left as it was
+    lm_start = clone_state(lm)
+    built = Trainer(values("reward", tmp_path / "b"), model=lm)._build_model()
+    assert built is not lm and built.config.num_labels == 1
+    for k, v in built.model.state_dict().items():
+        assert torch.equal(v, lm_start[f"model.{k}"]), k
+    assert all(torch.equal(v, lm_start[k]) for k, v in lm.state_dict().items())
