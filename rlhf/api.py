@@ -24,7 +24,9 @@
                                          as '<object: NAME>' (NAME: its __name__) after the config's own; weighted
                                          by ppo.reward_weights like those, and logged as reward/NAME
   peft_config      model.lora_*          a peft LoraConfig applied instead of the lora_* values (which record its
-                                         r, alpha, dropout and target modules); it turns LoRA on
+                                         r, alpha, dropout and target modules); it turns LoRA on. PPO's shared base
+                                         (ppo.shared_base, model objects refused there) builds its adapters from
+                                         those recorded values
   callbacks        -                     objects with any of on_train_begin(trainer), on_log(trainer, metrics),
                                          on_step_end(trainer, step), on_save(trainer, checkpoint_path),
                                          on_train_end(trainer, result); setting trainer.should_stop = True stops the
@@ -119,6 +121,12 @@ class TrainerObjects:
                               f"{algo}")
         if self.reward_tokenizer is not None and self.reward_model is None:
             raise ConfigError("reward_tokenizer= belongs to a reward_model= object; pass both")
+        if algo == "ppo" and cfg.ppo.shared_base:
+            models = [n for n in ("model", "ref_model", "reward_model") if getattr(self, n) is not None]
+            if models:
+                raise ConfigError(f"{', '.join(n + '=' for n in models)} with ppo.shared_base=true: the shared base "
+                                  f"and its adapters are built from model.name_or_path and ppo.reward_model paths; "
+                                  f"pass those paths, or set ppo.shared_base: false")
         if self.reward_model is not None:
             cfg.ppo.reward_model = object_placeholder(self.reward_model)
         if algo == "ppo":

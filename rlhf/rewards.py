@@ -165,7 +165,13 @@ def build_reward(ppo: Any, model_cfg: Optional[ModelConfig] = None, tokenizer=No
     """The reward of a `PPOSection`: ppo.reward_model, ppo.reward_fns, ppo.reward_weights. Objects given to the
     Trainer (rlhf.api) take the place of what these name: `model` (and `model_tokenizer`) of ppo.reward_model, each
     callable in `fns` of the ppo.reward_fns entry '<object: its name>'."""
-    given = {object_placeholder(fn): fn for fn in fns}
     rm = (ModelReward(ppo.reward_model, model_cfg, tokenizer, device, ppo.rollout_micro_batch_size, model=model,
                       model_tokenizer=model_tokenizer) if ppo.reward_model else None)
-    return RewardSources(rm, [FunctionReward(p, given.get(p)) for p in ppo.reward_fns], ppo.reward_weights)
+    return RewardSources(rm, function_rewards(ppo.reward_fns, fns), ppo.reward_weights)
+
+
+def function_rewards(paths: Sequence[str], fns: Sequence[RewardFn] = ()) -> list[FunctionReward]:
+    """The programmatic rewards of ppo.reward_fns: each 'module:callable' imported, each '<object: name>' entry the
+    callable of that name in `fns` (given to the Trainer, rlhf.api)."""
+    given = {object_placeholder(fn): fn for fn in fns}
+    return [FunctionReward(p, given.get(p)) for p in paths]

@@ -32,10 +32,22 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
         raise ConfigError(f"{field}='{path}': could not load as a {where}: {first}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether `path` names a tokenizer: a hub name, or a local folder with tokenizer files. A model folder without
+    them is not one (AutoTokenizer would otherwise build an empty tokenizer of the config's model type)."""
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False,
                    revision: Optional[str] = None):
     from transformers import AutoTokenizer
 
+    if not has_tokenizer(path):
+        raise ConfigError(f"{field}='{path}': the folder holds no tokenizer files (one of "
+                          f"{', '.join(TOKENIZER_FILES)}); set model.tokenizer to the tokenizer's folder")
     extra = {"revision": revision} if revision else {}
     return ensure_pad_token(_from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code,
                                              **extra))
@@ -109,6 +121,10 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
         model = get_peft_model(model, lora)
     if not trainable:
         model.eval().requires_grad_(False)
+    else:
+        # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
+        # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
+        model.train()
     return model
 
 
@@ -196,6 +212,8 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     if model is not None:  # another model given as an object (a causal LM): a fresh scalar head, as from its folder
         with saved_pretrained(model) as folder:
             return load_scalar_model(folder, cfg, tokenizer, trainable, field)
+    if is_lora_folder(path):
+        return _load_lora_scalar_model(path, cfg, tokenizer, trainable, field)
     rng = torch.random.get_rng_state()
     model, info = _from_pretrained(
         AutoModelForSequenceClassification, path, field,
@@ -203,6 +221,28 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     )
     if "score.weight" in info.get("missing_keys", ()):
         draw_fresh_head_(model, rng)
+    return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
+
+
+def is_lora_folder(path: str) -> bool:
+    """Whether `path` is a local peft adapter folder (adapter_config.json) rather than a whole model."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+
+
+def _load_lora_scalar_model(path: str, cfg: ModelConfig, tokenizer, trainable: bool, field: str):
+    """A LoRA scalar model (a peft sequence-classification adapter with its score head in modules_to_save, e.g. a
+    shared-base PPO run's final/critic/): its base (adapter_config.json's base_model_name_or_path) with the adapter
+    merged in, a plain sequence-classification model."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = PeftConfig.from_pretrained(os.path.expanduser(path)).base_model_name_or_path
+    if not base:
+        raise ConfigError(f"{field}='{path}': a LoRA adapter folder whose adapter_config.json names no "
+                          f"base_model_name_or_path; expected the base it was trained on")
+    model = _from_pretrained(AutoModelForSequenceClassification, base, f"{field} (its base model)", num_labels=1,
+                             **_load_kwargs(cfg, base))
+    model = PeftModel.from_pretrained(model, os.path.expanduser(path)).merge_and_unload()
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
 
 
