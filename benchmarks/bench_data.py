@@ -146,8 +146,8 @@ def main() -> None:
     print(f"data: {data} ({os.path.getsize(data) / 2**20:.0f} MiB, written in {time.perf_counter() - start:.0f} s)",
           flush=True)
     rows = []
-    for which in args.which.split(","):
-        for n in (int(v) for v in args.num_proc.split(",")):
+    for n in (int(v) for v in args.num_proc.split(",")):
+        for which in args.which.split(","):
             cache = os.path.join(args.out, f"cache-{which}-{args.rows}-np{n}")
             shutil.rmtree(cache, ignore_errors=True)
             for state in ("cold", "warm"):

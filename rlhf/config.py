@@ -264,10 +264,11 @@ class TrainConfig:
         if self.model.tokenizer:
             check_local_path("model.tokenizer", self.model.tokenizer, "a tokenizer or model folder")
         if not self.data.train:
-            raise ConfigError("data.train: missing; expected a .jsonl/.json file, a folder, or a hub dataset name")
+            raise ConfigError("data.train: missing; expected a .jsonl/.json/.parquet file, a folder, or a hub dataset name")
         for key in ("train", "eval"):
             if getattr(self.data, key):
-                check_local_path(f"data.{key}", getattr(self.data, key), "a .jsonl/.json file or a folder", folder=False)
+                check_local_path(f"data.{key}", getattr(self.data, key), "a .jsonl/.json/.parquet file or a folder",
+                                 folder=False)
         if self.data.format not in DATA_FORMATS:
             raise ConfigError(f"data.format={self.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
         if len(self.optim.adam_betas) != 2:

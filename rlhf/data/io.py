@@ -1,7 +1,9 @@
-"""Read rows from JSONL/JSON files, folders or hub datasets, keeping where each row came from.
+"""Read rows from JSONL/JSON/parquet files, folders (of them, or written by save_to_disk) or hub datasets, keeping
+where each row came from.
 
 Every error names the file, the line (or row) and the field, so a user can open the file at the
-right place. Bad rows either stop the run or, with `data.on_bad_row: skip`, are counted and logged.
+right place: JSONL rows by line (`x.jsonl:17`), JSON-list, parquet, Arrow and hub rows by number (`x.parquet row:17`).
+`open_source` says how a spec is read; rlhf.data.mapped tokenizes its rows through `datasets.map`. Bad rows either stop the run or, with `data.on_bad_row: skip`, are counted and logged.
 """
 
 from __future__ import annotations

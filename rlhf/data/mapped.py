@@ -37,7 +37,8 @@ CACHE_VERSION = 1
 PROGRESS_ROWS = 10_000  # smaller sources are mapped without a progress bar
 # An encoder has: columns (names) and features() (their datasets types), settings() (what its output depends on
 # besides the tokenizer, for the cache key), tokenizer, resolve(rows) (decide anything that needs the whole source,
-# before the map; e.g. the preference format) and encode(row) -> {column: value} | Dropped, raising DataError.
+# before the map; e.g. the preference format) and encode(row) -> {column: value} | Dropped, raising DataError, or
+# encode_batch(rows) -> [{column: value} | Dropped | DataError] (one batched tokenizer call for many rows).
 ERROR_COLUMNS = ("_error_source", "_error_line", "_error_field", "_error_reason", "_dropped")
 
 
@@ -99,7 +100,7 @@ class JsonlLines(RowSource):
                 offset += len(raw)
         self.path, self.limit = path, limit
         self.dataset = datasets.Dataset.from_dict({"line": lines, "offset": offsets, "size": sizes})
-        
+
     def rows(self, batch: dict, indices: list[int]) -> list[Row]:
         out = []
         with open(self.path, "rb") as f:
@@ -159,16 +160,24 @@ def _encode_batch(batch: dict, indices: list[int], source: RowSource, encoder) -
     """The map function: every row of the batch -> the encoder's columns, or an error / a drop reason."""
     columns = {name: [] for name in encoder.columns + ERROR_COLUMNS}
     empty = {name: None for name in encoder.columns}
-    for row in source.rows(batch, indices):
+    rows = source.rows(batch, indices)
+    if hasattr(encoder, "encode_batch"):
+        results = encoder.encode_batch(rows)
+    else:
+        results = []
+        for row in rows:
+            try:
+                results.append(encoder.encode(row))
+            except DataError as e:
+                results.append(e)
+    for result in results:
         values, error, dropped = empty, None, None
-        try:
-            result = encoder.encode(row)
-            if isinstance(result, Dropped):
-                dropped = str(result)
-            else:
-                values = result
-        except DataError as e:
-            error = e
+        if isinstance(result, DataError):
+            error = result
+        elif isinstance(result, Dropped):
+            dropped = str(result)
+        else:
+            values = result
         for name in encoder.columns:
             columns[name].append(values[name])
         columns["_error_source"].append(error.source if error else None)
@@ -215,6 +224,9 @@ def map_source(source: RowSource, encoder, opts: MapOptions, key: Optional[str] 
     from datasets.fingerprint import generate_random_fingerprint
 
     encoder.resolve(source.head())
+    if not len(source.dataset):  # map would return the input's columns
+        features = _features(encoder)
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     kwargs: dict[str, Any] = dict(batched=True, with_indices=True, batch_size=1000, features=_features(encoder),
                                   remove_columns=source.dataset.column_names,
                                   fn_kwargs={"source": source, "encoder": encoder},
@@ -328,6 +340,9 @@ class Examples(Sequence):
     def __add__(self, other):
         return Concat([self, other])
 
+    def __radd__(self, other):
+        return Concat([other, self])
+
     def with_index_base(self, base: int) -> "Examples":
         return Examples(self.dataset, self.make, base)
 
@@ -348,6 +363,9 @@ class View(Sequence):
 
     def __add__(self, other):
         return Concat([self, other])
+
+    def __radd__(self, other):
+        return Concat([other, self])
 
 
 class Concat(Sequence):
@@ -376,3 +394,6 @@ class Concat(Sequence):
 
     def __add__(self, other):
         return Concat([self, other])
+
+    def __radd__(self, other):
+        return Concat([other, self])
