@@ -73,6 +73,7 @@ def write_rows(path: str, n: int, seed: int = 0) -> str:
 
 
 def child_rlhf(data: str, tokenizer: str, cache: str, num_proc: int) -> dict:
+    import datasets  # noqa: F401  imported before the clock starts, as in child_trl
     from transformers import AutoTokenizer
 
     from rlhf.data import BadRows
