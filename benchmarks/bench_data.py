@@ -51,17 +51,20 @@ def write_rows(path: str, n: int, seed: int = 0) -> str:
     if os.path.exists(path):
         return path
     rng = np.random.default_rng(seed)
-    words = np.array([f"t{i}" for i in range(WORDS)], dtype=object)
+    words = [f"t{i}" for i in range(WORDS)]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for start in range(0, n, 10_000):
             m = min(10_000, n - start)
-            lines = []
-            for _ in range(m):
-                p, c, r = (" ".join(words[rng.integers(0, WORDS, int(rng.integers(lo, hi + 1)))])
-                           for lo, hi in ((50, 70), (100, 140), (100, 140)))
-                c, r = " " + c, " " + r  # TRL joins prompt + response as text: the space keeps the words apart
-                lines.append(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n")
+            lengths = rng.integers([50, 100, 100], [71, 141, 141], size=(m, 3))
+            ids = rng.integers(0, WORDS, size=int(lengths.sum())).tolist()
+            lines, pos = [], 0
+            for p, c, r in lengths.tolist():
+                prompt = " ".join([words[i] for i in ids[pos:pos + p]])
+                chosen = " " + " ".join([words[i] for i in ids[pos + p:pos + p + c]])  # TRL joins prompt +
+                rejected = " " + " ".join([words[i] for i in ids[pos + p + c:pos + p + c + r]])  # response as text
+                pos += p + c + r
+                lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
             f.writelines(lines)
     os.replace(tmp, path)
     return path

@@ -128,3 +128,28 @@ def test_num_proc_must_be_positive(tmp_path):
         config_from_dict({"algorithm": "sft", "model": {"name_or_path": "gpt2"},
                           "data": {"train": "rows.jsonl", "num_proc": 0},
                           "logging": {"output_dir": str(tmp_path)}}).validate()
+
+
+def test_limit_takes_the_first_rows_of_every_source(tok, tmp_path, expected):
+    from rlhf.data.io import load_rows
+
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "rows.parquet"))
+    for spec in (path, str(tmp_path / "rows.parquet")):
+        assert [r.data["prompt"] for r in load_rows(spec, limit=2)] == [r["prompt"] for r in ROWS[:2]]
+        options = PairOptions(max_length=64, max_prompt_length=32, cache_dir=str(tmp_path / "cache"))
+        assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.index)
+                for p in load_pairs(spec, tok, options, BadRows(), limit=2)] == expected[:2]
+
+
+def test_pairs_are_a_sequence_whose_slices_and_sums_keep_each_pairs_position(tok, tmp_path):
+    from rlhf.data.preference import number_pairs
+
+    options = PairOptions(max_length=64, max_prompt_length=32, cache_dir=str(tmp_path / "cache"))
+    train = load_pairs(write_jsonl(tmp_path / "a.jsonl", ROWS), tok, options, BadRows())
+    held_out = load_pairs(write_jsonl(tmp_path / "b.jsonl", ROWS[:4]), tok, options, BadRows())
+    number_pairs(train, held_out)
+    both = train + held_out
+    assert len(both) == 10 and [e.index for e in both] == list(range(10))
+    assert [e.index for e in both[1::3]] == [1, 4, 7] and [e.index for e in both[1::3][1:]] == [4, 7]
+    assert both[7].chosen_ids == train[1].chosen_ids and list([] + train) == list(train[:]) == list(train)

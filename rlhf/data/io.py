@@ -237,8 +237,7 @@ def load_rows(spec: str, split: str = "train", limit: int = 0) -> list[Row]:
     """Rows of a .jsonl/.json/.parquet file, a folder holding `<split>.jsonl`, a save_to_disk folder, or a dataset
     via `datasets` (see open_source)."""
     identity, make_source = open_source(spec, split, limit)
-    source = make_source()
-    return source.list if hasattr(source, "list") else list(source.head())
+    return list(make_source().head())
 
 
 def open_source(spec: str, split: str = "train", limit: int = 0):

@@ -110,7 +110,10 @@ class JsonlLines(RowSource):
         return [r for r in out if r is not None]
 
     def head(self) -> Iterator[Row]:
-        yield from iter_jsonl(self.path)
+        for n, row in enumerate(iter_jsonl(self.path), start=1):
+            yield row
+            if n == self.limit:
+                return
 
 
 class RowsInMemory(RowSource):
