@@ -62,7 +62,7 @@ class DataConfig:
     train: str = opt("", "Training data: a .jsonl/.json/.parquet file, a folder (of them, or written by "
                          "save_to_disk), or a hub dataset name.")
     eval: Optional[str] = opt(None, "Held-out data, same forms as train.")
-    format: str = opt("auto", "Row format: auto, text, prompt_response, messages, preference, implicit_prompt, "
+    format: str = opt("auto", "Row format: auto, prompt_response, messages, text, preference, implicit_prompt, "
                               "hh-rlhf, pku-saferlhf, ultrafeedback, prompt.")
     train_split: str = opt("train", "Split name when loading a hub dataset or folder.")
     eval_split: str = opt("test", "Split name of the held-out data.")
@@ -437,7 +437,7 @@ RANGES: dict[str, Bound] = {
     "ppo.top_k": NONNEG, "ppo.top_p": Bound(0, 1, open_low=True),
 }
 
-DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "preference", "implicit_prompt", "hh-rlhf",
+DATA_FORMATS = ("auto", "prompt_response", "messages", "text", "preference", "implicit_prompt", "hh-rlhf",
                 "pku-saferlhf", "ultrafeedback", "prompt")
 
 
