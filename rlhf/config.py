@@ -62,9 +62,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("", "Training data: a .jsonl/.json file, a folder, or a hub dataset name.")
+    train: str = opt("", "Training data: a .jsonl/.json/.parquet file, a folder (of them, or written by "
+                         "save_to_disk), or a hub dataset name.")
     eval: Optional[str] = opt(None, "Held-out data, same forms as train.")
-    format: str = opt("auto", "Row format: auto, prompt_response, messages, preference, hh-rlhf, pku-saferlhf, ultrafeedback, prompt.")
+    format: str = opt("auto", "Row format: auto, prompt_response, messages, text, preference, implicit_prompt, "
+                              "hh-rlhf, pku-saferlhf, ultrafeedback, prompt.")
     train_split: str = opt("train", "Split name when loading a hub dataset or folder.")
     eval_split: str = opt("test", "Split name of the held-out data.")
     max_length: int = opt(512, "Maximum tokens of prompt + response.")
@@ -72,6 +74,9 @@ class DataConfig:
     limit: int = opt(0, "Use only the first N training rows (0 = all).")
     on_bad_row: Literal["error", "skip"] = opt("error", "What to do with a malformed row: stop naming it, or skip it and count it.")
     shuffle: bool = opt(True, "Shuffle every epoch (seeded).")
+    num_proc: int = opt(1, "Processes that convert and tokenize rows (datasets.map num_proc).")
+    cache_dir: str = opt("", "Folder of the tokenized-data cache (Arrow files keyed by data, tokenizer and options; "
+                             "reused by the next run with the same ones); empty: <HF_DATASETS_CACHE>/rlhf-tokenized.")
 
 
 @dataclass
@@ -269,10 +274,11 @@ class TrainConfig:
         if self.model.tokenizer:
             check_local_path("model.tokenizer", self.model.tokenizer, "a tokenizer or model folder")
         if not self.data.train:
-            raise ConfigError("data.train: missing; expected a .jsonl/.json file, a folder, or a hub dataset name")
+            raise ConfigError("data.train: missing; expected a .jsonl/.json/.parquet file, a folder, or a hub dataset name")
         for key in ("train", "eval"):
             if getattr(self.data, key):
-                check_local_path(f"data.{key}", getattr(self.data, key), "a .jsonl/.json file or a folder", folder=False)
+                check_local_path(f"data.{key}", getattr(self.data, key), "a .jsonl/.json/.parquet file or a folder",
+                                 folder=False)
         if self.data.format not in DATA_FORMATS:
             raise ConfigError(f"data.format={self.data.format!r}: expected one of {', '.join(DATA_FORMATS)}")
         if len(self.optim.adam_betas) != 2:
@@ -437,7 +443,7 @@ UNIT, UNIT_OPEN = Bound(0, 1), Bound(0, 1, open_high=True)
 RANGES: dict[str, Bound] = {
     "seed": Bound(0, 2**31 - 1),  # numpy's seed must stay below 2**32 after adding the rank
     "model.lora_r": NONNEG, "model.lora_alpha": POS, "model.lora_dropout": UNIT_OPEN, "model.logprob_chunk_size": NONNEG,
-    "data.max_length": POS, "data.max_prompt_length": POS, "data.limit": NONNEG,
+    "data.max_length": POS, "data.max_prompt_length": POS, "data.limit": NONNEG, "data.num_proc": POS,
     "optim.lr": POS, "optim.weight_decay": NONNEG, "optim.adam_betas": UNIT_OPEN, "optim.adam_eps": POS,
     "optim.warmup_ratio": UNIT_OPEN, "optim.max_grad_norm": NONNEG, "optim.batch_size": POS,
     "optim.micro_batch_size": POS, "optim.epochs": POS, "optim.max_steps": NONNEG,
@@ -459,7 +465,8 @@ RANGES: dict[str, Bound] = {
     "ppo.top_k": NONNEG, "ppo.top_p": Bound(0, 1, open_low=True),
 }
 
-DATA_FORMATS = ("auto", "prompt_response", "messages", "preference", "hh-rlhf", "pku-saferlhf", "ultrafeedback", "prompt")
+DATA_FORMATS = ("auto", "prompt_response", "messages", "text", "preference", "implicit_prompt", "hh-rlhf",
+                "pku-saferlhf", "ultrafeedback", "prompt")
 
 
 def check_ranges(cfg: Any) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ConfigError, DPOSection
 from ..data import BadRows
-from ..data.preference import PairBatch, PairOptions, collate_pairs
+from ..data.preference import PairBatch, PairOptions, collate_pairs, number_pairs
 from ..losses import dpo_loss
 from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
 from ..models.forward import pair_sequence_logprobs
@@ -124,8 +124,7 @@ class DPO(Algorithm):
         dropped, dropped_eval = {}, {}
         self.train_pairs = load_pair_examples(trainer, "train", opts, self.bad, dropped)
         self.eval_pairs = load_pair_examples(trainer, "eval", opts, bad_eval, dropped_eval) if d.eval else []
-        for i, example in enumerate(self.train_pairs + self.eval_pairs):
-            example.index = i  # keys the precomputed reference table
+        number_pairs(self.train_pairs, self.eval_pairs)  # positions key the precomputed reference table
         self.skipped = report_skipped(trainer, self.bad, "train")
         self.skipped.update(report_dropped(trainer, dropped, "train"))
         if d.eval:

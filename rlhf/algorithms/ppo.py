@@ -50,7 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..data import BadRows, DataError, encode_prompt, prompt_text
+from ..data import BadRows, DataError
+from ..data.io import open_source
+from ..data.mapped import MapOptions, RowsInMemory, encode_source
+from ..data.prompts import PromptEncoder, prompt_columns
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
                       position_ids_from_mask, saved_pretrained, token_logprobs, token_values, whole_loading)
@@ -380,18 +383,15 @@ class PPO(Algorithm):
 
     def _load_prompts(self) -> list[PromptRow]:
         d, tok = self.cfg.data, self.trainer.tokenizer
-        bad, out = BadRows(d.on_bad_row), []
-        for row in self.trainer.rows("train"):
-            try:
-                prompt = row.get("prompt", (str, list))
-                ids = encode_prompt(tok, prompt)
-                if len(ids) > d.max_prompt_length:
-                    raise row.fail("prompt", f"{len(ids)} tokens > data.max_prompt_length={d.max_prompt_length}")
-            except DataError as e:
-                bad(e)
-                continue
-            text = prompt if isinstance(prompt, str) else prompt_text(tok, prompt)
-            out.append(PromptRow(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}, prompt))
+        bad = BadRows(d.on_bad_row)
+        if self.trainer.objects.dataset("train") is not None:  # Trainer(train_dataset=...): rows already in memory
+            rows = self.trainer.rows("train")
+            identity, make_source = None, lambda: RowsInMemory(rows)
+        else:
+            identity, make_source = open_source(d.train, d.train_split, d.limit)
+        encoded = encode_source(make_source, identity, PromptEncoder(tok, d.max_prompt_length), bad,
+                                MapOptions.from_config(d), make=prompt_columns)
+        out = [PromptRow(*columns) for columns in encoded]
         self.skipped = report_skipped(self.trainer, bad, "train")
         if not out:
             raise DataError(d.train, 0, "prompt", "no usable prompt rows")

@@ -1,7 +1,9 @@
-"""Read rows from JSONL/JSON files, folders or hub datasets, keeping where each row came from.
+"""Read rows from JSONL/JSON/parquet files, folders (of them, or written by save_to_disk) or hub datasets, keeping
+where each row came from.
 
 Every error names the file, the line (or row) and the field, so a user can open the file at the
-right place. Bad rows either stop the run or, with `data.on_bad_row: skip`, are counted and logged.
+right place: JSONL rows by line (`x.jsonl:17`), JSON-list, parquet, Arrow and hub rows by number (`x.parquet row:17`).
+`open_source` says how a spec is read; rlhf.data.mapped tokenizes its rows through `datasets.map`. Bad rows either stop the run or, with `data.on_bad_row: skip`, are counted and logged.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class DataError(ValueError):
 
 
 # Row fields that hold chat transcripts when they are lists; every other field is read as given.
-TRANSCRIPT_FIELDS = ("prompt", "messages", "chosen", "rejected")
+TRANSCRIPT_FIELDS = ("prompt", "messages", "chosen", "rejected", "completion")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -150,16 +152,39 @@ def _file_of(source: str) -> str:
     return source[:-len(" row")] if source.endswith(" row") else source
 
 
-def _read_lines(path: str) -> Iterator[tuple[int, str | None, str]]:
-    """(line number, text or None, why not) of every line, decoded as UTF-8 one line at a time."""
+def is_blank_line(lineno: int, raw: bytes) -> bool:
+    """A line of JSON whitespace only (after a BOM at the start of the file, which some editors write): no row.
+    Other blank-looking characters are a bad row, not a gap."""
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    return not raw.rstrip(b"\r\n").strip(b" \t")
+
+
+def parse_line(path: str, lineno: int, raw: bytes) -> Optional[Row]:
+    """The Row of one JSONL line (an unreadable Row if it is no UTF-8, no JSON or no object), or None if blank."""
+    if is_blank_line(lineno, raw):
+        return None
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        return Row.unreadable(path, lineno, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line")
+    value, why = _parse(line)
+    if why:
+        return Row.unreadable(path, lineno, why)
+    if not isinstance(value, dict):
+        return Row.unreadable(path, lineno, f"expected a JSON object, got {_json_type(value)}")
+    return Row(value, path, lineno)
+
+
+def iter_jsonl(path: str) -> Iterator[Row]:
+    """One Row per non-blank line, read lazily; a line that cannot be read becomes an unreadable Row (see Row)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # some editors start a file with one; it is not data
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n"), ""
-            except UnicodeDecodeError as e:
-                yield lineno, None, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+            row = parse_line(path, lineno, raw)
+            if row is not None:
+                yield row
 
 
 def _parse(text: str) -> tuple[Any, str]:
@@ -174,21 +199,7 @@ def _parse(text: str) -> tuple[Any, str]:
 
 def read_jsonl(path: str) -> list[Row]:
     """One Row per non-blank line; a line that cannot be read becomes an unreadable Row (see Row)."""
-    rows = []
-    for lineno, line, why in _read_lines(path):
-        if line is None:
-            rows.append(Row.unreadable(path, lineno, why))
-            continue
-        if not line.strip(" \t"):  # JSON whitespace only; other blank-looking characters are a bad row, not a gap
-            continue
-        value, why = _parse(line)
-        if why:
-            rows.append(Row.unreadable(path, lineno, why))
-        elif not isinstance(value, dict):
-            rows.append(Row.unreadable(path, lineno, f"expected a JSON object, got {_json_type(value)}"))
-        else:
-            rows.append(Row(value, path, lineno))
-    return rows
+    return list(iter_jsonl(path))
 
 
 def _json_type(value: Any) -> str:
@@ -223,33 +234,63 @@ def read_json(path: str) -> list[Row]:
 
 
 def load_rows(spec: str, split: str = "train", limit: int = 0) -> list[Row]:
-    """Rows of a .jsonl/.json file, a folder holding `<split>.jsonl`, or a dataset via `datasets`."""
+    """Rows of a .jsonl/.json/.parquet file, a folder holding `<split>.jsonl`, a save_to_disk folder, or a dataset
+    via `datasets` (see open_source)."""
+    identity, make_source = open_source(spec, split, limit)
+    return list(make_source().head())
+
+
+def open_source(spec: str, split: str = "train", limit: int = 0):
+    """(identity, make_source) of a data spec: `make_source()` builds the RowSource (rlhf.data.mapped) the map
+    reads; `identity` names its data for the tokenization cache. JSON(L) files are read by our reader (rows named
+    file:line); everything else through `datasets` as Arrow (rows named '<spec>[<split>] row:N', or '<file> row:N'):
+      a file: .jsonl, .json (a list of objects), .parquet, .arrow, .csv
+      a folder: `<split>.jsonl` in it; a `Dataset.save_to_disk` folder; a `DatasetDict.save_to_disk` folder (its
+                split `split`); otherwise datasets' own layouts (data/<split>-*.jsonl, parquet shards, ...)
+      a hub dataset name (`datasets.load_dataset(name, split=split)`)."""
     from ..config import looks_local
+    from .mapped import ArrowRows, JsonlLines, RowsInMemory, file_identity
 
     if not os.path.exists(spec) and looks_local(spec):  # a mistyped path: say so instead of asking the hub
-        raise DataError(spec, 0, None, "no such file or folder; expected a .jsonl/.json file, a folder, or a hub "
-                                       "dataset name")
-    if os.path.isfile(spec):
-        rows = read_jsonl(spec) if spec.endswith(".jsonl") else read_json(spec) if spec.endswith(".json") else None
-        if rows is None:
-            rows = _load_with_datasets(spec, split)
-    elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, f"{split}.jsonl")):
-        rows = read_jsonl(os.path.join(spec, f"{split}.jsonl"))
-    else:
-        rows = _load_with_datasets(spec, split)
+        raise DataError(spec, 0, None, "no such file or folder; expected a .jsonl/.json/.parquet file, a folder, or "
+                                       "a hub dataset name")
+    jsonl = spec if os.path.isfile(spec) and spec.endswith(".jsonl") else os.path.join(spec, f"{split}.jsonl")
+    if os.path.isfile(jsonl):
+        return f"{file_identity(jsonl)}:{limit}", lambda: JsonlLines(jsonl, limit)
+    if os.path.isfile(spec) and spec.endswith(".json"):
+        return f"{file_identity(spec)}:{limit}", lambda: RowsInMemory(_limited(read_json(spec), limit))
+    ds, name = _load_with_datasets(spec, split)
+    if limit and limit < len(ds):
+        ds = ds.select(range(limit))
+    source = ArrowRows(ds, name)
+    return source.identity, lambda: source
+
+
+def _limited(rows: list, limit: int) -> list:
     return rows[:limit] if limit else rows
 
 
-def _load_with_datasets(spec: str, split: str) -> list[Row]:
+def _load_with_datasets(spec: str, split: str):
+    """(Dataset, name of its rows) of a file, folder or hub name that our JSON readers do not read."""
     import datasets
 
     try:
+        if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "dataset_dict.json")):  # DatasetDict.save_to_disk
+            splits = datasets.load_from_disk(spec)
+            if split not in splits:
+                raise DataError(spec, 0, None, f"no split '{split}' in this save_to_disk folder; it has "
+                                               f"{', '.join(splits)} (set data.train_split / data.eval_split)")
+            return splits[split], f"{spec}[{split}] row"
+        if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "state.json")):  # Dataset.save_to_disk
+            return datasets.load_from_disk(spec), f"{spec} row"
         if os.path.isfile(spec):
             ext = os.path.splitext(spec)[1].lstrip(".")
+            if ext == "arrow":
+                return datasets.Dataset.from_file(spec), f"{spec} row"
             builder = {"parquet": "parquet", "csv": "csv", "gz": "json"}.get(ext, "json")
-            ds = datasets.load_dataset(builder, data_files={split: spec}, split=split)
-        else:
-            ds = datasets.load_dataset(spec, split=split)
+            return datasets.load_dataset(builder, data_files={split: spec}, split=split), f"{spec} row"
+        return datasets.load_dataset(spec, split=split), f"{spec}[{split}] row"
+    except DataError:
+        raise
     except Exception as e:  # datasets raises many types; the user needs the spec and the reason
         raise DataError(spec, 0, None, f"could not load split '{split}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return [Row(dict(r), f"{spec}[{split}] row", i + 1) for i, r in enumerate(ds)]

@@ -33,6 +33,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """encode_text of each text, in one batched tokenizer call."""
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
+
+
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return encode_text(tokenizer, prompt_text(tokenizer, prompt))
 
@@ -61,6 +67,13 @@ def assistant_spans(tokenizer, messages: list, prompt_ids: list[int]) -> list[tu
 def encode_response(tokenizer, response: str, add_eos: bool = True) -> list[int]:
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
+    """encode_response (EOS appended) of each response, in one batched tokenizer call."""
+    ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    eos = [tokenizer.eos_token_id]
+    return [r + eos for r in ids]
 
 
 def split_messages(messages: list) -> tuple[list, str]:
