@@ -1,10 +1,14 @@
 """Load tokenizers, causal LMs and scalar-head models through `from_pretrained`.
 
-A hub name, a local folder and a folder written by `rlhf init-model` all take this one path.
+A hub name, a local folder and a folder written by `rlhf init-model` all take this one path. A LoRA adapter folder
+(adapter_config.json + adapter_model.safetensors: a LoRA run's final/ or checkpoint) loads as its base model
+(`base_model_name_or_path` in adapter_config.json) with the adapter merged in: what it scores and generates is the
+trained model's, and training from it starts from that model (with fresh adapters when model.lora_r > 0).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -30,6 +34,44 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
         where = "local folder" if os.path.isdir(path) else "hub name or local folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{field}='{path}': could not load as a {where}: {first}") from None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str) -> Optional[str]:
+    """The base model of a LoRA adapter folder (from its adapter_config.json); None for any other path."""
+    config = os.path.join(os.path.expanduser(path), ADAPTER_CONFIG)
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config}: not a readable adapter config ({e})") from None
+    if not base:
+        raise ConfigError(f"{config}: no base_model_name_or_path; the adapter cannot be loaded without its base")
+    return base
+
+
+def _load(loader, path: str, field: str, tokenizer=None, fix_base=None, **kwargs):
+    """`loader.from_pretrained(path)`, or for an adapter folder its base with the adapter merged in. `fix_base`
+    takes what from_pretrained returned and gives the model, before any adapter goes over it."""
+    base = adapter_base(path)
+    where = field if base is None else f"base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)}"
+    loaded = _from_pretrained(loader, base or path, where, **kwargs)
+    model = fix_base(loaded) if fix_base else loaded
+    if base is None:
+        return model
+    if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))  # as training did before it added the adapter
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, os.path.expanduser(path)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{field}='{path}': could not load the LoRA adapter over {base}: {first}") from None
 
 
 def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False,
@@ -118,7 +160,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, path: Optional[str] = None,
     from transformers import AutoModelForCausalLM
 
     path = path or cfg.name_or_path
-    model = _from_pretrained(AutoModelForCausalLM, path, field, **_load_kwargs(cfg, path))
+    model = _load(AutoModelForCausalLM, path, field, tokenizer, **_load_kwargs(cfg, adapter_base(path) or path))
     return _finish(model, cfg, tokenizer, trainable)
 
 
@@ -162,12 +204,14 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
 
     cfg = cfg or ModelConfig(name_or_path=path)
     rng = torch.random.get_rng_state()
-    model, info = _from_pretrained(
-        AutoModelForSequenceClassification, path, field,
-        num_labels=1, output_loading_info=True, **_load_kwargs(cfg, path),
-    )
-    if "score.weight" in info.get("missing_keys", ()):
-        draw_fresh_head_(model, rng)
+
+    def fresh_head(loaded):
+        model, info = loaded
+        if "score.weight" in info.get("missing_keys", ()):
+            draw_fresh_head_(model, rng)
+        return model
+    model = _load(AutoModelForSequenceClassification, path, field, tokenizer, fresh_head, num_labels=1,
+                  output_loading_info=True, **_load_kwargs(cfg, adapter_base(path) or path))
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
 
 
