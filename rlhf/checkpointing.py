@@ -82,34 +82,30 @@ def _load_trainable(models: list, input_dir: str) -> None:
         path = os.path.join(input_dir, name)
         if not os.path.exists(path):
             raise CheckpointError(f"{path} is missing: the checkpoint holds no trainable weights for this model")
-        saved = load_file(path)
-        expected = set(trainable_names(model))
-        if set(saved) != expected:
-            raise CheckpointError(_mismatch(path, set(saved), expected))
-        model.load_state_dict(saved, strict=False)
+        _checked_load(path, load_file(path), model)
         del models[i]
 
 
-def _mismatch(path: str, saved: set, expected: set) -> str:
+def _checked_load(source: str, saved: dict, model: torch.nn.Module) -> None:
+    """Load a trainable-only state dict over `model`: it must hold every trainable parameter and nothing the model
+    lacks. (It may hold frozen aliases: DeepSpeed keeps a tied lm_head.weight, which is not in named_parameters.)"""
+    missing = set(trainable_names(model)) - set(saved)
+    unknown = set(saved) - set(model.state_dict())
+
     def few(names):
         names = sorted(names)
         return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    parts = []
-    if expected - saved:
-        parts.append(f"missing {few(expected - saved)}")
-    if saved - expected:
-        parts.append(f"not trainable in this model: {few(saved - expected)}")
-    return (f"{path}: its tensors are not this model's trainable parameters ({'; '.join(parts)}); was it written "
-            f"with other model.lora_* settings?")
+    if missing or unknown:
+        parts = ([f"missing {few(missing)}"] if missing else []) + ([f"not in this model: {few(unknown)}"]
+                                                                   if unknown else [])
+        raise CheckpointError(f"{source}: its tensors are not this model's trainable parameters ({'; '.join(parts)})"
+                              f"; was it written with other model.lora_* settings?")
+    model.load_state_dict(saved, strict=False)
 
 
 def _deepspeed_checked_load(src: dict, dst: torch.nn.Module) -> None:
-    """DeepSpeed's custom_load_fn for a checkpoint saved without frozen parameters: the saved module state must be
-    exactly the trainable parameters."""
-    expected = set(trainable_names(dst))
-    if set(src) != expected:
-        raise CheckpointError(_mismatch("the DeepSpeed checkpoint's module state", set(src), expected))
-    dst.load_state_dict(src, strict=False)
+    """DeepSpeed's custom_load_fn for a checkpoint saved without frozen parameters."""
+    _checked_load("the DeepSpeed checkpoint's module state", src, dst)
 
 
 @contextmanager

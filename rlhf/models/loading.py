@@ -63,6 +63,9 @@ def _load(loader, path: str, field: str, tokenizer=None, fix_base=None, **kwargs
     model = fix_base(loaded) if fix_base else loaded
     if base is None:
         return model
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # loaded straight into ZeRO-3 partitions
+        raise ConfigError(f"{field}='{path}' is a LoRA adapter folder, which cannot be merged into a ZeRO-3 "
+                          f"partitioned model as it loads; merge it first: rlhf export {path} MERGED_FOLDER")
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))  # as training did before it added the adapter
     from peft import PeftModel
