@@ -61,12 +61,19 @@ def test_a_lora_checkpoint_holds_only_the_trainable_tensors(lora_run, tiny_model
     assert written < base / 5, (written, base)
 
 
-def test_stopped_and_resumed_lora_run_is_the_uninterrupted_run(lora_run, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["state/", "flat"])
+def test_stopped_and_resumed_lora_run_is_the_uninterrupted_run(layout, lora_run, tiny_model_dir, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(os.path.dirname(lora_run), out)
     run = out / "run"
     shutil.rmtree(run / "checkpoints" / "step_000006")
     shutil.rmtree(run / "final")
+    if layout == "flat":  # a checkpoint written before state/ existed: accelerate's files at the top
+        c = run / "checkpoints" / "step_000003"
+        for name in os.listdir(c / "state"):
+            os.replace(c / "state" / name, c / name)
+        os.rmdir(c / "state")
+        ckpt.write_manifest(str(c), "step_000003", 3, str(run))
     trainer = Trainer(lora_config(tiny_model_dir, out), resume=True)
     assert os.path.basename(trainer.resume_from) == "step_000003"
     trainer.train()
