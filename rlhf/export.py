@@ -29,20 +29,24 @@ def _model_config(path: str) -> tuple[dict, Optional[dict]]:
     if not os.path.isdir(path):
         raise ConfigError(f"export: '{path}' is not a folder; expected a checkpoint folder or final/ of an rlhf run")
     base = adapter_base(path)
-    adapter = None
-    if base:
+    if base:  # the base: a local folder or a hub name
+        from transformers import AutoConfig
+
         with open(os.path.join(path, ADAPTER_CONFIG)) as f:
             adapter = json.load(f)
-    config = os.path.join(base or path, "config.json")
+        try:
+            return AutoConfig.from_pretrained(os.path.expanduser(base)).to_dict(), adapter
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"export: {os.path.join(path, ADAPTER_CONFIG)} names the base '{base}', which could "
+                              f"not be loaded: {first}") from None
+    config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
-        if base:
-            raise ConfigError(f"export: {os.path.join(path, ADAPTER_CONFIG)} names the base '{base}', which is not a "
-                              f"local model folder (no config.json there)")
         hint = f" (did you mean {os.path.join(path, 'final')}?)" if os.path.isdir(os.path.join(path, "final")) else ""
         raise ConfigError(f"export: '{path}' is not a model folder: it has neither config.json nor {ADAPTER_CONFIG}"
                           f"{hint}")
     with open(config) as f:
-        return json.load(f), adapter
+        return json.load(f), None
 
 
 def export_model(src: str, out: str, dtype: Optional[str] = None, overwrite: bool = False) -> str:
