@@ -15,7 +15,8 @@ Under DeepSpeed ZeRO-3 and FSDP, `full_model` gives whole weights for generation
 Faults: a step whose loss, gradient norm or reward-model score is not finite is skipped (the weights and optimizer
 state stay), and optim.max_skipped_steps of them in a row stop the run; no checkpoint or final/ is ever written with
 a non-finite weight. SIGTERM and SIGINT finish the current step, write a checkpoint and stop (exit 143 / 130 from
-`rlhf train`). Checkpoints carry a manifest (rlhf/checkpoints.py) that resume verifies.
+`rlhf train`). Checkpoints carry a manifest (rlhf/checkpoints.py) that resume verifies; what they hold (the model as
+in final/, and the training state, trainable tensors only under LoRA) is rlhf/checkpointing.py's.
 """
 
 from __future__ import annotations
