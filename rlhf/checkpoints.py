@@ -2,8 +2,8 @@
 
 A checkpoint is `<run>/checkpoints/step_NNNNNN/` holding whatever the accelerator and the algorithm wrote (laid out
 by rlhf/checkpointing.py), plus `manifest.json`, written last: the relative path, size and hash of every file, the
-step and the folder's own name. A folder is a checkpoint only if its manifest names it, so a half-written `step_000020.tmp` or a copied
-`step_000020.bak` is never taken for one. Resume verifies the manifest against the files and falls back to the
+step and the folder's own name. A folder is a checkpoint only if its manifest names it, so a half-written
+`step_000020.tmp` or a copied `step_000020.bak` is never taken for one. Resume verifies the manifest against the files and falls back to the
 previous good checkpoint when the newest is damaged.
 
 Run-level files that an algorithm caches next to the checkpoints (DPO's `ref_logps.pt`) are recorded in the

@@ -106,7 +106,8 @@ def logprobs(model, tokenizer) -> torch.Tensor:
     batch = tokenizer(["The quick brown fox jumps over", "Hello there, how are you"], return_tensors="pt",
                       padding=True)
     with torch.no_grad():
-        return token_logprobs(model.eval(), batch["input_ids"], batch["attention_mask"]) * batch["attention_mask"][:, 1:]
+        lp = token_logprobs(model.eval(), batch["input_ids"], batch["attention_mask"])
+    return lp * batch["attention_mask"][:, 1:]
 
 
 def test_lora_checkpoint_loads_as_its_model_and_exports_merged(lora_run, tiny_model_dir, tmp_path):
@@ -140,7 +141,7 @@ def assert_close_far_from(got, want, other, atol=1e-5) -> bool:
     return True
 
 
-def test_full_checkpoint_is_a_from_pretrained_model(tiny_model_dir, sft_file, tmp_path, capsys):
+def test_full_checkpoint_is_a_from_pretrained_model(tiny_model_dir, sft_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     Trainer(sft_config(tiny_model_dir, sft_file, str(tmp_path), optim__max_steps=2, logging__save_every=2)).train()
