@@ -88,7 +88,7 @@ def _load_trainable(models: list, input_dir: str) -> None:
 
 def _checked_load(source: str, saved: dict, model: torch.nn.Module) -> None:
     """Load a trainable-only state dict over `model`: it must hold every trainable parameter and nothing the model
-    lacks. (It may hold frozen aliases: DeepSpeed keeps a tied lm_head.weight, which is not in named_parameters.)"""
+    lacks (frozen tensors it holds, as checkpoints written before _without_frozen_aliases do, are loaded too)."""
     missing = set(trainable_names(model)) - set(saved)
     unknown = set(saved) - set(model.state_dict())
 
@@ -124,13 +124,36 @@ def _deepspeed_partial(trainer: "Trainer") -> bool:
     return trainer.accelerator.distributed_type == DistributedType.DEEPSPEED and has_frozen(trainer.model)
 
 
+@contextmanager
+def _without_frozen_aliases(engine) -> Iterator[None]:
+    """DeepSpeed's exclude_frozen_parameters drops the frozen names of named_parameters, which lists a tied weight
+    once: the alias (lm_head.weight, tied to the embeddings) stays in the module state, a vocabulary-sized matrix.
+    For the block, the engine's module_state_dict drops every frozen name."""
+    frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        state = original(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters"):
+            for name in frozen & set(state):
+                del state[name]
+        return state
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the class's method again
+
+
 def save_state(trainer: "Trainer", folder: str) -> None:
     """accelerate's save_state, the frozen base left out; every rank writes its part."""
-    acc, extra = trainer.accelerator, {}
-    if _deepspeed_partial(trainer):
-        extra["exclude_frozen_parameters"] = True
+    acc = trainer.accelerator
     with _hooks(acc):
-        acc.save_state(folder, **extra)
+        if _deepspeed_partial(trainer):
+            with _without_frozen_aliases(trainer.model):
+                acc.save_state(folder, exclude_frozen_parameters=True)
+        else:
+            acc.save_state(folder)
 
 
 def load_state(trainer: "Trainer", folder: str) -> None:
