@@ -8,7 +8,8 @@ at real model shapes, in one run on one GPU.
 Models are built from the Qwen2.5 configs (random init, bf16, vocabulary 151,936) with no download; prompts are
 random token ids of --prompt-len tokens, and EOS is set to an id the model never samples in practice, so every row
 generates --new-tokens tokens and the engines do equal work. Each engine samples at temperature 1 with no top-k /
-top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9).
+top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9)
+(`static-ppo`), and reading the whole KV cache at every step instead of its filled blocks (`static-whole`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -83,7 +84,9 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
         seeds = list(range(len(prompts)))
 
         def call():
-            return StaticEngine().generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
+            # static-whole: attention reads the whole cache every step (kv_block 0), for comparison
+            engine = StaticEngine(kv_block=0) if "whole" in name else StaticEngine()
+            return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     else:
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
@@ -106,6 +109,25 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
     return seconds
 
 
+def profile(model, tok, cfg, batch: int, prompt_len: int, new_tokens: int) -> None:
+    """Where one generation's GPU time goes: kernels by total CUDA time, after a warm-up call at the same shapes."""
+    from rlhf.rollout import SamplingConfig
+    from rlhf.rollout.static import StaticEngine
+
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(1, cfg.vocab_size - 1, (batch, prompt_len), generator=g).tolist()
+    engine = StaticEngine(use_graph=False, compile=True)
+    for kw in ({}, {"top_k": 200, "top_p": 0.9}):
+        s = SamplingConfig(max_new_tokens=new_tokens, **kw)
+        engine.generate(model, tok, prompts, s, batch_size=64, seeds=list(range(batch)))
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.generate(model, tok, prompts, s, batch_size=64, seeds=list(range(batch)))
+            torch.cuda.synchronize()
+        print(f"profile: batch {batch}, {kw or 'no filters'}, compiled step without graph")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="0.5b", choices=list(SHAPES))
@@ -115,6 +137,9 @@ def main() -> None:
     ap.add_argument("--engines", default="static,static-ppo,hf-dynamic,hf-static")
     ap.add_argument("--skip-hf-above", type=int, default=64, help="run transformers' generate only up to this batch")
     ap.add_argument("--out", default="runs/bench/rollout.md")
+    ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
+                    help="also print torch.profiler's top CUDA kernels of the static engine at this batch (compiled "
+                         "decode step, no CUDA graph, so each kernel shows)")
     a = ap.parse_args()
     model, cfg = build(a.shape)
     tok = _Tok(cfg.vocab_size)
@@ -126,7 +151,7 @@ def main() -> None:
         for name in a.engines.split(","):
             if name.startswith("hf") and batch > a.skip_hf_above:
                 continue
-            kw = {"top_k": 200, "top_p": 0.9} if name == "static-ppo" else {}
+            kw = {"top_k": 200, "top_p": 0.9} if name.endswith("-ppo") else {}
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             seconds = run_engine(name, model, tok, prompts, a.new_tokens, kw)
@@ -135,6 +160,8 @@ def main() -> None:
             rows.append((a.shape, batch, name, seconds, tps, tps / bound, bound, peak))
             print(f"{a.shape} batch {batch} {name}: {seconds:.2f} s, {tps:,.0f} tokens/s, "
                   f"{100 * tps / bound:.1f}% of the decode bound ({bound:,.0f}), peak {peak:.1f} GiB", flush=True)
+    if a.profile:
+        profile(model, tok, cfg, a.profile, a.prompt_len, a.new_tokens)
     lines = ["| shape | batch | engine | s | generated tokens/s | fraction of decode bound | decode bound tokens/s | peak GiB |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s} | {b} | {n} | {sec:.2f} | {tps:,.0f} | {frac:.3f} | {bd:,.0f} | {pk:.1f} |"

@@ -299,12 +299,13 @@ def worker(spec: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def measure(spec: dict, timeout: int) -> dict:
+def measure(spec: dict, timeout: int, script: str = __file__) -> dict:
+    """Run `script --worker spec` in a fresh process (its own CUDA context and peak memory); its RESULT line."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     t0 = time.time()
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}

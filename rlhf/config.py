@@ -217,6 +217,13 @@ class PPOSection:
     # reference
     ref_ema: float = opt(0.0, "Reference EMA eta after every optimizer step (0 = frozen reference; paper: 0.001).")
     ref_reset_every: int = opt(0, "Reset the reference to the policy every N iterations (0 = never).")
+    # one base model for every role (LoRA)
+    shared_base: bool = opt(False, "One frozen base model with LoRA adapters for the actor, the critic (+ a value head) "
+                                   "and the EMA reference (ref_ema > 0; else adapters off); needs model.lora_r > 0.")
+    export_merged: bool = opt(False, "With shared_base: also write final/merged/, the base with the actor adapter "
+                                     "merged in (a plain from_pretrained folder).")
+    reward_adapter: bool = opt(False, "With shared_base: ppo.reward_model (a LoRA reward model of the same base) scores "
+                                      "as adapter 'reward' + its score head on the shared base, not as a second model.")
     # critic
     critic_init: Literal["reward_model", "policy"] = opt("reward_model", "Initialize the critic from the reward model or the policy.")
     critic_lr: float = opt(5e-6, "Critic learning rate (actor: optim.lr).")
@@ -339,6 +346,24 @@ class PPOConfig(TrainConfig):
                               f"sources {sources}; expected one per source (reward_model first)")
         if p.critic_init == "reward_model" and not p.reward_model:
             raise ConfigError("ppo.critic_init=reward_model needs ppo.reward_model; set ppo.critic_init: policy")
+        if p.shared_base and self.model.lora_r <= 0:
+            raise ConfigError(f"ppo.shared_base=true needs LoRA adapters on the base: model.lora_r={self.model.lora_r}; "
+                              f"set model.lora_r > 0 (e.g. 16), or ppo.shared_base: false")
+        if p.export_merged and not p.shared_base:
+            raise ConfigError("ppo.export_merged=true applies to ppo.shared_base=true (final/ of a separate-model "
+                              "run is already a whole model); set ppo.shared_base: true or drop ppo.export_merged")
+        if p.reward_adapter and not (p.shared_base and p.reward_model and os.path.isfile(
+                os.path.join(os.path.expanduser(p.reward_model), "adapter_config.json"))):
+            raise ConfigError(f"ppo.reward_adapter=true needs ppo.shared_base=true (got {str(p.shared_base).lower()}) "
+                              f"and ppo.reward_model a LoRA reward-model folder of the same base (a peft folder with "
+                              f"adapter_config.json; got '{p.reward_model}')")
+        if p.shared_base and p.critic_init == "reward_model" and p.reward_model and os.path.isdir(
+                os.path.expanduser(p.reward_model)) and not os.path.isfile(
+                os.path.join(os.path.expanduser(p.reward_model), "adapter_config.json")):
+            raise ConfigError(f"ppo.shared_base=true with ppo.critic_init=reward_model: ppo.reward_model="
+                              f"'{p.reward_model}' is a whole model, not a LoRA adapter of model.name_or_path; the "
+                              f"critic adapter can start only from a LoRA reward model (a peft folder with "
+                              f"adapter_config.json and the score head). Set ppo.critic_init: policy")
         if self.data.max_prompt_length + p.max_new_tokens > self.data.max_length:
             raise ConfigError(f"data.max_prompt_length={self.data.max_prompt_length} + ppo.max_new_tokens="
                               f"{p.max_new_tokens} exceeds data.max_length={self.data.max_length}")

@@ -53,7 +53,7 @@ def export_model(src: str, out: str, dtype: Optional[str] = None, overwrite: boo
     """Write `src` (full model or LoRA adapter folder) merged into `out`; returns `out`."""
     from . import checkpoints as ckpt
     from .models import DTYPES, keep_score_bias_, load_causal_lm, load_scalar_model, load_tokenizer
-    from .models.loading import adapter_base
+    from .models.loading import adapter_base, has_tokenizer
 
     config, adapter = _model_config(src)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
@@ -62,8 +62,7 @@ def export_model(src: str, out: str, dtype: Optional[str] = None, overwrite: boo
         a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     target = DTYPES[dtype or (stored if stored in DTYPES else "float32")]
-    has_tokenizer = any(os.path.exists(os.path.join(src, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-    tok_path = src if has_tokenizer else adapter_base(src) or src
+    tok_path = src if has_tokenizer(src) else adapter_base(src) or src
     tokenizer = load_tokenizer(tok_path, field="CHECKPOINT")
     cfg = ModelConfig(name_or_path=src, dtype="float32")  # merge in float32, cast after
     if scalar:

@@ -2,6 +2,12 @@
 
     rlhf pipeline configs/pipeline_demo.yaml            # what `make demo` runs
     rlhf pipeline configs/pipeline_demo.yaml --fresh    # delete the output folder first
+    rlhf pipeline configs/pipeline_demo.yaml --seeds 0,1,2 --output-dir runs/headline   # the README's table
+
+With --seeds the whole pipeline runs once per seed (each in <output_dir>/seed<N>/, every stage seeded with N: the
+tiny base model, SFT, the reward model, DPO, DPO-Iter, PPO and the evaluation's sampling), and one report over all
+of them gives each method's mean ± std over the seeds (<output_dir>/report/). Each seed's own report is in its
+folder, so a single-seed run (`make demo`) can be read against the spread.
 
 Each testbed gets its own models (as in the paper, one model per benchmark); the report joins
 them into one row per method. Every stage is an ordinary `rlhf train` run folder, so any stage can
@@ -316,6 +322,8 @@ class Pipeline:
 
     # --- the whole thing ------------------------------------------------------------------------
     def run(self) -> str:
+        """Every testbed's stages, then the comparison report; returns the report's path. self.runs: the (label,
+        run folder) pairs of the report."""
         t0 = time.time()
         if "code" in self.cfg.testbeds:
             from .eval.sandbox import UNSAFE_ENV, check_isolation
@@ -328,6 +336,7 @@ class Pipeline:
         for testbed in self.cfg.testbeds:
             finals = self.run_testbed(testbed)
             runs += [(LABELS.get(m, m), os.path.dirname(f)) for m, f in finals.items()]
+        self.runs = runs
         from .report import compare_runs
 
         report = compare_runs([p for _, p in runs], os.path.join(self.cfg.output_dir, "report"),
@@ -336,12 +345,42 @@ class Pipeline:
         return report
 
 
+def run_seeds(cfg: PipelineConfig, seeds: list[int], log=print) -> str:
+    """The pipeline once per seed into <output_dir>/seed<N>/, then one report of mean ± std over the seeds."""
+    from .report import compare_runs
+
+    runs: list[tuple[str, str]] = []
+    for seed in seeds:
+        one = copy.deepcopy(cfg)
+        one.seed, one.output_dir = seed, os.path.join(cfg.output_dir, f"seed{seed}")
+        log(f"--- seed {seed}: {one.output_dir}")
+        pipeline = Pipeline(one, log=log)
+        pipeline.run()  # with the seed's own report
+        runs += [(f"{label}-seed{seed}", path) for label, path in pipeline.runs]
+    report = compare_runs([p for _, p in runs], os.path.join(cfg.output_dir, "report"), labels=[l for l, _ in runs],
+                          title=f"{cfg.report_title} (seeds {', '.join(map(str, seeds))})")
+    log(f"report over {len(seeds)} seeds: {report}")
+    return report
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
+
+
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhf pipeline", description="SFT -> RM -> DPO/DPO-Iter/PPO -> eval -> report.")
     p.add_argument("config", help="Pipeline YAML (see configs/pipeline_demo.yaml).")
     p.add_argument("--fresh", action="store_true", help="Delete the output folder first.")
     p.add_argument("--output-dir", help="Override output_dir.")
     p.add_argument("--seed", type=int, help="Override seed.")
+    p.add_argument("--seeds", type=_seed_list, help="Run once per seed (e.g. 0,1,2), each in <output_dir>/seed<N>, "
+                                                    "and report mean ± std over them.")
     p.add_argument("--unsafe-sandbox", action="store_true",
                    help="Set eval.unsafe_sandbox: run generated programs with weaker isolation where the kernel "
                         "refuses namespaces, instead of stopping.")
@@ -358,7 +397,12 @@ def cli(argv: list[str]) -> int:
     from .eval.sandbox import SandboxUnavailable
 
     try:
-        Pipeline(cfg).run()
+        if a.seeds:
+            if a.seed is not None:
+                p.error("--seed and --seeds: choose one")
+            run_seeds(cfg, a.seeds)
+        else:
+            Pipeline(cfg).run()
     except SandboxUnavailable as e:
         print(f"error: sandbox: {e}", file=sys.stderr)
         return 2

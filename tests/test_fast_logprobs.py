@@ -325,3 +325,38 @@ def test_bf16_real_vocabulary_matches_full_logits_on_gpu(temperature, top_k, top
     assert (logp[keep] - logp0[keep]).abs().max().item() <= 2 * eps * max_logit
     for fast, plain in ((gw, gw0), (gd, gd0)):
         assert ((fast - plain).norm() / plain.norm()).item() <= 4 * eps
+
+
+def ppo_batch(B: int = 4, P: int = 6, R: int = 10, vocab: int = 300, seed: int = 2):
+    """PPO's layout: left-padded prompts of width P (lengths P, P-1, ...), right-padded responses of width R."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, P + R), generator=g)
+    prompt = torch.arange(P)[None] >= torch.arange(B)[:, None]  # row i: i pad tokens on the left
+    response = torch.arange(R)[None] < (R - 2 * torch.arange(B))[:, None]
+    mask = torch.cat([prompt, response], 1).long()
+    return ids * mask, mask, P
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
+def test_ppo_response_and_reference_logprobs_equal_full_logits(temperature, top_k, top_p):
+    """PPO's scoring and training log-probs (response_logprobs) and the reference's log-probs on the policy's
+    sampling support (reference_logprobs) equal support_logprobs / logprobs_from_logits of the full float32 logits,
+    with a reference that differs from the policy; gradients of the training log-probs too."""
+    from rlhf.algorithms.ppo import reference_logprobs, response_logits, response_logprobs, support_logprobs
+
+    policy, reference = tiny_qwen2(tied=True, seed=0), tiny_qwen2(tied=True, seed=5)
+    ids, mask, P = ppo_batch()
+    labels, rmask = ids[:, P:], mask[:, P:]
+    pol_logits = response_logits(policy, ids, mask, P)
+    want = logprobs_from_logits(pol_logits, labels, temperature, top_k, top_p) * rmask
+    want_ref = support_logprobs(response_logits(reference, ids, mask, P).detach(), pol_logits.detach(), labels,
+                                temperature, top_k, top_p) * rmask
+    g0 = grads(policy, (want * torch.linspace(-1, 1, want.numel()).view_as(want)).sum())
+    for chunk in (7, 0):  # chunks straddle rows; 0 = the full-logits path
+        policy.logprob_chunk_size = reference.logprob_chunk_size = chunk
+        got = response_logprobs(policy, ids, mask, P, temperature, top_k, top_p)
+        torch.testing.assert_close(got, want, atol=TOKEN_ATOL, rtol=0)
+        assert_same_grads(grads(policy, (got * torch.linspace(-1, 1, got.numel()).view_as(got)).sum()), g0)
+        ref = reference_logprobs(policy, reference, ids, mask, P, temperature, top_k, top_p)
+        torch.testing.assert_close(ref, want_ref, atol=TOKEN_ATOL, rtol=0)
+        assert torch.isfinite(ref).all() and (ref[rmask == 0] == 0).all()

@@ -109,3 +109,24 @@ def test_generate_rollout_shapes_and_masks(tiny_model_dir):
         n = int(r.response_mask[i].sum())
         assert bool(r.eos[i]) == (r.response_ids[i, n - 1].item() == tok.eos_token_id)
         assert r.texts[i] == tok.decode(r.response_ids[i, :n], skip_special_tokens=True)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_of_a_trainable_model(tiny_model_dir, monkeypatch):
+    """model.gradient_checkpointing: each decoder layer's body runs again in backward (its MLP twice per step, not
+    once; counted in the MLP's forward itself: module hooks do not fire in the recomputation), and the gradients
+    equal the run without it (float32; the recomputation is the same arithmetic)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    runs, calls = {}, []
+    for ckpt in (False, True):
+        model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=ckpt))
+        assert model.training
+        if not ckpt:  # one class for both models: patched once
+            mlp = type(model.model.layers[0].mlp)
+            monkeypatch.setattr(mlp, "forward", lambda self, x, _f=mlp.forward: calls.append(1) or _f(self, x))
+        calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        runs[ckpt] = (len(calls), {n: p.grad.clone() for n, p in model.named_parameters()})
+    layers = len(model.model.layers)
+    assert runs[False][0] == layers and runs[True][0] == 2 * layers
+    for name, grad in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], grad, rtol=0, atol=1e-6, msg=name)

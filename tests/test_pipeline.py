@@ -60,3 +60,37 @@ def test_unknown_key_is_a_config_error(tmp_path):
     path.write_text("sedd: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'sedd'; did you mean 'seed'"):
         load_pipeline(str(path))
+
+
+def test_seeds_run_the_pipeline_once_per_seed_and_report_mean_and_std(tmp_path, monkeypatch):
+    """--seeds: one pipeline per seed in <output_dir>/seed<N> with that seed, then one report whose cells are the
+    mean ± sample std over the seeds (computed here by hand). The stages are stubbed: each writes an eval.json
+    whose gold reward is a function of the seed."""
+    import json
+    import os
+
+    from rlhf import pipeline as pl
+
+    seen = []
+
+    def fake_run(self):
+        seen.append((self.cfg.seed, self.cfg.output_dir))
+        self.runs = []
+        for label, offset in (("SFT", 0.0), ("PPO", 1.0)):
+            run = os.path.join(self.cfg.output_dir, label.lower())
+            os.makedirs(os.path.join(run, "eval", "assistant"), exist_ok=True)
+            with open(os.path.join(run, "eval", "assistant", "eval.json"), "w") as f:
+                json.dump({"testbed": "assistant", "metrics": {"gold/reward": offset + 0.5 * self.cfg.seed}}, f)
+            self.runs.append((label, run))
+        return os.path.join(self.cfg.output_dir, "report", "report.md")
+
+    monkeypatch.setattr(pl.Pipeline, "run", fake_run)
+    cfg = pl.load_pipeline("configs/pipeline_demo.yaml")
+    cfg.output_dir = str(tmp_path / "headline")
+    report = pl.run_seeds(cfg, [0, 1, 3], log=lambda *_: None)
+    assert seen == [(s, str(tmp_path / "headline" / f"seed{s}")) for s in (0, 1, 3)]
+    text = open(report).read()
+    # gold rewards 0, 0.5, 1.5 (SFT) and 1, 1.5, 2.5 (PPO): mean 0.667 / 1.667, sample std 0.764 for both
+    assert "| SFT | 3 | 0.667 ± 0.764 |" in text and "| PPO | 3 | 1.667 ± 0.764 |" in text
+    with pytest.raises(SystemExit):
+        pl.cli(["configs/pipeline_demo.yaml", "--seeds", "0,0"])

@@ -121,6 +121,19 @@ def own_tokenizer_rm(tmp_path_factory):
     return out
 
 
+def test_a_reward_model_folder_without_tokenizer_files_reads_the_policys_tokens(tiny_model_dir, tmp_path):
+    """A model folder with config and weights only (no tokenizer files) shares the policy's tokenizer: AutoTokenizer
+    would build an empty tokenizer of the config's model type there, which must not count as one of its own."""
+    policy_tok = load_tokenizer(tiny_model_dir)
+    bare = str(tmp_path / "bare_rm")
+    load_scalar_model(tiny_model_dir, tokenizer=policy_tok).save_pretrained(bare)
+    assert not any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(bare))
+    with pytest.raises(ConfigError, match=r"ppo.reward_model='.*bare_rm': the folder holds no tokenizer files"):
+        load_tokenizer(bare, field="ppo.reward_model")
+    reward = ModelReward(bare, tokenizer=policy_tok)
+    assert reward.shares_tokenizer and reward.tokenizer is policy_tok
+
+
 def test_reward_model_with_its_own_tokenizer_scores_the_texts(tiny_model_dir, rm_dir, own_tokenizer_rm):
     policy_tok = load_tokenizer(tiny_model_dir)
     assert ModelReward(rm_dir, tokenizer=policy_tok).shares_tokenizer

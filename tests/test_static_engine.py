@@ -154,6 +154,20 @@ def test_stops_once_every_row_has_ended(lm):
     assert bool((r.response_ids[:, 0] == tok.eos_token_id).all())
 
 
+def test_reading_the_cache_in_blocks_equals_reading_all_of_it(lm):
+    """kv_block: attention over the filled blocks of the cache only. The slots it leaves out are masked (weight
+    exactly 0), so only the summation order of the softmax's denominator may change: float32 rounding, ~1e-7
+    relative, far below 1e-5 on log-probs of O(1); the draws (a hash of seed, step and token) are the same."""
+    model, tok = lm
+    s = SamplingConfig(max_new_tokens=24, temperature=0.9)
+    whole = StaticEngine(kv_block=0).generate(model, tok, _prompts(tok), s, seeds=[1, 2, 3, 4])
+    for block in (1, 4, 7):  # 7 does not divide the cache length: the last block is cut at the cache's end
+        blocks = StaticEngine(kv_block=block).generate(model, tok, _prompts(tok), s, seeds=[1, 2, 3, 4])
+        assert torch.equal(blocks.response_ids, whole.response_ids)
+        assert torch.allclose(blocks.logprobs, whole.logprobs, atol=1e-5)
+    assert torch.allclose(whole.logprobs, _scored(model, whole, s), atol=1e-5)
+
+
 def test_lora_adapters_act_unmerged(lm):
     from peft import LoraConfig, get_peft_model
 
@@ -193,8 +207,9 @@ def test_cuda_graph_replay_equals_eager_decoding(lm):
     prompts = _prompts(tok) * 8
     seeds = list(range(len(prompts)))
     eager = StaticEngine(use_graph=False, compile=False).generate(model, tok, prompts, s, seeds=seeds)
-    for compile in (False, True):  # the graph of the eager step, and of the compiled step
-        graph = StaticEngine(use_graph=True, compile=compile).generate(model, tok, prompts, s, seeds=seeds)
+    for compile, block in ((False, 0), (True, 0), (True, 8)):  # eager / compiled step; one graph / one per block
+        graph = StaticEngine(use_graph=True, compile=compile, kv_block=block).generate(model, tok, prompts, s,
+                                                                                        seeds=seeds)
         # float32 throughout; fused kernels round in another order (~1e-6 relative on logits of O(1))
         assert torch.equal(graph.response_ids, eager.response_ids)
         assert torch.allclose(graph.logprobs, eager.logprobs, atol=1e-4)

@@ -22,6 +22,9 @@ Over several ranks an iteration is a function of (seed, iteration, weights) alon
 Under ZeRO-3 the policy and critic are gathered once per rollout phase (Trainer.full_model), not per token, and the
 reference is a whole copy on every rank.
 
+With LoRA, ppo.shared_base runs the policy, the critic and the reference as adapters of one frozen base model
+(ppo_shared.py): PolicyAndCritic's roles (actor, policy_logprobs, reference_logprobs, values) are then adapters, not models.
+
 Metrics (means over all ranks). Once an iteration, in its first step: objective/scores (the reward sources' score),
 objective/kl (per-token KL estimate summed over a response), objective/rlhf_reward (summed per-token rewards),
 objective/kl_coef, reward/<source>, response/length_mean, response/eos_rate, critic/explained_variance,
@@ -39,8 +42,9 @@ import itertools
 import math
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Union
+from typing import Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +53,8 @@ from ..config import ConfigError
 from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
-                      position_ids_from_mask, token_values, whole_loading)
+                      position_ids_from_mask, token_logprobs, token_values, whole_loading)
+from ..models.forward import _lm_parts, chunk_tokens, hidden_states
 from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits,
                    all_reduce_sum_, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
 from ..rewards import build_reward
@@ -150,10 +155,29 @@ def global_explained_variance(count: float, r_sum: float, r_sq: float, e_sum: fl
 
 
 def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
-    """[B, R, V] float32 logits predicting the response tokens input_ids[:, P:] (P = prompt_width)."""
+    """[B, R, V] float32 logits predicting the response tokens input_ids[:, P:] (P = prompt_width). The full-logits
+    path, for models whose head the chunked path cannot take (models.forward._lm_parts)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.logits[:, prompt_width - 1:-1].float()
+
+
+def _response_positions(attention_mask: Tensor, prompt_width: int) -> Tensor:
+    """[B, T-1] 1 where the label input_ids[:, t+1] is a response token (token_logprobs' `positions`)."""
+    positions = torch.zeros_like(attention_mask[:, 1:])
+    positions[:, prompt_width - 1:] = attention_mask[:, prompt_width:]
+    return positions
+
+
+def response_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_width: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """[B, R] log-probs of the response tokens input_ids[:, P:] under the sampling distribution, 0 on padding.
+
+    Through models.forward.token_logprobs: the LM head runs on the response positions only, in chunks, so the
+    [B, R, V] float32 logits never exist (at a 152k vocabulary they are 0.6 MB per token)."""
+    logp = token_logprobs(model, input_ids, attention_mask, temperature, top_k, top_p,
+                          positions=_response_positions(attention_mask, prompt_width))
+    return logp[:, prompt_width - 1:]
 
 
 def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, temperature: float = 1.0,
@@ -174,6 +198,47 @@ def support_logprobs(logits: Tensor, support_logits: Tensor, labels: Tensor, tem
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def reference_logprobs(policy: nn.Module, reference: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                       prompt_width: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       policy_scope: Callable[[], ContextManager] = nullcontext,
+                       reference_scope: Callable[[], ContextManager] = nullcontext) -> Tensor:
+    """[B, R] support_logprobs of the response tokens under `reference` on `policy`'s sampling support, 0 on
+    padding, without [B, R, V] logits: both models' final hidden states are taken at the response positions and
+    both heads run chunk by chunk (models.forward's chunk size), support_logprobs on each chunk.
+
+    Without top-k / top-p the support is the whole vocabulary: the reference's own log-probs, no policy pass.
+    A model whose head the chunked path cannot take (models.forward._lm_parts) is scored on full logits.
+    policy_scope / reference_scope: contexts each model's forwards run in (the shared base's adapter choice, for one
+    module that plays both roles)."""
+    P = prompt_width
+    if top_k <= 0 and top_p >= 1.0:
+        with reference_scope():
+            return response_logprobs(reference, input_ids, attention_mask, P, temperature)
+    parts = [_lm_parts(policy), _lm_parts(reference)]
+    chunk = min(chunk_tokens(policy), chunk_tokens(reference))
+    labels = input_ids[:, P:]
+    if None in parts or chunk <= 0:
+        with reference_scope():
+            ref_logits = response_logits(reference, input_ids, attention_mask, P)
+        with policy_scope():
+            pol_logits = response_logits(policy, input_ids, attention_mask, P)
+        return on_response(support_logprobs(ref_logits, pol_logits, labels, temperature, top_k, top_p),
+                           attention_mask[:, P:])
+    keep = attention_mask[:, P:] != 0
+    hidden = []
+    for m, scope, (decoder, _) in zip((policy, reference), (policy_scope, reference_scope), parts):
+        with scope():  # the heads are plain Linear modules (_lm_parts): no adapter acts in them
+            hidden.append(hidden_states(m, input_ids, attention_mask, decoder, logits_to_keep=1)[:, P - 1:-1][keep])
+    y = labels[keep]
+    out = []
+    for i in range(0, len(y), chunk):
+        z_pol, z_ref = (head(h[i:i + chunk])[None] for (_, head), h in zip(parts, hidden))
+        out.append(support_logprobs(z_ref, z_pol, y[None, i:i + chunk], temperature, top_k, top_p)[0])
+    values = torch.cat(out) if out else torch.zeros(0, device=input_ids.device)
+    return torch.zeros(keep.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(keep, values.float())
+
+
 def on_response(logprobs: Tensor, response_mask: Tensor) -> Tensor:
     """0 on padding: a pad label outside the top-k/top-p filter has log-prob -inf, and -inf - (-inf) in the ratio
     would send NaN gradients back through the masked-out positions."""
@@ -192,20 +257,43 @@ class ScheduleAfter:
 
 
 class PolicyAndCritic(nn.Module):
-    """Policy and critic in one module, so the Trainer's one optimizer and accelerate.prepare hold both."""
+    """Policy and critic in one module, so the Trainer's one optimizer and accelerate.prepare hold both.
+
+    Every forward goes through a role: `actor()` (the model that generates), `policy_logprobs`,
+    `reference_logprobs`, `values`; the
+    shared-base variant (ppo_shared.SharedBaseActorCritic) runs the same roles as adapters of one base."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module, sampling: SamplingConfig):
         super().__init__()
         self.policy, self.critic = policy, critic
         self.temperature, self.top_k, self.top_p = sampling.temperature, sampling.top_k, sampling.top_p
 
+    @contextmanager
+    def actor(self) -> Iterator[nn.Module]:
+        """The model to generate with."""
+        yield self.policy
+
+    def policy_logprobs(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        """[B, R] log-probs of the response tokens under the sampling distribution, 0 on padding."""
+        return response_logprobs(self.policy, input_ids, attention_mask, prompt_width, self.temperature, self.top_k,
+                                 self.top_p)
+
+    def reference_logprobs(self, reference: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                           prompt_width: int) -> Tensor:
+        """[B, R] the reference's log-probs of the response tokens on the policy's sampling support, 0 on padding."""
+        return reference_logprobs(self.policy, reference, input_ids, attention_mask, prompt_width, self.temperature,
+                                  self.top_k, self.top_p)
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] V(s_t) at every position t."""
+        return token_values(self.critic, input_ids, attention_mask)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> tuple[Tensor, Tensor]:
         """(log-probs [B, R] of the response tokens under the sampling distribution, 0 on padding;
         values V(s_t) [B, R])."""
-        logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)
-        logp = logprobs_from_logits(logits, input_ids[:, prompt_width:], self.temperature, self.top_k, self.top_p)
-        values = token_values(self.critic, input_ids, attention_mask)[:, prompt_width - 1:-1]
-        return on_response(logp, attention_mask[:, prompt_width:]), values
+        logp = self.policy_logprobs(input_ids, attention_mask, prompt_width)
+        values = self.values(input_ids, attention_mask)[:, prompt_width - 1:-1]
+        return logp, values
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,8 +348,15 @@ class PPO(Algorithm):
         super().__init__(cfg, trainer)
         p = cfg.ppo
         self.prompts = self._load_prompts()
-        with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also under ZeRO-3
-            self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
+        if p.reward_adapter:  # the reward model is an adapter of the shared base, bound in build_model
+            from ..rewards import FunctionReward, RewardSources
+            from .ppo_shared import AdapterReward
+
+            self.reward = RewardSources(AdapterReward(trainer.tokenizer, p.rollout_micro_batch_size),
+                                        [FunctionReward(f) for f in p.reward_fns], p.reward_weights)
+        else:
+            with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also ZeRO-3
+                self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
         rm = self.reward.model
         if rm is not None and not rm.shares_tokenizer:
             if p.critic_init == "reward_model":
@@ -303,25 +398,50 @@ class PPO(Algorithm):
     # --- set-up -------------------------------------------------------------------------------
     def build_model(self) -> PolicyAndCritic:
         cfg, tok = self.cfg, self.trainer.tokenizer
+        if cfg.ppo.shared_base:
+            from .ppo_shared import build_shared_base
+
+            pair = build_shared_base(cfg, tok, self.sampling, self.trainer)
+            self._name_ignored_generation_settings(pair.lm)
+            if cfg.ppo.reward_adapter:
+                self.reward.model.bind(pair)
+            return pair
         policy = load_causal_lm(cfg.model, tok)
-        ignored = ignored_generation_settings(policy)
-        if ignored:
-            self.trainer.print(f"{cfg.model.name_or_path}: generation_config sets "
-                               f"{', '.join(f'{k}={v}' for k, v in ignored.items())}; ignored: rollouts sample from "
-                               "ppo.temperature, ppo.top_k and ppo.top_p alone, the distribution training scores")
+        self._name_ignored_generation_settings(policy)
         from_rm = cfg.ppo.critic_init == "reward_model"
         critic = load_scalar_model(cfg.ppo.reward_model if from_rm else cfg.model.name_or_path, cfg.model, tok,
                                    trainable=True, field="ppo.reward_model" if from_rm else "model.name_or_path")
         return PolicyAndCritic(policy, critic, self.sampling)
 
+    def _name_ignored_generation_settings(self, policy) -> None:
+        cfg = self.cfg
+        ignored = ignored_generation_settings(policy)
+        if ignored:
+            self.trainer.print(f"{cfg.model.name_or_path}: generation_config sets "
+                               f"{', '.join(f'{k}={v}' for k, v in ignored.items())}; ignored: rollouts sample from "
+                               "ppo.temperature, ppo.top_k and ppo.top_p alone, the distribution training scores")
+
     def param_groups(self, model: PolicyAndCritic) -> list[dict]:
-        def trainable(m):
-            return [q for q in m.parameters() if q.requires_grad]
-        return [{"params": trainable(model.policy)}, {"params": trainable(model.critic), "lr": self.cfg.ppo.critic_lr}]
+        def trainable(params):
+            return [q for q in params if q.requires_grad]
+        if self.cfg.ppo.shared_base:
+            from .ppo_shared import ACTOR, CRITIC, adapter_parameters
+
+            actor = trainable(adapter_parameters(model.lm, ACTOR).values())
+            critic = trainable(adapter_parameters(model.lm, CRITIC).values()) + trainable(model.value_head.parameters())
+            return [{"params": actor}, {"params": critic, "lr": self.cfg.ppo.critic_lr}]
+        return [{"params": trainable(model.policy.parameters())},
+                {"params": trainable(model.critic.parameters()), "lr": self.cfg.ppo.critic_lr}]
 
     def prepared(self, model) -> None:
         if self.cfg.ppo.critic_warmup_iters:
             self._hold_policy_during_warmup()
+        if self.cfg.ppo.shared_base:  # no copy: adapters off, or a reference adapter on the same base
+            from .ppo_shared import AdapterReference, needs_reference_adapter
+
+            self.reference = AdapterReference(self._pair(model), needs_reference_adapter(self.cfg.ppo))
+            self.reference_master = None
+            return
 
         def rebuild():
             with whole_loading(self.trainer.accelerator):
@@ -335,11 +455,15 @@ class PPO(Algorithm):
             self.reference_master = nn.ParameterList(
                 [nn.Parameter(q.detach().float().clone(), requires_grad=False) for q in self.reference.parameters()])
 
-    def _update_reference(self, source, eta: float, gather: bool = True) -> None:
-        """theta_ref <- eta * theta_source + (1 - eta) * theta_ref on the float32 master when there is one, then the
-        scoring reference <- the master at its own precision. gather=False when the source is already whole."""
+    def _update_reference(self, pair: PolicyAndCritic, eta: float, gather: bool = True) -> None:
+        """theta_ref <- eta * theta_policy + (1 - eta) * theta_ref on the float32 master when there is one, then the
+        scoring reference <- the master at its own precision. gather=False when the policy is already whole.
+        Shared base: the same on the reference adapter's tensors (ppo_shared.AdapterReference)."""
+        if self.cfg.ppo.shared_base:
+            self.reference.update(eta)
+            return
         target = self.reference_master if self.reference_master is not None else self.reference
-        (ema_update_ if gather else soft_update_)(target, source, eta)
+        (ema_update_ if gather else soft_update_)(target, pair.policy, eta)
         if self.reference_master is not None:
             soft_update_(self.reference, self.reference_master, 1.0)
 
@@ -413,12 +537,9 @@ class PPO(Algorithm):
         s, n, parts = self.sampling, self.cfg.ppo.rollout_micro_batch_size, []
         for i in range(0, len(ids), n):
             x, m = ids[i:i + n], amask[i:i + n]
-            logits = response_logits(pair.policy, x, m, P)
-            logp = logprobs_from_logits(logits, x[:, P:], s.temperature, s.top_k, s.top_p)
-            ref_logp = support_logprobs(response_logits(self.reference, x, m, P), logits, x[:, P:],
-                                        s.temperature, s.top_k, s.top_p)
-            parts.append((on_response(logp, m[:, P:]), on_response(ref_logp, m[:, P:]),
-                          token_values(pair.critic, x, m)[:, P - 1:]))  # V at positions P-1 .. P+R-1
+            logp = pair.policy_logprobs(x, m, P)
+            ref_logp = pair.reference_logprobs(self.reference, x, m, P)
+            parts.append((logp, ref_logp, pair.values(x, m)[:, P - 1:]))  # V at positions P-1 .. P+R-1
         logp, ref_logp, values = (torch.cat(t) for t in zip(*parts))
         lengths = amask[:, P:].sum(1).long()
         return logp, ref_logp, values[:, :-1], values.gather(1, lengths.unsqueeze(1)).squeeze(1)
@@ -431,11 +552,12 @@ class PPO(Algorithm):
         # generation and scoring on whole weights: under ZeRO-3 gathered once here, not per forward or token
         with trainer.full_model() as pair:
             if p.ref_reset_every and iteration and iteration % p.ref_reset_every == 0:
-                self._update_reference(pair.policy, 1.0, gather=False)  # the policy is whole in this block
+                self._update_reference(pair, 1.0, gather=False)  # the policy is whole in this block
             with acc.autocast():  # the same precision as the training forward, or the first ratio is not 1
-                rollout = generate(pair.policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
-                                   sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds,
-                                   engine=p.engine)
+                with pair.actor() as policy:
+                    rollout = generate(policy, trainer.tokenizer, prompt_ids=[r.ids for r in rows],
+                                       sampling=self.sampling, batch_size=p.rollout_micro_batch_size, seeds=seeds,
+                                       engine=p.engine)
                 t1 = time.time()
                 dev, P = trainer.device, rollout.prompt_ids.shape[1]
                 ids, amask = rollout.input_ids.to(dev), rollout.attention_mask.to(dev)
@@ -554,7 +676,7 @@ class PPO(Algorithm):
         p = self.cfg.ppo
         if p.ref_ema > 0:  # paper: theta_ref <- eta * theta_actor + (1 - eta) * theta_ref after every actor step
             with self.trainer.phase("reference update"):  # gathers the policy's shards under ZeRO-3
-                self._update_reference(self._pair(model).policy, p.ref_ema)
+                self._update_reference(self._pair(model), p.ref_ema)
         out = dict(self.skipped) if step == 1 else {}
         if step % self.steps_per_iteration == 0:
             out["time/train_s"] = time.time() - self._train_start
@@ -562,8 +684,14 @@ class PPO(Algorithm):
 
     # --- export and resume ----------------------------------------------------------------------
     def save_model(self, model: PolicyAndCritic, out_dir: str) -> None:
-        """The policy into out_dir and the critic into out_dir/critic, each loadable with from_pretrained."""
+        """The policy into out_dir and the critic into out_dir/critic, each loadable with from_pretrained (shared
+        base: adapters in peft's format, see ppo_shared.save_shared_base)."""
         tok = self.trainer.tokenizer
+        if self.cfg.ppo.shared_base:
+            from .ppo_shared import save_shared_base
+
+            save_shared_base(model, out_dir, tok, self.cfg.ppo.export_merged)
+            return
         model.policy.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         keep_score_bias_(model.critic)  # the critic's trained bias, not the reward model's, on reload
@@ -574,7 +702,9 @@ class PPO(Algorithm):
         p = self.cfg.ppo
         state = {"value_stats": self.value_stats.state_dict(), "score_stats": self.score_stats.state_dict(),
                  "kl_ctl": self.kl_ctl.state_dict()}
-        if p.ref_ema > 0 or p.ref_reset_every > 0:  # otherwise the reference is the initial policy, rebuilt at start
+        if p.shared_base:  # the reference adapter's tensors (and float32 master) alone: megabytes, not the base
+            state["reference_adapter"] = self.reference.state_dict()
+        elif p.ref_ema > 0 or p.ref_reset_every > 0:  # otherwise the reference is the initial policy, rebuilt at start
             state["reference"] = {k: v.detach().cpu().clone() for k, v in self.reference.state_dict().items()}
             if self.reference_master is not None:
                 state["reference_master"] = [q.detach().cpu().clone() for q in self.reference_master]
@@ -584,6 +714,9 @@ class PPO(Algorithm):
         self.value_stats.load_state_dict(state["value_stats"])
         self.score_stats.load_state_dict(state["score_stats"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.cfg.ppo.shared_base:
+            self.reference.load_state_dict(state.get("reference_adapter", {}))
+            return
         if "reference" in state:
             self.reference.load_state_dict(state["reference"])
         if self.reference_master is not None:

@@ -6,6 +6,7 @@ scored by its gold judge, logged as `eval/<testbed>/<metric>` at each evaluation
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -29,6 +30,16 @@ def testbed_metrics(trainer, model: torch.nn.Module) -> dict[str, float]:
     log = trainer.cfg.logging
     if not log.eval_testbed or not trainer.is_main:
         return {}
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    # PPO's roles: the shared-base actor-critic generates with its actor adapter (ppo_shared), the pair with its policy
+    with inner.actor() if hasattr(inner, "actor") and callable(inner.actor) else nullcontext(model) as actor:
+        return _testbed_metrics(trainer, actor)
+
+
+def _testbed_metrics(trainer, model: torch.nn.Module) -> dict[str, float]:
+    log = trainer.cfg.logging
     policy = generative_policy(model)
     if policy is None:
         return {}

@@ -77,10 +77,22 @@ def _load(loader, path: str, field: str, tokenizer=None, fix_base=None, **kwargs
         raise ConfigError(f"{field}='{path}': could not load the LoRA adapter over {base}: {first}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether `path` names a tokenizer: a hub name, or a local folder with tokenizer files. A model folder without
+    them is not one (AutoTokenizer would otherwise build an empty tokenizer of the config's model type)."""
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code: bool = False,
                    revision: Optional[str] = None):
     from transformers import AutoTokenizer
 
+    if not has_tokenizer(path):
+        raise ConfigError(f"{field}='{path}': the folder holds no tokenizer files (one of "
+                          f"{', '.join(TOKENIZER_FILES)}); set model.tokenizer to the tokenizer's folder")
     extra = {"revision": revision} if revision else {}
     tok = _from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code, **extra)
     if tok.pad_token_id is None:
@@ -144,6 +156,10 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
         ))
     if not trainable:
         model.eval().requires_grad_(False)
+    else:
+        # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
+        # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
+        model.train()
     return model
 
 
@@ -201,7 +217,9 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
                       field: str = "reward_model"):
     """A sequence-classification model with one output: a reward model or a critic.
 
-    A causal-LM checkpoint (e.g. the SFT policy) gets a freshly initialised scalar head.
+    A causal-LM checkpoint (e.g. the SFT policy) gets a freshly initialised scalar head. A LoRA adapter folder (a
+    peft sequence-classification adapter with its score head in modules_to_save, e.g. a LoRA PPO run's critic/) is
+    its base with the adapter merged in.
     """
     from transformers import AutoModelForSequenceClassification
 

@@ -121,18 +121,20 @@ class _Decoder:
         return self.k[i], self.v[i]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                rows: slice) -> torch.Tensor:
+                rows: slice, kv_len: Optional[int] = None) -> torch.Tensor:
         """float32 logits [b, V] of the last position.
 
         ids, positions [b, T]; slots [T] cache slots the T tokens are written to; mask [b, 1, T, max_len] bool,
-        True where a query may attend; rows: the cache rows of this batch.
+        True where a query may attend; rows: the cache rows of this batch. kv_len: attention reads only the cache's
+        first kv_len slots (every slot a query may attend must lie there); None reads all of it.
         """
+        kv_len = self.max_len if kv_len is None else kv_len
         b, T = ids.shape
         G = self.heads // self.kv_heads
         h = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(h, positions)
         # grouped-query attention without repeating the cache: the G query heads of a KV head become G x T rows
-        mask = mask.unsqueeze(2).expand(b, 1, G, T, self.max_len).reshape(b, 1, G * T, self.max_len)
+        mask = mask[..., :kv_len].unsqueeze(2).expand(b, 1, G, T, kv_len).reshape(b, 1, G * T, kv_len)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
@@ -145,18 +147,21 @@ class _Decoder:
             k_cache[rows].index_copy_(2, slots, k.to(k_cache.dtype))
             v_cache[rows].index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
             q = q.reshape(b, self.kv_heads, G * T, self.head_dim)
-            o = F.scaled_dot_product_attention(q, k_cache[rows], v_cache[rows], attn_mask=mask, scale=a.scaling)
+            o = F.scaled_dot_product_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len],
+                                               attn_mask=mask, scale=a.scaling)
             o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
             h = h + a.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0].float()
 
 
-def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, tokens, logps, eos_id: int) -> None:
-    """One decode step on the state tensors, in place: attend, sample, record, advance. Everything that varies
-    between steps lives in tensors, so the step can be captured once and replayed."""
+def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, tokens, logps, eos_id: int,
+                 kv_len: Optional[int] = None) -> None:
+    """One decode step on the state tensors, in place: attend (over the cache's first kv_len slots), sample,
+    record, advance. Everything that varies between steps lives in tensors, so the step can be captured once per
+    kv_len and replayed."""
     st["valid"].index_fill_(1, st["slot"], True)
-    logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None))
+    logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None), kv_len)
     tok, lp = sample_tokens(logits, seeds, st["step"], sampling)
     tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
     logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
@@ -186,12 +191,18 @@ class StaticEngine:
     compile: on CUDA, the decode step goes through torch.compile first (norms, rotary embedding, activations, the
     hash sampler fuse into few kernels; a step of a 0.5B model is otherwise hundreds of tiny kernels), then the
     compiled step is captured in the graph. A step that fails to compile runs eagerly, with one notice.
+    kv_block: attention reads the cache up to the filled length rounded up to a multiple of kv_block slots, not the
+    whole cache; one graph is captured per such length (all in one memory pool). The KV cache is most of a decode
+    step's memory traffic at large batches, and the filled part averages about (prompt + new / 2) of (prompt + new).
+    0 reads the whole cache at every step (one graph).
     """
 
-    def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None):
+    def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
+                 kv_block: int = 64):
         self.use_graph = use_graph
         self.check_every = check_every
         self.compile = compile
+        self.kv_block = kv_block
 
     @torch.no_grad()
     def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -264,42 +275,49 @@ class StaticEngine:
         fn = _compiled_step() if (self.compile if self.compile is not None else on_cuda) else _decode_step
         args = (dec, state, seeds, sampling, tokens, logps, eos_id)
 
-        def decode_step() -> None:
+        def decode_step(kv_len: int) -> None:
             nonlocal fn
             try:
-                fn(*args)
+                fn(*args, kv_len)
             except Exception as e:  # noqa: BLE001 - a compiler failure must not stop the rollout
                 if fn is _decode_step:
                     raise
                 print(f"static engine: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "decoding eagerly")
                 fn = _decode_step
-                fn(*args)
+                fn(*args, kv_len)
 
-        steps, graph = 1, None
+        block = self.kv_block if self.kv_block > 0 else L
+        steps, graphs, warm = 1, {}, {}
         side = torch.cuda.Stream() if use_graph else None
         while steps < N:
             if steps % self.check_every == 0 and bool(state["done"].all()):
                 break
-            if use_graph and graph is None and steps >= 3:  # eager (and compiling) warm-up steps, then capture once
-                graph = self._capture(decode_step)
+            # this step writes slot P + steps - 1 and attends to the slots before it and itself
+            kv_len = min(L, -(-(P + steps) // block) * block)
+            graph = graphs.get(kv_len)
+            if use_graph and graph is None and warm.get(kv_len, 0) >= 2:  # warm-up steps first (they compile)
+                pool = next(iter(graphs.values())).pool() if graphs else None
+                graph = graphs[kv_len] = self._capture(lambda: decode_step(kv_len), pool)
             if graph is not None:
                 graph.replay()
             elif side is not None:  # warm-up on a side stream, as graph capture wants
+                warm[kv_len] = warm.get(kv_len, 0) + 1
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    decode_step()
+                    decode_step(kv_len)
                 torch.cuda.current_stream().wait_stream(side)
             else:
-                decode_step()
+                decode_step(kv_len)
             steps += 1
         return steps
 
     @staticmethod
-    def _capture(step_fn):
-        """Record one decode step (recording runs nothing: the steps so far were real, the replays are the rest)."""
+    def _capture(step_fn, pool=None):
+        """Record one decode step (recording runs nothing: the steps so far were real, the replays are the rest).
+        Graphs of one rollout share a memory pool: they never run at the same time."""
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             step_fn()
         return graph

@@ -1,0 +1,104 @@
+"""Named LoRA adapters on one frozen base, and which of them a forward runs.
+
+One peft model can carry several adapters (PPO's shared base: "actor", "critic", "reference"). peft's own switch,
+`set_adapter`, also rewrites `requires_grad` (the active adapter trainable, every other one frozen), and leaving
+`disable_adapter()` calls it again; PPO trains two adapters in the same optimizer step, so neither is used here.
+`using_adapter(model, name)` sets only what the LoRA layers read in their forward (the active adapter, the disabled
+flag) and puts it back on exit; which parameters train is fixed once, when the model is built.
+
+Activation checkpointing recomputes a block's forward during backward, when another adapter may be active (PPO's
+loss adds the actor's and the critic's forwards and backpropagates once). `recompute_with_same_adapters` is a
+`context_fn` for torch's non-reentrant checkpoint: it snapshots the adapter state at forward time and restores it
+around the recomputation, so the gradient of each forward belongs to the adapter that ran it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Optional
+
+import torch
+
+BASE = None  # using_adapter(model, BASE): every adapter off, the base model's own outputs
+
+
+def tuner_layers(model: torch.nn.Module) -> list:
+    """The peft layers (LoRA Linear, ...) inside `model`, found once and cached on it."""
+    cached = model.__dict__.get("_rlhf_tuner_layers")
+    if cached is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        cached = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        model.__dict__["_rlhf_tuner_layers"] = cached  # a plain attribute: not a submodule, never saved
+    return cached
+
+
+def _state(layers: list) -> list[tuple]:
+    return [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+
+
+def _set_state(layers: list, state: list[tuple]) -> None:
+    for layer, (active, disabled) in zip(layers, state):
+        layer._active_adapter, layer._disable_adapters = active, disabled
+
+
+@contextmanager
+def using_adapter(model: torch.nn.Module, name: Optional[str]) -> Iterator[torch.nn.Module]:
+    """Within the block every LoRA layer of `model` runs adapter `name` alone (BASE = None: no adapter); trainability
+    (`requires_grad`) is left as it is. Yields `model`. Nests: the previous state comes back on exit."""
+    layers = tuner_layers(model)
+    if not layers:
+        raise ValueError("using_adapter: the model has no LoRA layers")
+    # a layer without adapter `name` (adapters of different target modules) runs its base alone: peft's LoRA forward
+    # skips an active adapter the layer does not have
+    if name is not None and not any(name in m._get_available_adapters() for m in layers):
+        raise ValueError(f"using_adapter: no LoRA layer has an adapter '{name}' (adapters here: "
+                         f"{sorted(set().union(*(m._get_available_adapters() for m in layers)))})")
+    saved = _state(layers)
+    _set_state(layers, [([name], False) if name is not None else (active, True) for active, _ in saved])
+    try:
+        yield model
+    finally:
+        _set_state(layers, saved)
+
+
+def recompute_with_same_adapters(model_holder: list):
+    """A `context_fn` for torch.utils.checkpoint (non-reentrant): the recomputation in backward runs with the adapter
+    state of the forward it recomputes. model_holder: a list whose first element is the peft model (it exists only
+    after activation checkpointing is switched on, on the model inside it)."""
+    def context_fn():
+        if not model_holder:
+            return nullcontext(), nullcontext()
+        layers = tuner_layers(model_holder[0])
+        at_forward = _state(layers)
+
+        @contextmanager
+        def as_at_forward():
+            now = _state(layers)
+            _set_state(layers, at_forward)
+            try:
+                yield
+            finally:
+                _set_state(layers, now)
+        return nullcontext(), as_at_forward()
+    return context_fn
+
+
+def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """{parameter name with the adapter's name taken out: parameter} of adapter `name`, in module order, so two
+    adapters of one model line up key by key (an EMA of one into the other, a copy)."""
+    tag = f".{name}."
+    out = {n.replace(tag, ".", 1): p for n, p in model.named_parameters() if tag in n and ".lora_" in n}
+    if not out:
+        raise ValueError(f"adapter '{name}' has no parameters in this model")
+    return out
+
+
+def copy_adapter_(model: torch.nn.Module, source: str, target: str) -> None:
+    """Adapter `target` <- adapter `source`, tensor by tensor."""
+    src, tgt = adapter_parameters(model, source), adapter_parameters(model, target)
+    if src.keys() != tgt.keys():
+        raise ValueError(f"adapters '{source}' and '{target}' have different layouts")
+    with torch.no_grad():
+        for key, p in tgt.items():
+            p.copy_(src[key])
