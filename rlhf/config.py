@@ -16,7 +16,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -55,6 +55,9 @@ class ModelConfig:
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
+    # A peft config object given as Trainer(peft_config=...): applied instead of the lora_* values (which then record
+    # its r, alpha, dropout and target modules). Not a config value: never saved, never read from YAML.
+    peft_config: ClassVar[Any] = None
 
 
 @dataclass
@@ -482,6 +485,27 @@ def looks_local(path: str) -> bool:
     return bool(parent) and os.path.isdir(os.path.expanduser(parent))
 
 
+OBJECT_MARK = "<object: "
+
+
+def object_placeholder(obj: Any) -> str:
+    """What a config field holds when the Trainer was given a Python object in its place (rlhf.api):
+    '<object: Qwen2ForCausalLM>' for a model, '<object: my_reward>' for a function (its __name__)."""
+    return f"{OBJECT_MARK}{object_name(obj)}>"
+
+
+def object_name(obj: Any) -> str:
+    """A function's __name__ (a functools.partial's: its function's), else the object's class name."""
+    fn = getattr(obj, "func", obj)  # functools.partial
+    if isinstance(fn, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return fn.__name__
+    return type(obj).__name__
+
+
+def is_object_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(OBJECT_MARK) and value.endswith(">")
+
+
 def check_local_path(key: str, path: str, expected: str, folder: bool = True) -> None:
     """A value that looks like a local path (see `looks_local`) must exist (and be a folder, when `folder`)."""
     if not looks_local(path):
@@ -820,8 +844,10 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: str) -> None:
+def save_config(cfg: TrainConfig, path: str, header: str = "") -> None:
+    """The config as YAML; `header`: comment lines written above it (e.g. the Python objects a run was given)."""
     with open(path, "w") as f:
+        f.write(header)
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 

@@ -21,10 +21,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, object_name, object_placeholder
 from .data.batching import attention_mask as padding_mask, pad
 from .data.templates import Prompt, encode_prompt, encode_response
-from .models import load_scalar_model, load_tokenizer, scalar_scores
+from .models import ensure_pad_token, load_scalar_model, load_tokenizer, scalar_scores
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -59,18 +59,24 @@ class ModelReward:
     name = "model"
 
     def __init__(self, path: str, model_cfg: Optional[ModelConfig] = None, tokenizer=None,
-                 device: Optional[torch.device] = None, batch_size: int = 32):
+                 device: Optional[torch.device] = None, batch_size: int = 32, model: Optional[torch.nn.Module] = None,
+                 model_tokenizer=None):
+        """`model`, `model_tokenizer`: a reward model (and its own tokenizer) given as objects (Trainer(reward_model=,
+        reward_tokenizer=)) in place of loading `path`; without model_tokenizer it reads the policy's tokens."""
         cfg = ModelConfig(name_or_path=path, dtype=model_cfg.dtype if model_cfg else "float32",
                           trust_remote_code=model_cfg.trust_remote_code if model_cfg else False)
         own = None
-        if tokenizer is not None:
+        if model is not None:
+            own = ensure_pad_token(model_tokenizer) if model_tokenizer is not None else None
+        elif tokenizer is not None:
             try:
                 own = load_tokenizer(path, field="ppo.reward_model", trust_remote_code=cfg.trust_remote_code)
             except ConfigError:  # a folder without tokenizer files reads the policy's tokens
                 pass
         self.shares_tokenizer = own is None or same_tokenizer(own, tokenizer)
         self.tokenizer = tokenizer if self.shares_tokenizer else own
-        self.model = load_scalar_model(path, cfg, self.tokenizer, trainable=False, field="ppo.reward_model")
+        self.model = load_scalar_model(path, cfg, self.tokenizer, trainable=False, field="ppo.reward_model",
+                                       model=model)
         self.model.to(device or torch.device("cpu"))
         self.batch_size = batch_size
 
@@ -96,11 +102,12 @@ class ModelReward:
 
 
 class FunctionReward:
-    """A programmatic reward imported from 'module:callable'; checks what it returns."""
+    """A programmatic reward imported from 'module:callable', or given as a callable `fn` (then `path` is its
+    '<object: name>' entry in ppo.reward_fns and `name` its __name__); checks what it returns."""
 
-    def __init__(self, path: str):
-        self.path, self.fn = path, import_reward_fn(path)
-        self.name = path.partition(":")[2]
+    def __init__(self, path: str, fn: Optional[RewardFn] = None):
+        self.path, self.fn = path, fn if fn is not None else import_reward_fn(path)
+        self.name = object_name(fn) if fn is not None else path.partition(":")[2]
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> torch.Tensor:
         out = list(self.fn(list(prompts), list(completions), **columns))
@@ -153,8 +160,18 @@ class RewardSources:
 
 
 def build_reward(ppo: Any, model_cfg: Optional[ModelConfig] = None, tokenizer=None,
-                 device: Optional[torch.device] = None) -> RewardSources:
-    """The reward of a `PPOSection`: ppo.reward_model, ppo.reward_fns, ppo.reward_weights."""
-    model = (ModelReward(ppo.reward_model, model_cfg, tokenizer, device, ppo.rollout_micro_batch_size)
-             if ppo.reward_model else None)
-    return RewardSources(model, [FunctionReward(p) for p in ppo.reward_fns], ppo.reward_weights)
+                 device: Optional[torch.device] = None, model: Optional[torch.nn.Module] = None,
+                 model_tokenizer=None, fns: Sequence[RewardFn] = ()) -> RewardSources:
+    """The reward of a `PPOSection`: ppo.reward_model, ppo.reward_fns, ppo.reward_weights. Objects given to the
+    Trainer (rlhf.api) take the place of what these name: `model` (and `model_tokenizer`) of ppo.reward_model, each
+    callable in `fns` of the ppo.reward_fns entry '<object: its name>'."""
+    rm = (ModelReward(ppo.reward_model, model_cfg, tokenizer, device, ppo.rollout_micro_batch_size, model=model,
+                      model_tokenizer=model_tokenizer) if ppo.reward_model else None)
+    return RewardSources(rm, function_rewards(ppo.reward_fns, fns), ppo.reward_weights)
+
+
+def function_rewards(paths: Sequence[str], fns: Sequence[RewardFn] = ()) -> list[FunctionReward]:
+    """The programmatic rewards of ppo.reward_fns: each 'module:callable' imported, each '<object: name>' entry the
+    callable of that name in `fns` (given to the Trainer, rlhf.api)."""
+    given = {object_placeholder(fn): fn for fn in fns}
+    return [FunctionReward(p, given.get(p)) for p in paths]

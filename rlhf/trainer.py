@@ -2,6 +2,10 @@
 
     from rlhf import Trainer, SFTConfig
     Trainer(cfg).train()          # or: rlhf train configs/sft_tiny.yaml [--resume | --overwrite] [--optim.lr 1e-4]
+    Trainer("configs/dpo_tiny.yaml", model=model, ref_model=ref, train_dataset=ds, callbacks=[cb]).train()
+
+Python objects (models, tokenizer, datasets, reward callables, a peft LoraConfig, callbacks) can take the place of
+what the config names by path: rlhf/api.py.
 
 It owns the accelerator, the optimizer and schedule, gradient accumulation and clipping, the run
 folder (config.yaml, metrics.jsonl, checkpoints/, final/), trackers, progress and resume. The
@@ -97,13 +101,24 @@ def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: Union[bool, str] = False, overwrite: bool = False):
-        """resume: True (the run folder's newest good checkpoint) or a run folder or checkpoint path. overwrite:
-        clear a run folder that already holds a run; without it (or resume) such a folder is refused."""
+    def __init__(self, config: Union[TrainConfig, dict, str], *, model=None, ref_model=None, reward_model=None,
+                 reward_tokenizer=None, tokenizer=None, processing_class=None, train_dataset=None, eval_dataset=None,
+                 reward_fns=None, peft_config=None, callbacks=None, resume: Union[bool, str] = False,
+                 overwrite: bool = False):
+        """config: a TrainConfig, a dict of config values or a YAML path. The objects (models, tokenizer, datasets,
+        reward callables, a peft LoraConfig, callbacks) take the place of what the config names by path: see
+        rlhf/api.py. resume: True (the run folder's newest good checkpoint) or a run folder or checkpoint path.
+        overwrite: clear a run folder that already holds a run; without it (or resume) such a folder is refused."""
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        self.cfg = cfg
+        from .api import as_config, trainer_objects
+
+        self.cfg = cfg = as_config(config)
+        self.objects = trainer_objects(model, ref_model, reward_model, reward_tokenizer, tokenizer, processing_class,
+                                       train_dataset, eval_dataset, reward_fns, peft_config, callbacks)
+        self.objects.apply(cfg)
+        self.should_stop = False  # a callback sets it to stop after the current step (with a checkpoint)
         cfg.validate()
         # once, before anything reads it (the run folder's config.yaml, resume's settings check, the Accelerator)
         cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
@@ -139,12 +154,15 @@ class Trainer:
         # per-rank seeds for what draws from torch's global generator (dropout, HF sampling without seeds); PPO's
         # rollouts draw from per-rollout seeds instead, different per rollout and the same at any world size
         set_seed(cfg.seed, device_specific=True)
-        from .models import load_tokenizer
+        from .models import ensure_pad_token, load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                                        field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path",
-                                        trust_remote_code=cfg.model.trust_remote_code,
-                                        revision=None if cfg.model.tokenizer else cfg.model.revision)
+        if self.objects.tokenizer is not None:
+            self.tokenizer = ensure_pad_token(self.objects.tokenizer)
+        else:
+            self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                            field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path",
+                                            trust_remote_code=cfg.model.trust_remote_code,
+                                            revision=None if cfg.model.tokenizer else cfg.model.revision)
         self.algorithm = _algorithm_class(cfg.algorithm)(cfg, self)
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), enabled=self.is_main)
         self.step = 0
@@ -220,6 +238,28 @@ class Trainer:
 
             tqdm.write(" ".join(str(a) for a in args))
 
+    def rows(self, which: str) -> list:
+        """The rows of data.train or data.eval ('train' / 'eval'): of the dataset object the Trainer was given
+        (train_dataset=, eval_dataset=), else read from the file, folder or hub dataset the config names. data.limit
+        applies to the training rows."""
+        d = self.cfg.data
+        limit = d.limit if which == "train" else 0
+        obj = self.objects.dataset(which)
+        if obj is None:
+            from .data import load_rows
+
+            return load_rows(getattr(d, which), getattr(d, f"{which}_split"), limit)
+        from .data.objects import rows_from_dataset
+
+        rows = rows_from_dataset(obj, f"{which}_dataset")
+        return rows[:limit] if limit else rows
+
+    def callback(self, event: str, *args) -> None:
+        """Call `event` ('on_log', 'on_save', ...) on the callbacks given to the Trainer that define it."""
+        from .api import call_back
+
+        call_back(self.objects.callbacks, event, self, *args)
+
     def _find_checkpoint(self, resume: Union[bool, str]) -> Optional[str]:
         """The checkpoint to resume from, chosen and verified on rank 0; every rank gets it (or the same error)."""
         from accelerate.utils import broadcast_object_list
@@ -281,7 +321,7 @@ class Trainer:
         not finite."""
         acc, cfg, algo = self.accelerator, self.cfg, self.algorithm
         if self.is_main:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"), header=self.objects.header())
         with self.phase("set-up"):
             model = self._build_model()
             if self.zero_stage == 3:
@@ -310,6 +350,7 @@ class Trainer:
         self.print(f"run folder: {self.run_dir}  ({total} steps, world {self.world_size}, "
                    f"grad accum {self.grad_accum})")
 
+        self.callback("on_train_begin")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=self.step, desc=cfg.algorithm, dynamic_ncols=True,
@@ -346,15 +387,24 @@ class Trainer:
                 due = cfg.logging.save_every and self.step % cfg.logging.save_every == 0
                 if due and algo.can_checkpoint(self.step):
                     saved = self.save_checkpoint()
-                if self._stop_requested(signals):
+                    self.callback("on_save", saved)
+                self.callback("on_step_end", self.step)
+                signalled = self._stop_requested(signals)
+                if signalled or self._any_rank(self.should_stop):
                     if not algo.can_checkpoint(self.step):  # e.g. PPO: only between iterations
                         if not deferred:
                             self.print(f"step {self.step}: a checkpoint can be written only at the next step that "
                                        f"allows one; training on until then")
                         deferred = True
                         continue
+                    if not signalled:  # a callback's stop: the run ends here as at its last step
+                        self.print(f"step {self.step}: a callback set should_stop; stopping after this step")
+                        break
                     bar.close()
-                    path = saved or self.save_checkpoint()
+                    path = saved
+                    if not path:
+                        path = self.save_checkpoint()
+                        self.callback("on_save", path)
                     acc.end_training()
                     raise Interrupted(signals.signum or signal.SIGTERM, self.step, path)
         bar.close()
@@ -366,9 +416,10 @@ class Trainer:
             self.log(final_eval)
             last.update(final_eval)
         if (resumed_step is None or self.step > resumed_step) and self.saved_step != self.step:
-            self.save_checkpoint()
+            self.callback("on_save", self.save_checkpoint())
         self.save_final()
         acc.end_training()
+        self.callback("on_train_end", last)
         return last
 
     def _stop_requested(self, signals: StopSignals) -> bool:
@@ -476,6 +527,7 @@ class Trainer:
         self.metrics.write(self.step, clean)
         if self.cfg.logging.trackers:
             self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=self.step)
+        self.callback("on_log", dict(clean))
 
     # --- checkpoints and export (rlhf/checkpointing.py) -----------------------------------------
     def save_checkpoint(self) -> str:

@@ -73,7 +73,8 @@ def run_loader(loader, kind, path, policy, tokenizer, model_dir, first_skipped: 
     if loader == "ppo":
         cfg = make_cfg("ppo", model_dir, path, policy)
         printed: list[str] = []  # PPO keeps its BadRows to itself; its printed summary names the first skipped row
-        algo = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(tokenizer=tokenizer, print=printed.append))
+        trainer = SimpleNamespace(tokenizer=tokenizer, print=printed.append, rows=lambda which: load_rows(path))
+        algo = SimpleNamespace(cfg=cfg, trainer=trainer)
         try:
             loaded = len(PPO._load_prompts(algo))
         except DataError as e:

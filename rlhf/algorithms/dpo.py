@@ -10,8 +10,10 @@ log-probs (dpo.reference) come from
   adapter      the LoRA policy itself with its adapters disabled: no second copy in memory
   precomputed  one pass of the initial policy over the train + eval pairs before training, cached in
                <run>/ref_logps.pt and reused on resume
-or are dropped (dpo.reference_free). Metrics carry TRL's names: rewards/{chosen,rejected,accuracies,margins},
-logps/{chosen,rejected}, and eval/ versions of them and of the loss on data.eval.
+A ref_model object given to the Trainer (rlhf.api) takes the place of the initial policy in 'copy' and
+'precomputed'. Or the reference log-probs are dropped (dpo.reference_free). Metrics carry TRL's names:
+rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, and eval/ versions of them and of the loss on
+data.eval.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import torch
 
 from ..config import ConfigError, DPOSection
 from ..data import BadRows
-from ..data.preference import PairBatch, PairOptions, collate_pairs, load_pairs
+from ..data.preference import PairBatch, PairOptions, collate_pairs
 from ..losses import dpo_loss
 from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
 from ..models.forward import pair_sequence_logprobs
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
+                         total_steps)
 
 REF_CACHE = "ref_logps.pt"
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -49,7 +52,8 @@ class CopyReference:
         def rebuild():
             with whole_loading(algo.trainer.accelerator):
                 return algo.build_model()
-        self.model = frozen_copy(algo.unwrap(model), rebuild=rebuild)
+        given = algo.given_reference()
+        self.model = given if given is not None else frozen_copy(algo.unwrap(model), rebuild=rebuild)
 
     @torch.no_grad()
     def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
@@ -73,7 +77,8 @@ class PrecomputedReference:
     """Log-probs of the initial policy, computed in one pass before training (or read back on resume)."""
 
     def __init__(self, algo: "DPO", model):
-        self.table = algo.reference_table(model)  # [N, 2]: (chosen, rejected) per pair index
+        given = algo.given_reference()
+        self.table = algo.reference_table(model if given is None else given)  # [N, 2]: (chosen, rejected) per pair
 
     def logps(self, algo: "DPO", policy, batch: PairBatch) -> torch.Tensor:
         rows = self.table[batch.index]
@@ -117,8 +122,8 @@ class DPO(Algorithm):
         opts = PairOptions.from_config(d, cfg.dpo.pku_preference, pku_both_unsafe=cfg.dpo.pku_both_unsafe)
         self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
         dropped, dropped_eval = {}, {}
-        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit, dropped)
-        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split, dropped=dropped_eval) if d.eval else []
+        self.train_pairs = load_pair_examples(trainer, "train", opts, self.bad, dropped)
+        self.eval_pairs = load_pair_examples(trainer, "eval", opts, bad_eval, dropped_eval) if d.eval else []
         for i, example in enumerate(self.train_pairs + self.eval_pairs):
             example.index = i  # keys the precomputed reference table
         self.skipped = report_skipped(trainer, self.bad, "train")
@@ -135,7 +140,15 @@ class DPO(Algorithm):
         return self.trainer.accelerator.unwrap_model(model)
 
     def build_model(self):
-        return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
+        return load_causal_lm(self.cfg.model, self.trainer.tokenizer, model=self.trainer.objects.model)
+
+    def given_reference(self):
+        """The reference model given as an object (Trainer(ref_model=...)), frozen on the device; else None."""
+        given = self.trainer.objects.ref_model
+        if given is None:
+            return None
+        ref = load_causal_lm(self.cfg.model, self.trainer.tokenizer, trainable=False, model=given)
+        return ref.to(self.trainer.device)
 
     def prepared(self, model) -> None:
         if not self.cfg.dpo.reference_free:

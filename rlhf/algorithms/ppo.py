@@ -50,10 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..data import BadRows, DataError, encode_prompt, load_rows, prompt_text
+from ..data import BadRows, DataError, encode_prompt, prompt_text
 from ..losses import ppo_policy_loss, ppo_value_loss
 from ..models import (ema_update_, frozen_copy, keep_score_bias_, load_causal_lm, load_scalar_model,
-                      position_ids_from_mask, token_logprobs, token_values, whole_loading)
+                      position_ids_from_mask, saved_pretrained, token_logprobs, token_values, whole_loading)
 from ..models.forward import _lm_parts, chunk_tokens, hidden_states
 from ..ops import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, RunningMeanStd, _sampling_logits,
                    all_reduce_sum_, gae, logprobs_from_logits, masked_mean, masked_sum, masked_whiten, soft_update_)
@@ -348,15 +348,17 @@ class PPO(Algorithm):
         super().__init__(cfg, trainer)
         p = cfg.ppo
         self.prompts = self._load_prompts()
+        given = trainer.objects  # Python objects in place of ppo.reward_model / reward_fns entries (rlhf.api)
         if p.reward_adapter:  # the reward model is an adapter of the shared base, bound in build_model
-            from ..rewards import FunctionReward, RewardSources
+            from ..rewards import RewardSources, function_rewards
             from .ppo_shared import AdapterReward
 
             self.reward = RewardSources(AdapterReward(trainer.tokenizer, p.rollout_micro_batch_size),
-                                        [FunctionReward(f) for f in p.reward_fns], p.reward_weights)
+                                        function_rewards(p.reward_fns, given.reward_fns), p.reward_weights)
         else:
             with whole_loading(trainer.accelerator):  # a frozen reward model is whole on every rank, also ZeRO-3
-                self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device)
+                self.reward = build_reward(p, cfg.model, trainer.tokenizer, trainer.device, model=given.reward_model,
+                                           model_tokenizer=given.reward_tokenizer, fns=given.reward_fns)
         rm = self.reward.model
         if rm is not None and not rm.shares_tokenizer:
             if p.critic_init == "reward_model":
@@ -379,7 +381,7 @@ class PPO(Algorithm):
     def _load_prompts(self) -> list[PromptRow]:
         d, tok = self.cfg.data, self.trainer.tokenizer
         bad, out = BadRows(d.on_bad_row), []
-        for row in load_rows(d.train, d.train_split, d.limit):
+        for row in self.trainer.rows("train"):
             try:
                 prompt = row.get("prompt", (str, list))
                 ids = encode_prompt(tok, prompt)
@@ -397,7 +399,7 @@ class PPO(Algorithm):
 
     # --- set-up -------------------------------------------------------------------------------
     def build_model(self) -> PolicyAndCritic:
-        cfg, tok = self.cfg, self.trainer.tokenizer
+        cfg, tok, given = self.cfg, self.trainer.tokenizer, self.trainer.objects
         if cfg.ppo.shared_base:
             from .ppo_shared import build_shared_base
 
@@ -406,11 +408,17 @@ class PPO(Algorithm):
             if cfg.ppo.reward_adapter:
                 self.reward.model.bind(pair)
             return pair
-        policy = load_causal_lm(cfg.model, tok)
-        self._name_ignored_generation_settings(policy)
         from_rm = cfg.ppo.critic_init == "reward_model"
-        critic = load_scalar_model(cfg.ppo.reward_model if from_rm else cfg.model.name_or_path, cfg.model, tok,
-                                   trainable=True, field="ppo.reward_model" if from_rm else "model.name_or_path")
+        # a critic from a model given as an object is read back from its save_pretrained folder, written before LoRA
+        # wraps the policy: as from a path (rlhf.api)
+        critic_copy = saved_pretrained(given.reward_model if from_rm else given.model)
+        policy = load_causal_lm(cfg.model, tok, model=given.model)
+        self._name_ignored_generation_settings(policy)
+        critic = load_scalar_model(critic_copy.name if critic_copy is not None else cfg.ppo.reward_model if from_rm
+                                   else cfg.model.name_or_path, cfg.model, tok, trainable=True,
+                                   field="ppo.reward_model" if from_rm else "model.name_or_path")
+        if critic_copy is not None:
+            critic_copy.cleanup()
         return PolicyAndCritic(policy, critic, self.sampling)
 
     def _name_ignored_generation_settings(self, policy) -> None:
@@ -446,7 +454,10 @@ class PPO(Algorithm):
         def rebuild():
             with whole_loading(self.trainer.accelerator):
                 return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
-        self.reference = frozen_copy(self._pair(model).policy, rebuild=rebuild)
+        given = self.trainer.objects.ref_model  # Trainer(ref_model=...): frozen, in place of a copy of the policy
+        self.reference = (frozen_copy(self._pair(model).policy, rebuild=rebuild) if given is None else
+                          load_causal_lm(self.cfg.model, self.trainer.tokenizer, trainable=False,
+                                         model=given).to(self.trainer.device))
         self.reference_master: Optional[nn.ParameterList] = None
         if self.cfg.ppo.ref_ema > 0 and any(q.dtype != torch.float32 for q in self.reference.parameters()):
             # A half-precision reference cannot hold increments of eta = 1e-3 (see ops.soft_update_), so the EMA

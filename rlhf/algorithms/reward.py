@@ -25,13 +25,14 @@ from torch import nn
 
 from ..config import ConfigError, RewardSection
 from ..data import BadRows
-from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs, load_pairs
+from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs
 from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model
 from ..models.forward import pair_scores
 from ..ops import all_reduce_sum_
 from .base import Algorithm
-from .supervised import make_batcher, report_dropped, report_skipped, sharded_eval, step_stream, total_steps
+from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
+                         total_steps)
 
 NORMALIZATION_FILE = "reward_normalization.json"
 EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")
@@ -73,8 +74,8 @@ class RewardModeling(Algorithm):
         opts = PairOptions.from_config(d, r.pku_preference, need_margin=r.margin, pku_both_unsafe=r.pku_both_unsafe)
         self.bad, bad_eval = BadRows(d.on_bad_row), BadRows(d.on_bad_row)
         dropped, dropped_eval = {}, {}
-        self.train_pairs = load_pairs(d.train, tok, opts, self.bad, d.train_split, d.limit, dropped)
-        self.eval_pairs = load_pairs(d.eval, tok, opts, bad_eval, d.eval_split, dropped=dropped_eval) if d.eval else []
+        self.train_pairs = load_pair_examples(trainer, "train", opts, self.bad, dropped)
+        self.eval_pairs = load_pair_examples(trainer, "eval", opts, bad_eval, dropped_eval) if d.eval else []
         self.skipped = report_skipped(trainer, self.bad, "train")
         self.skipped.update(report_dropped(trainer, dropped, "train"))
         if d.eval:
@@ -86,7 +87,7 @@ class RewardModeling(Algorithm):
 
     def build_model(self):
         return load_scalar_model(self.cfg.model.name_or_path, self.cfg.model, self.trainer.tokenizer,
-                                 trainable=True, field="model.name_or_path")
+                                 trainable=True, field="model.name_or_path", model=self.trainer.objects.model)
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, self.batcher)

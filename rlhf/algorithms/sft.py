@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import BadRows, DataError, Row, encode_prompt, encode_response, load_rows
+from ..data import BadRows, DataError, Row, encode_prompt, encode_response
 from ..data.batching import attention_mask, pad
 from ..data.templates import as_messages, assistant_spans, split_messages
 from ..models import load_causal_lm, token_logprobs
@@ -91,8 +91,8 @@ class SFT(Algorithm):
         super().__init__(cfg, trainer)
         d, tok = cfg.data, trainer.tokenizer
         self.bad = BadRows(d.on_bad_row)
-        self.train_examples = self._encode(load_rows(d.train, d.train_split, d.limit))
-        self.eval_examples = self._encode(load_rows(d.eval, d.eval_split)) if d.eval else []
+        self.train_examples = self._encode(trainer.rows("train"))
+        self.eval_examples = self._encode(trainer.rows("eval")) if d.eval else []
         self.skipped = report_skipped(trainer, self.bad, "train")
         self.batcher = make_batcher(trainer, self.train_examples, collate_sft(tok.pad_token_id))
 
@@ -107,7 +107,7 @@ class SFT(Algorithm):
         return out
 
     def build_model(self):
-        return load_causal_lm(self.cfg.model, self.trainer.tokenizer)
+        return load_causal_lm(self.cfg.model, self.trainer.tokenizer, model=self.trainer.objects.model)
 
     def total_steps(self) -> int:
         return total_steps(self.cfg, self.batcher)

@@ -22,6 +22,18 @@ def make_batcher(trainer, examples: list, collate: Callable) -> StepBatcher:
         raise ConfigError(f"data.train: {e}") from None
 
 
+def load_pair_examples(trainer, which: str, opts, bad, dropped: dict) -> list:
+    """Tokenized preference pairs of data.train or data.eval ('train' / 'eval'), from the file or hub dataset the
+    config names, or from the dataset object given to the Trainer (Trainer.rows)."""
+    from ..data.preference import encode_rows, load_pairs
+
+    d = trainer.cfg.data
+    if trainer.objects.dataset(which) is not None:
+        return encode_rows(trainer.rows(which), trainer.tokenizer, opts, bad, dropped)
+    return load_pairs(getattr(d, which), trainer.tokenizer, opts, bad, getattr(d, f"{which}_split"),
+                      d.limit if which == "train" else 0, dropped)
+
+
 def total_steps(cfg, batcher: StepBatcher) -> int:
     return cfg.optim.max_steps or cfg.optim.epochs * batcher.steps_per_epoch
 

@@ -94,7 +94,12 @@ def load_tokenizer(path: str, field: str = "model.tokenizer", trust_remote_code:
         raise ConfigError(f"{field}='{path}': the folder holds no tokenizer files (one of "
                           f"{', '.join(TOKENIZER_FILES)}); set model.tokenizer to the tokenizer's folder")
     extra = {"revision": revision} if revision else {}
-    tok = _from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code, **extra)
+    return ensure_pad_token(_from_pretrained(AutoTokenizer, path, field, trust_remote_code=trust_remote_code,
+                                             **extra))
+
+
+def ensure_pad_token(tok):
+    """The tokenizer, given a pad token of its own when it has none (in place)."""
     if tok.pad_token_id is None:
         # A pad distinct from EOS keeps "is this the end of the response?" unambiguous.
         tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -146,14 +151,19 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if trainable and cfg.lora_r > 0:
+    if trainable and (cfg.lora_r > 0 or cfg.peft_config is not None):
+        import copy
+
         from peft import LoraConfig, get_peft_model
 
         task = "SEQ_CLS" if not hasattr(model, "lm_head") else "CAUSAL_LM"
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules, task_type=task,
-        ))
+        if cfg.peft_config is not None:  # Trainer(peft_config=...); the task follows the model it wraps
+            lora = copy.deepcopy(cfg.peft_config)
+            lora.task_type = task
+        else:
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=cfg.lora_target_modules, task_type=task)
+        model = get_peft_model(model, lora)
     if not trainable:
         model.eval().requires_grad_(False)
     else:
@@ -175,12 +185,30 @@ def _load_kwargs(cfg: ModelConfig, path: str) -> dict:
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer=None, path: Optional[str] = None, trainable: bool = True,
-                   field: str = "model.name_or_path"):
+                   field: str = "model.name_or_path", model: Optional[torch.nn.Module] = None):
+    """`model`: an already loaded model (Trainer(model=...), rlhf.api) taking the place of from_pretrained, as it
+    is (its dtype and device); the same steps after loading apply to it, in place."""
     from transformers import AutoModelForCausalLM
 
-    path = path or cfg.name_or_path
-    model = _load(AutoModelForCausalLM, path, field, tokenizer, **_load_kwargs(cfg, adapter_base(path) or path))
+    if model is None:
+        path = path or cfg.name_or_path
+        model = _load(AutoModelForCausalLM, path, field, tokenizer, **_load_kwargs(cfg, adapter_base(path) or path))
     return _finish(model, cfg, tokenizer, trainable)
+
+
+def saved_pretrained(model: Optional[torch.nn.Module]):
+    """A tempfile.TemporaryDirectory holding `model` written with save_pretrained (None for None; `.name` is the
+    folder, `with` gives it too; removed on `.cleanup()` or at the end of the `with`), for a scalar model built from
+    a model given as an object (PPO's critic from the policy or the reward model, a reward model trained from a
+    causal LM): loading it from the folder builds the scalar model and draws its fresh head exactly as from a path,
+    for any architecture, and shares no tensor with the object. Call it before LoRA wraps the object."""
+    if model is None:
+        return None
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory(prefix="rlhf-object-")
+    model.save_pretrained(folder.name)
+    return folder
 
 
 def apply_score_bias_(model) -> torch.nn.Module:
@@ -214,16 +242,23 @@ def keep_score_bias_(model) -> None:
 
 
 def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=None, trainable: bool = False,
-                      field: str = "reward_model"):
+                      field: str = "reward_model", model: Optional[torch.nn.Module] = None):
     """A sequence-classification model with one output: a reward model or a critic.
 
     A causal-LM checkpoint (e.g. the SFT policy) gets a freshly initialised scalar head. A LoRA adapter folder (a
     peft sequence-classification adapter with its score head in modules_to_save, e.g. a LoRA PPO run's critic/) is
-    its base with the adapter merged in.
+    its base with the adapter merged in. `model`: one given as an object (rlhf.api) instead of `path`: a one-output
+    sequence classifier is used as it is, anything else is read back from a temporary save_pretrained folder
+    (saved_pretrained) and gets a fresh head.
     """
     from transformers import AutoModelForSequenceClassification
 
     cfg = cfg or ModelConfig(name_or_path=path)
+    if model is not None and getattr(model.config, "num_labels", None) == 1 and hasattr(model, "score"):
+        return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)  # a scalar model given as an object
+    if model is not None:  # another model given as an object (a causal LM): a fresh scalar head, as from its folder
+        with saved_pretrained(model) as folder:
+            return load_scalar_model(folder, cfg, tokenizer, trainable, field)
     rng = torch.random.get_rng_state()
 
     def fresh_head(loaded):
