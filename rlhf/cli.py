@@ -1,4 +1,4 @@
-"""Command line: `rlhf train | init-model | eval | compare | pipeline`.
+"""Command line: `rlhf train | init-model | eval | export | compare | pipeline`.
 
     rlhf train configs/sft_tiny.yaml --optim.lr 1e-4          # or: accelerate launch -m rlhf train ...
     rlhf train configs/sft_tiny.yaml --resume                  # continue the latest run of that config
@@ -24,6 +24,7 @@ commands:
   train CONFIG [--resume [RUN_OR_CHECKPOINT] | --overwrite] [--section.key VALUE ...]   train with a YAML config
   init-model --out DIR [--corpus FILE ...]                                  build a tiny model + tokenizer
   eval --model PATH --testbed NAME ...                                      evaluate a model
+  export CHECKPOINT OUT [--dtype D] [--overwrite]                           a checkpoint as one merged model
   compare RUN_DIR ...                                                       compare runs in a report
   pipeline CONFIG                                                           SFT -> RM -> DPO/PPO -> eval -> report
 
@@ -131,6 +132,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train,
     "init-model": _init_model,
     "eval": _delegate("rlhf.eval.runner"),
+    "export": _delegate("rlhf.export"),
     "compare": _delegate("rlhf.report"),
     "pipeline": _delegate("rlhf.pipeline"),
 }

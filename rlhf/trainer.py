@@ -19,12 +19,12 @@ Under DeepSpeed ZeRO-3 and FSDP, `full_model` gives whole weights for generation
 Faults: a step whose loss, gradient norm or reward-model score is not finite is skipped (the weights and optimizer
 state stay), and optim.max_skipped_steps of them in a row stop the run; no checkpoint or final/ is ever written with
 a non-finite weight. SIGTERM and SIGINT finish the current step, write a checkpoint and stop (exit 143 / 130 from
-`rlhf train`). Checkpoints carry a manifest (rlhf/checkpoints.py) that resume verifies.
+`rlhf train`). Checkpoints carry a manifest (rlhf/checkpoints.py) that resume verifies; what they hold (the model as
+in final/, and the training state, trainable tensors only under LoRA) is rlhf/checkpointing.py's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
+from . import checkpointing
 from . import checkpoints as ckpt
 from .checkpoints import CheckpointError, DiskFullError, NonFiniteError  # noqa: F401  (re-exported)
 from .config import ConfigError, TrainConfig, save_config
@@ -43,7 +44,7 @@ from .distributed import (CollectiveError, _is_collective_failure, _use_deepspee
                           resolve_mixed_precision, size_zero3)
 from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
 from .runs import choose_checkpoint, flat_config, resolve_run_dir  # noqa: F401  (flat_config: re-exported)
-from .tracking import SAMPLES_FILE, MetricsWriter, prepare_wandb, trackers, truncate_metrics, wandb_settings
+from .tracking import SAMPLES_FILE, MetricsWriter, prepare_wandb, trackers, wandb_settings
 
 # Metrics holding reward-model scores: a non-finite one skips the step like a non-finite loss.
 SCORE_KEYS = ("objective/scores", "reward/")
@@ -528,105 +529,14 @@ class Trainer:
             self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=self.step)
         self.callback("on_log", dict(clean))
 
-    # --- checkpoints and export -----------------------------------------------------------------
-    def _refuse_nonfinite(self, what: str) -> None:
-        """Stop before writing weights that hold a NaN or an infinity (checked on every rank's shards)."""
-        bad = ckpt.nonfinite_parameters(self.model)
-        if not self._any_rank(bool(bad)):
-            return
-        good = ckpt.list_checkpoints(os.path.join(self.run_dir, "checkpoints"))
-        names = ", ".join(n.removeprefix("module.") for n in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        raise NonFiniteError(f"refusing to write {what} at step {self.step}: parameters hold NaN or infinite values "
-                             f"({names or 'on another rank'}); last finite checkpoint: "
-                             f"{good[-1][0] if good else 'none'}")
-
-    def _on_main(self, write: Callable[[], None], target: str, needed: Callable[[], int]) -> None:
-        """Run `write` on rank 0; every rank learns whether it failed and raises too (none waits at a barrier for a
-        rank that gave up). A full disk becomes one DiskFullError naming `target`."""
-        error: Optional[BaseException] = None
-        if self.is_main:
-            try:
-                write()
-            except Exception as e:  # noqa: BLE001 - re-raised below, once the ranks agree
-                error = e
-        if not self._any_rank(error is not None):
-            return
-        if error is None:
-            raise RuntimeError(f"writing {target} failed; see rank 0's error")
-        if ckpt.is_disk_full(error):
-            raise DiskFullError(f"no space left on device: {target} (about {needed()} bytes needed)") from error
-        raise error
-
+    # --- checkpoints and export (rlhf/checkpointing.py) -----------------------------------------
     def save_checkpoint(self) -> str:
-        """Model, optimizer, schedule, RNG states and step, written to a temp folder, verified by a manifest written
-        last, then renamed. Older checkpoints beyond logging.keep_checkpoints are pruned after."""
-        acc = self.accelerator
-        folder = os.path.join(self.run_dir, "checkpoints")
-        name = ckpt.checkpoint_name(self.step)
-        final = os.path.join(folder, name)
-        tmp = final + ".tmp"
-        needed = lambda: ckpt.state_bytes(self.model, self.optimizer)  # noqa: E731
-        with self.phase("checkpoint"):
-            self._refuse_nonfinite(f"checkpoint {final}")
-            if self.is_main:
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-            acc.wait_for_everyone()
-            error = None
-            try:
-                acc.save_state(tmp)  # under ZeRO each rank writes its own shards
-            except Exception as e:  # noqa: BLE001 - a full disk on one rank must stop every rank
-                if not ckpt.is_disk_full(e):
-                    raise
-                error = e
-            failed = self._any_rank(error is not None)  # also: every rank's shard and RNG state is on disk
-            state = {"step": self.step, "algorithm": self.algorithm.state_dict(), "skipped_steps": self.skipped_steps}
-
-            def finish():
-                import shutil
-
-                try:
-                    if failed:
-                        raise DiskFullError(f"no space left on device: {final} (about {needed()} bytes needed)")
-                    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-                    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                        json.dump({"step": self.step}, f)
-                    save_config(self.cfg, os.path.join(tmp, "config.yaml"))
-                    ckpt.write_manifest(tmp, name, self.step, self.run_dir)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
-                    raise
-                ckpt.replace_folder(tmp, final)
-                ckpt.prune(folder, self.cfg.logging.keep_checkpoints)
-            self._on_main(finish, final, needed)
-            acc.wait_for_everyone()
-        self.saved_step = self.step
-        return final
+        """Write `checkpoints/step_N/` (the model and the training state); returns its path."""
+        return checkpointing.save_checkpoint(self)
 
     def _load_checkpoint(self, path: str) -> None:
-        self.accelerator.load_state(path)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-        self.step = state["step"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.algorithm.load_state_dict(state["algorithm"])
-        if self.is_main:
-            truncate_metrics(self.metrics.path, self.step, say=self.print)
-            truncate_metrics(os.path.join(self.run_dir, SAMPLES_FILE), self.step, say=self.print)
+        checkpointing.load_checkpoint(self, path)
 
     def save_final(self) -> str:
-        """final/: whole weights written by rank 0 (under ZeRO-3 gathered first), loadable with from_pretrained.
-        Written to final.tmp and renamed: an earlier final/ is replaced only by a complete one."""
-        out = os.path.join(self.run_dir, "final")
-        with self.phase("final export"):
-            self._refuse_nonfinite("final/")
-            self.accelerator.wait_for_everyone()
-            with self.full_model() as model:
-                self.algorithm.prepare_export(model)  # every rank: e.g. the reward model's calibration scores
-
-                def write():
-                    with ckpt.atomic_folder(out, lambda: ckpt.state_bytes(model)) as tmp:
-                        self.algorithm.save_model(model, tmp)
-                self._on_main(write, out, lambda: ckpt.state_bytes(model))
-            self.accelerator.wait_for_everyone()
-        return out
+        """Write `final/`, loadable with from_pretrained; returns its path."""
+        return checkpointing.save_final(self)

@@ -156,17 +156,17 @@ if want("damage"):
 
     C = lambda run: os.path.join(run, "checkpoints", "step_000004")  # noqa: E731
     cases = {
-        "truncated model.safetensors": lambda r: trunc(os.path.join(C(r), "model.safetensors")),
-        "truncated optimizer.bin": lambda r: trunc(os.path.join(C(r), "optimizer.bin")),
-        "truncated scheduler state": lambda r: trunc(os.path.join(C(r), "custom_checkpoint_0.pkl")),
-        "truncated random_states_0.pkl": lambda r: trunc(os.path.join(C(r), "random_states_0.pkl")),
+        "truncated model.safetensors": lambda r: trunc(os.path.join(C(r), "state", "model.safetensors")),
+        "truncated optimizer.bin": lambda r: trunc(os.path.join(C(r), "state", "optimizer.bin")),
+        "truncated scheduler state": lambda r: trunc(os.path.join(C(r), "state", "custom_checkpoint_0.pkl")),
+        "truncated random_states_0.pkl": lambda r: trunc(os.path.join(C(r), "state", "random_states_0.pkl")),
         "missing trainer_state.pt": lambda r: os.remove(os.path.join(C(r), "trainer_state.pt")),
         "empty trainer_state.pt": lambda r: trunc(os.path.join(C(r), "trainer_state.pt"), 0),
-        "missing model.safetensors": lambda r: os.remove(os.path.join(C(r), "model.safetensors")),
+        "missing model.safetensors": lambda r: os.remove(os.path.join(C(r), "state", "model.safetensors")),
         "stray step_000020.bak (copy of step_000002)": lambda r: shutil.copytree(
             os.path.join(r, "checkpoints", "step_000002"), os.path.join(r, "checkpoints", "step_000020.bak")),
         "partial last line of metrics.jsonl": metrics_partial,
-        "both checkpoints truncated": lambda r: [trunc(os.path.join(r, "checkpoints", s, "model.safetensors"))
+        "both checkpoints truncated": lambda r: [trunc(os.path.join(r, "checkpoints", s, "state", "model.safetensors"))
                                                  for s in ("step_000002", "step_000004")],
     }
     for name, damage in cases.items():
@@ -182,7 +182,7 @@ if want("damage"):
         rc, o, e = train(path, "--resume")
         report(f"damage: {name}", rc, o, e, os.path.join(out, "run"))
     for name, damage in {"truncated ref_logps.pt (DPO)": lambda r: trunc(os.path.join(r, "ref_logps.pt")),
-                         "truncated model.safetensors (DPO)": lambda r: trunc(os.path.join(C(r), "model.safetensors"))}.items():
+                         "truncated model.safetensors (DPO)": lambda r: trunc(os.path.join(C(r), "state", "model.safetensors"))}.items():
         out = os.path.join(WORK, "dmg-dpo" + str(abs(hash(name)) % 1000))
         shutil.copytree(dpo_base, out)
         damage(os.path.join(out, "run"))

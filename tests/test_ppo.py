@@ -405,6 +405,8 @@ def test_resume_at_an_iteration_boundary_reproduces_the_uninterrupted_run(tiny_m
     run(ppo_config(tiny_model_dir, sft_file, str(tmp_path / "b"), ppo__iterations=1, **common))
     # save_every 2, but a checkpoint only at the iteration boundary (step 4), never mid-iteration (step 2)
     assert os.listdir(tmp_path / "b" / "run" / "checkpoints") == ["step_000004"]
+    checkpoint = tmp_path / "b" / "run" / "checkpoints" / "step_000004"  # a model too: the policy, critic/ (as final/)
+    assert lm(str(checkpoint)) is not None and load_scalar_model(str(checkpoint / "critic")) is not None
     resumed = run(ppo_config(tiny_model_dir, sft_file, str(tmp_path / "b"), ppo__iterations=2, **common), resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     kl_coefs = [r["objective/kl_coef"] for r in whole if "objective/kl_coef" in r]

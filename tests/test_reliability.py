@@ -246,10 +246,10 @@ def truncate(path, keep: float = 0.5):
         f.truncate(int(os.path.getsize(path) * keep))
 
 
-DAMAGES = {
-    "truncated model.safetensors": lambda c: truncate(os.path.join(c, "model.safetensors")),
-    "truncated optimizer.bin": lambda c: truncate(os.path.join(c, "optimizer.bin")),
-    "truncated scheduler state": lambda c: truncate(os.path.join(c, "custom_checkpoint_0.pkl")),
+DAMAGES = {  # state/ is what resume reads; the folder's top is the model (rlhf/checkpointing.py)
+    "truncated model.safetensors": lambda c: truncate(os.path.join(c, "state", "model.safetensors")),
+    "truncated optimizer.bin": lambda c: truncate(os.path.join(c, "state", "optimizer.bin")),
+    "truncated scheduler state": lambda c: truncate(os.path.join(c, "state", "custom_checkpoint_0.pkl")),
     "missing trainer_state.pt": lambda c: os.remove(os.path.join(c, "trainer_state.pt")),
     "empty trainer_state.pt": lambda c: truncate(os.path.join(c, "trainer_state.pt"), 0),
     "flipped byte in model.safetensors": lambda c: flip_byte(os.path.join(c, "model.safetensors")),
@@ -289,7 +289,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, two_ch
 def test_resume_from_the_fallback_finishes_the_run(two_checkpoints, tiny_model_dir, sft_file, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(two_checkpoints, out)
-    truncate(out / "run" / "checkpoints" / "step_000004" / "optimizer.bin")
+    truncate(out / "run" / "checkpoints" / "step_000004" / "state" / "optimizer.bin")
     Trainer(sft_config(tiny_model_dir, sft_file, str(out), **DAMAGE_KW), resume=True).train()
     a = load_file(os.path.join(two_checkpoints, "run", "final", "model.safetensors"))
     b = load_file(out / "run" / "final" / "model.safetensors")
@@ -311,7 +311,7 @@ def test_every_checkpoint_damaged_is_one_line_and_exit_2(two_checkpoints, tiny_m
     out = tmp_path / "copy"
     shutil.copytree(two_checkpoints, out)
     for step in ("step_000002", "step_000004"):
-        truncate(out / "run" / "checkpoints" / step / "model.safetensors")
+        truncate(out / "run" / "checkpoints" / step / "state" / "model.safetensors")
     cfg = sft_config(tiny_model_dir, sft_file, str(out), **DAMAGE_KW)
     with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged"):
         Trainer(cfg, resume=True)

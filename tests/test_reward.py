@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import PAIR_OPTIM, train_config
 from rlhf import Trainer
+from rlhf.cli import main as cli_main
 from rlhf.algorithms.reward import NORMALIZATION_FILE, fold_normalization, pair_objective
 from rlhf.models.loading import apply_score_bias_
 from rlhf.config import RewardSection
@@ -111,6 +112,13 @@ def test_saved_model_outputs_calibrated_scores(tiny_model_dir, prefs_file, tmp_p
     raw = trainer.algorithm.score_responses(trainer.accelerator.unwrap_model(trainer.model),
                                             trainer.algorithm.train_pairs)
     torch.testing.assert_close((raw - stats["mean"]) / stats["std"], scores, atol=1e-4, rtol=1e-4)
+    # the checkpoint of the last step is the same calibrated scorer (save_model writes both), and so is its export;
+    # the same weights through the same arithmetic: 1e-6 allows only for a BLAS reduction order that varies
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000003"
+    assert cli_main(["export", str(checkpoint), str(tmp_path / "exported")]) == 0
+    for other in (checkpoint, tmp_path / "exported"):
+        torch.testing.assert_close(calibrated_scores(trainer.algorithm, other, trainer.algorithm.train_pairs), scores,
+                                   atol=1e-6, rtol=0)
 
 
 def test_reward_model_gives_calibrated_scores_outside_rlhf(tiny_model_dir, prefs_file, tmp_path):

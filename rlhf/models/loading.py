@@ -1,10 +1,14 @@
 """Load tokenizers, causal LMs and scalar-head models through `from_pretrained`.
 
-A hub name, a local folder and a folder written by `rlhf init-model` all take this one path.
+A hub name, a local folder and a folder written by `rlhf init-model` all take this one path. A LoRA adapter folder
+(adapter_config.json + adapter_model.safetensors: a LoRA run's final/ or checkpoint) loads as its base model
+(`base_model_name_or_path` in adapter_config.json) with the adapter merged in: what it scores and generates is the
+trained model's, and training from it starts from that model (with fresh adapters when model.lora_r > 0).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -30,6 +34,47 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
         where = "local folder" if os.path.isdir(path) else "hub name or local folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{field}='{path}': could not load as a {where}: {first}") from None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str) -> Optional[str]:
+    """The base model of a LoRA adapter folder (from its adapter_config.json); None for any other path."""
+    config = os.path.join(os.path.expanduser(path), ADAPTER_CONFIG)
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config}: not a readable adapter config ({e})") from None
+    if not base:
+        raise ConfigError(f"{config}: no base_model_name_or_path; the adapter cannot be loaded without its base")
+    return base
+
+
+def _load(loader, path: str, field: str, tokenizer=None, fix_base=None, **kwargs):
+    """`loader.from_pretrained(path)`, or for an adapter folder its base with the adapter merged in. `fix_base`
+    takes what from_pretrained returned and gives the model, before any adapter goes over it."""
+    base = adapter_base(path)
+    where = field if base is None else f"base_model_name_or_path in {os.path.join(path, ADAPTER_CONFIG)}"
+    loaded = _from_pretrained(loader, base or path, where, **kwargs)
+    model = fix_base(loaded) if fix_base else loaded
+    if base is None:
+        return model
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # loaded straight into ZeRO-3 partitions
+        raise ConfigError(f"{field}='{path}' is a LoRA adapter folder, which cannot be merged into a ZeRO-3 "
+                          f"partitioned model as it loads; merge it first: rlhf export {path} MERGED_FOLDER")
+    if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))  # as training did before it added the adapter
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, os.path.expanduser(path)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{field}='{path}': could not load the LoRA adapter over {base}: {first}") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -147,7 +192,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer=None, path: Optional[str] = None,
 
     if model is None:
         path = path or cfg.name_or_path
-        model = _from_pretrained(AutoModelForCausalLM, path, field, **_load_kwargs(cfg, path))
+        model = _load(AutoModelForCausalLM, path, field, tokenizer, **_load_kwargs(cfg, adapter_base(path) or path))
     return _finish(model, cfg, tokenizer, trainable)
 
 
@@ -200,9 +245,11 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
                       field: str = "reward_model", model: Optional[torch.nn.Module] = None):
     """A sequence-classification model with one output: a reward model or a critic.
 
-    A causal-LM checkpoint (e.g. the SFT policy) gets a freshly initialised scalar head. `model`: one given as an
-    object (rlhf.api) instead of `path`: a one-output sequence classifier is used as it is, anything else is read
-    back from a temporary save_pretrained folder (saved_pretrained) and gets a fresh head.
+    A causal-LM checkpoint (e.g. the SFT policy) gets a freshly initialised scalar head. A LoRA adapter folder (a
+    peft sequence-classification adapter with its score head in modules_to_save, e.g. a LoRA PPO run's critic/) is
+    its base with the adapter merged in. `model`: one given as an object (rlhf.api) instead of `path`: a one-output
+    sequence classifier is used as it is, anything else is read back from a temporary save_pretrained folder
+    (saved_pretrained) and gets a fresh head.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -212,37 +259,15 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
     if model is not None:  # another model given as an object (a causal LM): a fresh scalar head, as from its folder
         with saved_pretrained(model) as folder:
             return load_scalar_model(folder, cfg, tokenizer, trainable, field)
-    if is_lora_folder(path):
-        return _load_lora_scalar_model(path, cfg, tokenizer, trainable, field)
     rng = torch.random.get_rng_state()
-    model, info = _from_pretrained(
-        AutoModelForSequenceClassification, path, field,
-        num_labels=1, output_loading_info=True, **_load_kwargs(cfg, path),
-    )
-    if "score.weight" in info.get("missing_keys", ()):
-        draw_fresh_head_(model, rng)
-    return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
 
-
-def is_lora_folder(path: str) -> bool:
-    """Whether `path` is a local peft adapter folder (adapter_config.json) rather than a whole model."""
-    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
-
-
-def _load_lora_scalar_model(path: str, cfg: ModelConfig, tokenizer, trainable: bool, field: str):
-    """A LoRA scalar model (a peft sequence-classification adapter with its score head in modules_to_save, e.g. a
-    shared-base PPO run's final/critic/): its base (adapter_config.json's base_model_name_or_path) with the adapter
-    merged in, a plain sequence-classification model."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    base = PeftConfig.from_pretrained(os.path.expanduser(path)).base_model_name_or_path
-    if not base:
-        raise ConfigError(f"{field}='{path}': a LoRA adapter folder whose adapter_config.json names no "
-                          f"base_model_name_or_path; expected the base it was trained on")
-    model = _from_pretrained(AutoModelForSequenceClassification, base, f"{field} (its base model)", num_labels=1,
-                             **_load_kwargs(cfg, base))
-    model = PeftModel.from_pretrained(model, os.path.expanduser(path)).merge_and_unload()
+    def fresh_head(loaded):
+        model, info = loaded
+        if "score.weight" in info.get("missing_keys", ()):
+            draw_fresh_head_(model, rng)
+        return model
+    model = _load(AutoModelForSequenceClassification, path, field, tokenizer, fresh_head, num_labels=1,
+                  output_loading_info=True, **_load_kwargs(cfg, adapter_base(path) or path))
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
 
 
