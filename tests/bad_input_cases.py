@@ -73,7 +73,9 @@ def run_loader(loader, kind, path, policy, tokenizer, model_dir, first_skipped: 
     if loader == "ppo":
         cfg = make_cfg("ppo", model_dir, path, policy)
         printed: list[str] = []  # PPO keeps its BadRows to itself; its printed summary names the first skipped row
-        trainer = SimpleNamespace(tokenizer=tokenizer, print=printed.append, rows=lambda which: load_rows(path))
+        # no dataset objects: the prompts are read from the file through data.train
+        trainer = SimpleNamespace(tokenizer=tokenizer, print=printed.append,
+                                  objects=SimpleNamespace(dataset=lambda which: None))
         algo = SimpleNamespace(cfg=cfg, trainer=trainer)
         try:
             loaded = len(PPO._load_prompts(algo))
