@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.bench_rollout import SHAPES as ROLLOUT_SHAPES  # noqa: E402
 from benchmarks.bench_train import (build_tokenizer, draw_lengths, measure, peak_bytes, step_tokens,  # noqa: E402
-                                    summarize, sync, write_rows)
+                                    summarize, sync, write_prompts, write_rows, write_table)
 
 SHAPES = {**ROLLOUT_SHAPES,
           "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -77,17 +77,6 @@ def build_folder(shape: str, out: str) -> dict:
     tok.save_pretrained(paths["tokenizer"])
     del lm
     return paths
-
-
-def write_prompts(n: int, words: int, out: str, seed: int = 2) -> str:
-    import random
-
-    rng = random.Random(seed)
-    path = os.path.join(out, f"prompts-{n}x{words}.jsonl")
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(32000)}" for _ in range(words))}) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,10 +296,7 @@ def main() -> None:
             print(describe(res), flush=True)
             with open(os.path.join(a.out, "results.json"), "w") as f:
                 json.dump(results, f, indent=1)
-    md = table(results)
-    print(md)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(md + "\n")
+    write_table(table(results), a.out)
 
 
 if __name__ == "__main__":

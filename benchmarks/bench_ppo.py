@@ -33,20 +33,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.bench_train import WORDS, build_models, peak_bytes  # noqa: E402
+from benchmarks.bench_train import build_models, measure, peak_bytes, write_prompts, write_table  # noqa: E402
 
 RUNS = ["trl-rloo", "rlhf-ppo", "rlhf-ppo-1.5b-512"]
-
-
-def write_prompts(n: int, length: int, out: str, seed: int = 3) -> str:
-    import random
-
-    rng = random.Random(seed)
-    path = os.path.join(out, f"prompts-{n}x{length}.jsonl")
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(WORDS)}" for _ in range(length))}) + "\n")
-    return path
 
 
 def run_rlhf(spec: dict) -> dict:
@@ -132,21 +121,6 @@ def worker(spec: dict) -> None:
     print("RESULT " + json.dumps(fn(spec)), flush=True)
 
 
-def measure(spec: dict, timeout: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print((proc.stdout[-1500:] + "\n" + proc.stderr[-3000:]).strip(), file=sys.stderr)
-        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:200]}
-    return json.loads(lines[-1][7:])
-
-
 def summarize(run: str, res: dict, rollouts: int, new_tokens: int) -> dict:
     if "error" in res:
         return {"run": run, **res}
@@ -214,13 +188,10 @@ def main() -> None:
                 "micro": 16, "rollout_micro": 64, "engine": a.engine,
                 "run_dir": os.path.join(a.out, run)}
         t0 = time.time()
-        res = summarize(run, measure(spec, a.timeout), prompts * samples, a.new_tokens)
+        res = summarize(run, measure(spec, a.timeout, script=__file__), prompts * samples, a.new_tokens)
         print(f"{run}: {json.dumps(res)} (wall {time.time() - t0:.0f} s)", flush=True)
         rows.append(res)
-    md = table(rows)
-    print(md)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(md + "\n")
+    write_table(table(rows), a.out)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,16 @@ def draw_lengths(workload: str, n: int, seed: int = 0) -> list[tuple[int, int, i
     return out
 
 
+def write_prompts(n: int, words: int, out: str, seed: int = 2) -> str:
+    """n prompt rows of `words` random words (one token each) in a JSONL file, for the PPO benchmarks."""
+    rng = random.Random(seed)
+    path = os.path.join(out, f"prompts-{n}x{words}.jsonl")
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(WORDS)}" for _ in range(words))}) + "\n")
+    return path
+
+
 def write_rows(lengths, out: str, seed: int = 1) -> str:
     rng = random.Random(seed)
 
@@ -299,6 +309,13 @@ def worker(spec: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def write_table(md: str, out: str) -> None:
+    """Print a markdown table and write it to <out>/table.md."""
+    print(md)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(md + "\n")
+
+
 def measure(spec: dict, timeout: int, script: str = __file__) -> dict:
     """Run `script --worker spec` in a fresh process (its own CUDA context and peak memory); its RESULT line."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -396,10 +413,7 @@ def main() -> None:
                 print(f"{shape} {workload} {name}: {brief}", flush=True)
                 with open(os.path.join(args.out, "results.json"), "w") as f:
                     json.dump(results, f, indent=1)
-    md = table(results)
-    print(md)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(md + "\n")
+    write_table(table(results), args.out)
 
 
 if __name__ == "__main__":
