@@ -546,12 +546,15 @@ def test_stalled_rank_fails_with_a_timeout_naming_the_phase(backend, tiny_model_
     # NCCL builds its communicator inside the first collective: leave that more than 5 s
     timeout = {"gloo": 5, "nccl": 20}[backend]
     env = {"CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {}
+    stall = 90  # seconds the sleepy rank sleeps in its reward function
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
-                          env=run_env(RLHF_COLLECTIVE_TIMEOUT_S=str(timeout), **{SLEEP_ENV: "90"}, **env))
+                          env=run_env(RLHF_COLLECTIVE_TIMEOUT_S=str(timeout), **{SLEEP_ENV: str(stall)}, **env))
     elapsed = time.time() - t0
     assert proc.returncode != 0
     assert "CollectiveError: collective failed during rollout (step 0, rank 0 of 2)" in proc.stderr, \
         proc.stderr[-3000:]
     assert f"RLHF_COLLECTIVE_TIMEOUT_S={timeout}s" in proc.stderr
-    assert elapsed < 40 + timeout, elapsed  # start-up + the timeout, far from the 90 s stall
+    # Waiting for the stall would end after start-up + the stall, so under `stall` seconds in all means the timeout
+    # ended it, however long two ranks take to start on a loaded machine (40-50 s seen on 2 busy cores).
+    assert elapsed < stall, elapsed
