@@ -118,6 +118,7 @@ def test_unpaired_preference_rows_are_refused_for_pairs(tok):
 @pytest.mark.parametrize("name", ["prompt_only", "prompt_only_conv"])
 def test_prompt_only_rows_for_ppo(name, tok, tiny_model_dir, tmp_path):
     cfg = make_cfg("ppo", tiny_model_dir, fixture(name), "error", logging={"output_dir": str(tmp_path)})
-    algo = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(tokenizer=tok, print=print))
+    no_objects = SimpleNamespace(dataset=lambda which: None)  # prompts from data.train, not a dataset object
+    algo = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(tokenizer=tok, print=print, objects=no_objects))
     prompts = PPO._load_prompts(algo)
     assert [(p.ids, p.chat) for p in prompts] == [(encode_prompt(tok, r["prompt"]), r["prompt"]) for r in rows_of(name)]
