@@ -442,7 +442,8 @@ def test_reward_model_source_and_critic_warmup(tiny_model_dir, sft_file, tmp_pat
     rm, critic = load_scalar_model(rm_dir).state_dict(), load_scalar_model(os.path.join(final, "critic")).state_dict()
     assert not torch.equal(rm["score.weight"], critic["score.weight"])
     # the reloaded critic has its trained bias (as in the last checkpoint), not the reward model's 0.25
-    trained = load_file(sorted(glob.glob(os.path.join(tmp_path, "run", "checkpoints", "step_*", "model.safetensors")))[-1])
+    last = sorted(glob.glob(os.path.join(tmp_path, "run", "checkpoints", "step_*")))[-1]
+    trained = load_file(os.path.join(last, "state", "model.safetensors"))  # the resume state's tensors
     assert trained["critic.score.bias"].item() != pytest.approx(0.25, abs=1e-6)
     torch.testing.assert_close(critic["score.bias"], trained["critic.score.bias"])
 
