@@ -9,7 +9,8 @@ Models are built from the Qwen2.5 configs (random init, bf16, vocabulary 151,936
 random token ids of --prompt-len tokens, and EOS is set to an id the model never samples in practice, so every row
 generates --new-tokens tokens and the engines do equal work. Each engine samples at temperature 1 with no top-k /
 top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9)
-(`static-ppo`), and reading the whole KV cache at every step instead of its filled blocks (`static-whole`).
+(`static-ppo`), and reading the whole KV cache at every step (`static-whole`) or only its filled 64-slot blocks
+(`static-blocks`) instead of the engine's own choice (`static`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -84,8 +85,10 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
         seeds = list(range(len(prompts)))
 
         def call():
-            # static-whole: attention reads the whole cache every step (kv_block 0), for comparison
-            engine = StaticEngine(kv_block=0) if "whole" in name else StaticEngine()
+            # static: the engine's own choice of kv_block; static-whole reads the whole cache every step (kv_block 0),
+            # static-blocks the filled 64-slot blocks only (kv_block 64), whatever the batch
+            kv_block = 0 if "whole" in name else 64 if "blocks" in name else None
+            engine = StaticEngine(kv_block=kv_block)
             return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     else:
         ids = torch.tensor(prompts, device="cuda")

@@ -183,6 +183,14 @@ def _compiled_step():
     return _COMPILED[0]
 
 
+def auto_kv_block(dec: _Decoder, block: int = 64) -> int:
+    """`block` when one decode step reading the whole KV cache reads more bytes than the weights, else 0."""
+    k = next(t for t in dec.k if t is not None)
+    cache_bytes = 2 * len(dec.layers) * k.numel() * k.element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in dec.lm.parameters())
+    return block if cache_bytes > weight_bytes else 0
+
+
 class StaticEngine:
     """Static KV cache and CUDA-graph decoding (on CUDA; eager elsewhere).
 
@@ -194,11 +202,14 @@ class StaticEngine:
     kv_block: attention reads the cache up to the filled length rounded up to a multiple of kv_block slots, not the
     whole cache; one graph is captured per such length (all in one memory pool). The KV cache is most of a decode
     step's memory traffic at large batches, and the filled part averages about (prompt + new / 2) of (prompt + new).
-    0 reads the whole cache at every step (one graph).
+    0 reads the whole cache at every step (one graph). None (the default) chooses per call: blocks of 64 when a
+    step's whole-cache read exceeds the weights' bytes (batch 512 x 384 slots of a 0.5B model: 2.4 against 1.0 GB),
+    the whole cache otherwise, where the extra graphs cost more than the bytes they save (H200, batch 64: 0.52 s whole
+    against 0.60 s in blocks of 64; BENCHMARKS.md).
     """
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
-                 kv_block: int = 64):
+                 kv_block: Optional[int] = None):
         self.use_graph = use_graph
         self.check_every = check_every
         self.compile = compile
@@ -287,7 +298,8 @@ class StaticEngine:
                 fn = _decode_step
                 fn(*args, kv_len)
 
-        block = self.kv_block if self.kv_block > 0 else L
+        block = self.kv_block if self.kv_block is not None else auto_kv_block(dec)
+        block = block if block > 0 else L
         steps, graphs, warm = 1, {}, {}
         side = torch.cuda.Stream() if use_graph else None
         while steps < N:
