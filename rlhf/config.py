@@ -53,6 +53,10 @@ class ModelConfig:
         None, "Attention kernel, passed to from_pretrained (None = transformers' choice for the model).")
     revision: Optional[str] = opt(None, "Hub branch, tag or commit of model.name_or_path (model and its tokenizer).")
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
+    pair_packing: Literal["auto", "flex", "padded"] = opt(
+        "auto", "Layout of DPO and reward-model pairs (prompt once per pair): flex = all pairs of a micro-batch in one "
+        "unpadded row, attended through FlexAttention's block mask (the model runs SDPA otherwise); padded = one row "
+        "per pair with a dense 4D mask; auto = flex on CUDA when FlexAttention is available and attention is sdpa.")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
     # A peft config object given as Trainer(peft_config=...): applied instead of the lora_* values (which then record

@@ -222,12 +222,12 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pairs (DPO, reward model): one row per pair, the prompt once (rlhf.models.shared_prefix)
+# Pairs (DPO, reward model): the prompt once per pair, one row per pair or all in one (rlhf.models.shared_prefix)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def shares_prefix(model) -> bool:
-    """Whether the model takes the shared-prefix layout: an attention kernel with arbitrary 4D masks (sdpa, eager)."""
+    """Whether the model takes the shared-prefix layouts: an attention kernel with arbitrary 4D masks (sdpa, eager)."""
     from .shared_prefix import MASKABLE
 
     inner = _unwrap(model)
@@ -235,34 +235,53 @@ def shares_prefix(model) -> bool:
     return impl in MASKABLE and getattr(inner, "shared_prefix", True)
 
 
-def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
-    """The 4D mask in the form the attention kernel reads: bool (True = attend) for sdpa, additive for eager."""
+def packs_flat(model) -> bool:
+    """Whether pairs take the flat layout (model.pair_packing resolved to flex at load time, attention SDPA_FLEX)."""
+    from .shared_prefix import SDPA_FLEX
+
     inner = _unwrap(model)
-    if inner.config._attn_implementation == "sdpa":
+    return getattr(inner, "pair_packing", "padded") == "flex" and inner.config._attn_implementation == SDPA_FLEX
+
+
+def _pair_mask(model, packed):
+    """The mask of a packed batch in the form the attention kernel reads: the flat layout's BlockMask; a dense mask,
+    bool (True = attend) for sdpa and additive for eager. torch's flex_attention has no backward on the CPU, so there a
+    flat batch that needs gradients hands SDPA the same rule as a dense [1, 1, L, L] mask."""
+    from .shared_prefix import SDPA_FLEX
+
+    inner = _unwrap(model)
+    device = packed.input_ids.device
+    if packs_flat(model):
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in inner.parameters())
+        if device.type != "cpu" or not needs_grad:
+            return packed.block_mask()
+    mask = packed.mask
+    if inner.config._attn_implementation in ("sdpa", SDPA_FLEX):
         return mask
     dtype = next(inner.parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _packed(model, input_ids, attention_mask, response_mask, device):
     from .shared_prefix import pack_pairs
 
     pad = getattr(_unwrap(model).config, "pad_token_id", None) or 0
-    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad).to(device)
+    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad, packs_flat(model)).to(device)
 
 
 def pair_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logprobs of a PairBatch's 2B rows (chosen rows first): ([2B] summed response log-probs, [2B] counts).
 
-    With a maskable attention kernel each pair runs as one row with its prompt once (shared_prefix); otherwise as
-    the 2B rows themselves. Rows may sit on the CPU: they are packed there and moved to the model's device.
+    With a maskable attention kernel each pair runs with its prompt once (shared_prefix: one row per pair, or all
+    pairs in one row for model.pair_packing=flex); otherwise as the 2B rows themselves. Rows may sit on the CPU: they
+    are packed there and moved to the model's device.
     """
     device = next(_unwrap(model).parameters()).device
     if not shares_prefix(model):
         return sequence_logprobs(model, input_ids.to(device), attention_mask.to(device), response_mask.to(device))
     packed = _packed(model, input_ids, attention_mask, response_mask, device)
-    mask = _model_mask(model, packed.mask)
+    mask = _pair_mask(model, packed)
     labels = packed.input_ids.reshape(-1)[packed.target]
     parts = _lm_parts(model)
     chunk = chunk_tokens(model)
@@ -290,6 +309,6 @@ def pair_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not shares_prefix(model):
         return scalar_scores(model, input_ids.to(device), attention_mask.to(device))
     packed = _packed(model, input_ids, attention_mask, response_mask, device)
-    values = hidden_states(model, packed.input_ids, _model_mask(model, packed.mask), _unwrap(model).score,
+    values = hidden_states(model, packed.input_ids, _pair_mask(model, packed), _unwrap(model).score,
                            position_ids=packed.position_ids)
     return values.reshape(-1)[packed.last].float()

@@ -138,9 +138,38 @@ def apply_liger_kernels(model, setting) -> bool:
     return True
 
 
+def apply_pair_packing(model, setting: str) -> str:
+    """Resolve model.pair_packing for this model and set it as `model.pair_packing` (read by rlhf.models.forward):
+    "flex" switches the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the flat
+    pair layout's, which FlexAttention runs); "padded" leaves the model as it is.
+
+    auto: flex on CUDA when FlexAttention is available and the model runs SDPA; flex: also on the CPU (the eager
+    reference implementation; tests), an error where it cannot be had.
+    """
+    from .shared_prefix import SDPA_FLEX, flex_available, use_sdpa_flex
+
+    layout = "padded"
+    if setting == "flex" or (setting == "auto" and torch.cuda.is_available()):
+        impl = getattr(model.config, "_attn_implementation", None)
+        why = None
+        if impl not in ("sdpa", SDPA_FLEX):
+            why = f"it needs sdpa attention (model.attn_implementation unset or sdpa), and the model runs {impl!r}"
+        elif not flex_available():
+            why = "FlexAttention is not available in this torch"
+        elif not use_sdpa_flex(model):
+            why = "the model's code cannot switch its attention implementation"
+        if why is None:
+            layout = "flex"
+        elif setting == "flex":
+            raise ConfigError(f"model.pair_packing=flex: {why}")
+    model.pair_packing = layout
+    return layout
+
+
 def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
-    # read by rlhf.models.forward; a plain attribute, so it never reaches a saved config
+    # read by rlhf.models.forward; plain attributes, so they never reach a saved config
     model.logprob_chunk_size = cfg.logprob_chunk_size
+    apply_pair_packing(model, cfg.pair_packing)
     apply_liger_kernels(model, cfg.liger_kernels)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))

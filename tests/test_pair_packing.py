@@ -1,0 +1,212 @@
+# Run: .venv/bin/python -m pytest -q tests/test_pair_packing.py
+"""The flat pair layout (model.pair_packing=flex: every pair of a micro-batch in one unpadded row, a FlexAttention
+BlockMask) against the padded one (a row per pair, a dense 4D mask) and against plain per-sequence rows.
+
+On the CPU, forwards without gradients run torch's eager flex_attention; flex_attention has no backward on the CPU,
+so forwards with gradients hand SDPA the flat layout's mask (the same mask_mod) as a dense [1, 1, N, N] mask. Both
+paths compute each query's softmax over exactly the keys of its own row, in float32: per-token log-probs and scores
+agree to ~1e-7, well inside 1e-5, while a wrong key, position or index is off by O(0.1). A summed log-prob of ~100
+tokens is ~-500, where one float32 ulp is 6e-5 and the layouts add the tokens in another order: sums are compared
+within 1e-5 plus a relative 1e-6 (a few ulp).
+"""
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import PAIR_OPTIM, train_config
+from tests.test_fast_logprobs import assert_same_grads, grads, tiny_qwen2
+from rlhf.config import ConfigError
+from rlhf.data.preference import PairExample, collate_pairs
+from rlhf.models.forward import pair_scores, pair_sequence_logprobs, packs_flat, scalar_scores, sequence_logprobs
+from rlhf.models.loading import apply_pair_packing
+from rlhf.models.shared_prefix import FLEX_BLOCK, SDPA_FLEX, pack_pairs
+from rlhf.tracking import read_metrics
+
+ATOL = 1e-5
+SUM_RTOL = 1e-6
+
+
+def tiny_llama(seq_cls: bool = False, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
+    return (LlamaForSequenceClassification if seq_cls else LlamaForCausalLM)(cfg).float()
+
+
+MODELS = {"qwen2": lambda seq_cls: tiny_qwen2(tied=True, seq_cls=seq_cls), "llama": tiny_llama}
+
+
+def pairs(lengths, vocab: int = 300, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+    return collate_pairs(0)([PairExample(tokens(p), tokens(c), tokens(r), index=i)
+                             for i, (p, c, r) in enumerate(lengths)])
+
+
+# very different lengths, a 1-token and an empty response; 46 + 95 + 110 + 9 = 260 tokens, not a multiple of 128
+LENGTHS = [(5, 1, 40), (60, 33, 2), (3, 90, 17), (7, 0, 2)]
+
+
+def test_flat_layout_and_block_mask_by_hand():
+    """Pair 0: prompt 2, chosen 2, rejected 1; pair 1: prompt 1, chosen 1, rejected 2; 9 tokens then 119 pads."""
+    b = pairs([(2, 2, 1), (1, 1, 2)])
+    packed = pack_pairs(b.input_ids, b.attention_mask, b.response_mask, flat=True)
+    N = FLEX_BLOCK
+    assert packed.input_ids.shape == (1, N)
+    assert packed.position_ids[0, :9].tolist() == [0, 1, 2, 3, 2, 0, 1, 1, 2]  # rejected restarts after its prompt
+    assert packed.input_ids[0, 9:].eq(0).all() and packed.document[0, 9:].eq(-1).all()
+    expected = torch.tensor([
+        # p  p  c  c  r  p  c  r  r     (query rows, key columns)
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0, 0],  # rejected 0: its prompt and itself, not the chosen tokens
+        [0, 0, 0, 0, 0, 1, 0, 0, 0],  # pair 1 never sees pair 0
+        [0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1, 0, 1, 1],
+    ], dtype=torch.bool)
+    want = torch.zeros(N, N, dtype=torch.bool)
+    want[:9, :9] = expected
+    want[9:, 9:] = torch.ones(N - 9, N - 9, dtype=torch.bool).tril()  # the padding: causal among itself only
+    assert torch.equal(packed.mask[0, 0], want)
+    # the BlockMask as flex_attention applies it: equal scores, one-hot values -> row q is uniform over q's keys
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with torch.no_grad():
+        out = flex_attention(torch.zeros(1, 1, N, 8), torch.zeros(1, 1, N, 8), torch.eye(N)[None, None],
+                             block_mask=packed.block_mask())
+    assert torch.equal(out[0, 0] > 0, want)
+    # response tokens in the flat row's flat indices: rejected 1's first token (7) from its last prompt token (5)
+    assert packed.source.tolist() == [1, 2, 1, 5, 5, 7] and packed.target.tolist() == [2, 3, 4, 6, 7, 8]
+    assert packed.owner.tolist() == [0, 0, 2, 1, 3, 3] and packed.last.tolist() == [3, 6, 4, 8]
+
+
+def test_pair_packing_setting():
+    model = tiny_qwen2(tied=True)
+    model.config._attn_implementation = "sdpa"
+    assert apply_pair_packing(model, "padded") == "padded" and model.config._attn_implementation == "sdpa"
+    if not torch.cuda.is_available():
+        assert apply_pair_packing(model, "auto") == "padded" and not packs_flat(model)
+    assert apply_pair_packing(model, "flex") == "flex" and model.config._attn_implementation == SDPA_FLEX
+    assert packs_flat(model)
+    eager = tiny_qwen2(tied=True)
+    eager.config._attn_implementation = "eager"
+    with pytest.raises(ConfigError, match="model.pair_packing=flex: it needs sdpa attention"):
+        apply_pair_packing(eager, "flex")
+
+
+def with_layout(model, layout: str, fn):
+    """fn() with pairs in the flat or padded layout (the model's attention is SDPA_FLEX either way)."""
+    model.pair_packing = layout
+    return fn()
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_flat_logprobs_and_gradients_equal_padded_and_plain_rows(arch):
+    model = MODELS[arch](False)
+    model.config._attn_implementation = "sdpa"
+    model.logprob_chunk_size = 7
+    b = pairs(LENGTHS)
+    plain, counts0 = sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+    apply_pair_packing(model, "flex")
+
+    def run():
+        with torch.no_grad():  # the reference's pass: flex_attention itself
+            frozen = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+        logps, counts = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = logps.chunk(2)
+        return frozen, logps.detach(), counts, grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    (frozen, logps, counts, g), (frozen0, logps0, _, g0) = with_layout(model, "flex", run), with_layout(
+        model, "padded", run)
+    for got in (frozen[0], logps, frozen0[0], logps0):
+        torch.testing.assert_close(got, plain.detach(), atol=ATOL, rtol=SUM_RTOL)
+    assert torch.equal(counts, counts0) and torch.equal(frozen[1], counts0) and counts[1].item() == 33
+    assert_same_grads(g, g0)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_flat_reward_scores_and_gradients_equal_padded_and_plain_rows(arch):
+    model = MODELS[arch](True)
+    model.config._attn_implementation = "sdpa"
+    b = pairs(LENGTHS)
+    plain = scalar_scores(model, b.input_ids, b.attention_mask).detach()
+    apply_pair_packing(model, "flex")
+
+    def run():
+        with torch.no_grad():
+            frozen = pair_scores(model, b.input_ids, b.attention_mask, b.response_mask)
+        scores = pair_scores(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = scores.chunk(2)
+        return frozen, scores.detach(), grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    (frozen, scores, g), (frozen0, scores0, g0) = with_layout(model, "flex", run), with_layout(model, "padded", run)
+    for got in (frozen, scores, frozen0, scores0):
+        torch.testing.assert_close(got, plain, atol=ATOL, rtol=0)
+    assert_same_grads(g, g0)
+
+
+def test_dpo_trainer_flex_equals_padded(tiny_model_dir, prefs_file, tmp_path):
+    """Two DPO steps on the tiny Llama (precomputed reference: a no-grad pass) give one loss in either layout."""
+    from rlhf import Trainer
+
+    losses = {}
+    for layout in ("flex", "padded"):
+        cfg = train_config("dpo", tiny_model_dir, prefs_file, str(tmp_path / layout), PAIR_OPTIM,
+                           model__pair_packing=layout)
+        trainer = Trainer(cfg)
+        trainer.train()
+        assert packs_flat(trainer.model) == (layout == "flex")
+        losses[layout] = [r["train/loss"] for r in read_metrics(tmp_path / layout / "run" / "metrics.jsonl")
+                          if "train/loss" in r]
+    assert len(losses["flex"]) == 2 and all(math.isfinite(x) for x in losses["flex"])
+    torch.testing.assert_close(losses["flex"], losses["padded"], atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: bf16 at a real vocabulary size, flex_attention compiled
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_flat_equals_padded_on_gpu():
+    """Qwen2.5-0.5B's shapes (hidden 896, 14 query and 2 key-value heads, vocab 151,936), two layers, bf16 weights.
+
+    The layouts differ in their attention kernel (FlexAttention against SDPA's masked kernel) and in the GEMMs' row
+    blocking, so every bf16 rounding of an activation can land one ulp apart: a relative 2^-7 (eps_bf16) per hidden
+    state, carried through the final norm to the logits, |dz| <= a few eps_bf16 * max|z|. A log-prob z_y - logsumexp(z)
+    moves by <= 2 max|dz|; with 4 eps_bf16 per logit that is 8 eps_bf16 * max|z| per token, and a summed log-prob
+    moves by the token bound times the token count at worst. Gradients are compared by relative norm within 8 eps.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    assert apply_pair_packing(model, "auto") == "flex"
+    b = pairs([(150, 250, 240), (40, 1000, 12), (300, 1, 600), (7, 60, 1)], vocab=151936)
+
+    def run():
+        logps, counts = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = logps.chunk(2)
+        g = grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+        return logps.detach(), counts, g["model.layers.0.self_attn.q_proj.weight"].float()
+
+    (logps, counts, g), (logps0, counts0, g0) = with_layout(model, "flex", run), with_layout(model, "padded", run)
+    with torch.no_grad():
+        max_logit = model(input_ids=b.input_ids[:1].cuda()).logits.float().abs().max().item()
+    eps = 2.0 ** -7
+    assert torch.equal(counts, counts0)
+    assert ((logps - logps0).abs() <= 8 * eps * max_logit * counts.clamp(min=1)).all()
+    assert ((g - g0).norm() / g0.norm()).item() <= 8 * eps
