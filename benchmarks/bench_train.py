@@ -45,6 +45,8 @@ SHAPES = {  # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate)
 }
 TRAINERS = ["rlhf-sft", "trl-sft", "trl-sft-liger", "rlhf-reward", "trl-reward", "trl-reward-liger",
             "rlhf-dpo", "trl-dpo", "trl-dpo-liger"]
+# also accepted: rlhf-dpo-padded, rlhf-reward-padded (model.pair_packing: padded, one row per pair, instead of the
+# default's FlexAttention layout on CUDA: every pair of a micro-batch in one unpadded row)
 MAX_LENGTH = 1024
 LR = 1e-6
 
@@ -222,7 +224,8 @@ def run_rlhf(spec: dict) -> dict:
     cfg = {
         "algorithm": {"sft": "sft", "reward": "reward", "dpo": "dpo"}[kind], "seed": 0, "mixed_precision": "bf16",
         "model": {"name_or_path": spec["models"]["rm" if kind == "reward" else "lm"], "dtype": "bfloat16",
-                  "tokenizer": spec["models"]["tokenizer"]},
+                  "tokenizer": spec["models"]["tokenizer"],
+                  **({"pair_packing": "padded"} if spec.get("trainer", "").endswith("padded") else {})},
         "data": {"train": data, "max_length": MAX_LENGTH, "max_prompt_length": MAX_LENGTH - 1, "shuffle": False},
         "optim": {"lr": LR, "batch_size": batch, "micro_batch_size": batch, "max_steps": spec["steps"],
                   "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
@@ -369,7 +372,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="0.5B,1.5B", help=f"comma-separated, of {','.join(SHAPES)}")
     ap.add_argument("--workloads", default="fixed,variable", help="comma-separated: fixed, variable")
     ap.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated, of " + ",".join(TRAINERS))
-    ap.add_argument("--variable-trainers", default="rlhf-dpo,trl-dpo,trl-dpo-liger",
+    ap.add_argument("--variable-trainers", default="rlhf-dpo,rlhf-dpo-padded,trl-dpo,trl-dpo-liger",
                     help="the trainers that also run the variable workload")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
