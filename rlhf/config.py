@@ -55,6 +55,9 @@ class ModelConfig:
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
+    fused_layers: Union[Literal["auto"], bool] = opt(
+        "auto", "Fused LoRA linear layers and SwiGLU MLP tails (rlhf.models.fused_layers) that save less activation "
+        "memory for backward, with the same values: auto = on, true = on and an error when nothing can be fused.")
     # A peft config object given as Trainer(peft_config=...): applied instead of the lora_* values (which then record
     # its r, alpha, dropout and target modules). Not a config value: never saved, never read from YAML.
     peft_config: ClassVar[Any] = None
