@@ -211,8 +211,8 @@ def test_cpu_bf16_autocast_same_as_unfused(weights):
     gradient sums run in another order, each rounded to bf16 (8 significant bits: one ulp is 2^-7 of the value's
     binade), and differ by an ulp or so, which carries on through the layers (2.4 ulps of the largest magnitude
     measured with bf16 weights, 0 with float32 ones). 8 ulps of the largest magnitude bounds that and stays far below
-    what a float32 matmul, a wrong dtype or a missing term gives (the adapters move the logits by more than their
-    size)."""
+    what a wrong or missing term gives (the adapters move the logits by more than their size); dtypes must match
+    exactly."""
     plain = with_lora(tiny().to(weights))  # bf16 weights: peft keeps the adapters in float32
     fused = fused_copy(plain, PER_LAYER * LAYERS)
     ulps = 8 * 2.0 ** -7
