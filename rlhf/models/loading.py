@@ -183,11 +183,10 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=cfg.lora_target_modules, task_type=task)
         model = get_peft_model(model, lora)
-    if trainable:  # no activations are saved without training: a frozen model keeps its own forwards
-        apply_fused(model, cfg.fused_layers)
-    if not trainable:
+    if not trainable:  # nothing is saved for backward: a frozen model keeps its own forwards (no fused layers)
         model.eval().requires_grad_(False)
     else:
+        apply_fused(model, cfg.fused_layers)
         # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
         # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
         model.train()
