@@ -54,11 +54,14 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub branch, tag or commit of model.name_or_path (model and its tokenizer).")
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
     pair_packing: Literal["auto", "flex", "padded"] = opt(
-        "auto", "Layout of DPO and reward-model pairs (prompt once per pair): flex = all pairs of a micro-batch in one "
+        "padded", "Layout of DPO and reward-model pairs (prompt once per pair): flex = all pairs of a micro-batch in one "
         "unpadded row, attended through FlexAttention's block mask (the model runs SDPA otherwise); padded = one row "
-        "per pair with a dense 4D mask; auto = flex on CUDA when FlexAttention is available and attention is sdpa.")
+        "per pair with a dense 4D mask; auto = flex on CUDA when FlexAttention is available and attention is sdpa. The default stays padded until flex's speed is measured (its first GPU run spent over 75 s compiling).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
+    fused_layers: Union[Literal["auto"], bool] = opt(
+        "auto", "Fused LoRA linear layers and SwiGLU MLP tails (rlhf.models.fused_layers) that save less activation "
+        "memory for backward, with the same values: auto = on, true = on and an error when nothing can be fused.")
     # A peft config object given as Trainer(peft_config=...): applied instead of the lora_* values (which then record
     # its r, alpha, dropout and target modules). Not a config value: never saved, never read from YAML.
     peft_config: ClassVar[Any] = None

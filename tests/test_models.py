@@ -118,7 +118,10 @@ def test_gradient_checkpointing_recomputes_the_layers_of_a_trainable_model(tiny_
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     runs, calls = {}, []
     for ckpt in (False, True):
-        model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=ckpt))
+        # fused_layers off: the class's MLP forward counts the calls, and the fused one (bound on the instance) would
+        # bypass it; tests/test_fused_layers.py runs the fused layers under checkpointing
+        model = load_causal_lm(ModelConfig(name_or_path=tiny_model_dir, gradient_checkpointing=ckpt,
+                                           fused_layers=False))
         assert model.training
         if not ckpt:  # one class for both models: patched once
             mlp = type(model.model.layers[0].mlp)

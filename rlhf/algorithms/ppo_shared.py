@@ -48,7 +48,7 @@ from ..models import load_causal_lm
 from ..models.adapters import (BASE, adapter_parameters, copy_adapter_, recompute_with_same_adapters, tuner_layers,
                                using_adapter)
 from ..models.forward import _unwrap, hidden_states
-from ..models.loading import draw_fresh_head_
+from ..models.loading import apply_fused, draw_fresh_head_
 from ..ops import soft_update_
 from .ppo import PolicyAndCritic, reference_logprobs, response_logprobs
 
@@ -184,6 +184,7 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
     if p.reward_adapter:  # after the draws above, so they do not depend on it
         lm.add_adapter(REWARD, copy.deepcopy(rm_source[0]))
         _load_adapter_(lm, REWARD, rm_source[1], p.reward_model)
+    apply_fused(lm, m.fused_layers)  # the fused forwards read the active adapter at each call
     # trainability is set here once; using_adapter never changes it (peft's set_adapter would)
     lm.requires_grad_(False)
     for name in (ACTOR, CRITIC):

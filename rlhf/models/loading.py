@@ -166,6 +166,25 @@ def apply_pair_packing(model, setting: str) -> str:
     return layout
 
 
+def apply_fused(model, setting) -> int:
+    """Bind rlhf.models.fused_layers' forwards on `model`'s LoRA Linear layers and SwiGLU MLPs when `setting`
+    (model.fused_layers) asks for them; returns how many modules run them. Call it after peft wraps the model and
+    after Liger's kernels, so that the fused MLP forward is the one that runs.
+
+    auto: on (exact, pure PyTorch); true: on, and an error when the model has nothing to fuse."""
+    if setting is False:
+        return 0
+    from .fused_layers import apply_fused_layers
+
+    count = apply_fused_layers(model)
+    if setting is True and count == 0:
+        act = getattr(getattr(model, "config", None), "hidden_act", None)
+        raise ConfigError(f"model.fused_layers=true: nothing to fuse in {type(model).__name__}: no peft LoRA Linear "
+                          f"layer over a torch.nn.Linear, and no gate_proj/up_proj/down_proj MLP with a SiLU "
+                          f"activation (hidden_act={act!r}); set model.fused_layers: auto or false")
+    return count
+
+
 def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
     # read by rlhf.models.forward; plain attributes, so they never reach a saved config
     model.logprob_chunk_size = cfg.logprob_chunk_size
@@ -193,9 +212,10 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=cfg.lora_target_modules, task_type=task)
         model = get_peft_model(model, lora)
-    if not trainable:
+    if not trainable:  # nothing is saved for backward: a frozen model keeps its own forwards (no fused layers)
         model.eval().requires_grad_(False)
     else:
+        apply_fused(model, cfg.fused_layers)
         # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
         # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
         model.train()
