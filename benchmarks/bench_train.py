@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -45,8 +46,13 @@ SHAPES = {  # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate)
 }
 TRAINERS = ["rlhf-sft", "trl-sft", "trl-sft-liger", "rlhf-reward", "trl-reward", "trl-reward-liger",
             "rlhf-dpo", "trl-dpo", "trl-dpo-liger"]
-# also accepted: rlhf-dpo-padded, rlhf-reward-padded (model.pair_packing: padded, one row per pair, instead of the
-# default's FlexAttention layout on CUDA: every pair of a micro-batch in one unpadded row)
+# An rlhf trainer name may end in variant suffixes, each setting one model option over the defaults:
+VARIANTS = {
+    "padded": {"pair_packing": "padded"},  # one row per pair, dense 4D mask (the default layout)
+    "flex": {"pair_packing": "flex"},  # every pair of a micro-batch in one unpadded row, FlexAttention block mask
+    "nofused": {"fused_layers": False},  # the model's own MLP (and LoRA) layers instead of rlhf's fused ones
+    "noliger": {"liger_kernels": False},
+}
 MAX_LENGTH = 1024
 LR = 1e-6
 
@@ -177,6 +183,16 @@ def profile_steps(trainer_cls, first: int = 3, count: int = 3) -> None:
     trainer_cls._optimizer_step = profiled
 
 
+def variant_options(name: str) -> dict:
+    """The model options of an rlhf trainer name's suffixes: rlhf-dpo-flex-nofused -> pair_packing flex, no fusing."""
+    out = {}
+    for part in name.split("-")[2:]:
+        if part not in VARIANTS:
+            raise SystemExit(f"trainer {name!r}: unknown variant {part!r}; known: {', '.join(VARIANTS)}")
+        out.update(VARIANTS[part])
+    return out
+
+
 def run_rlhf(spec: dict) -> dict:
     import torch
 
@@ -225,7 +241,7 @@ def run_rlhf(spec: dict) -> dict:
         "algorithm": {"sft": "sft", "reward": "reward", "dpo": "dpo"}[kind], "seed": 0, "mixed_precision": "bf16",
         "model": {"name_or_path": spec["models"]["rm" if kind == "reward" else "lm"], "dtype": "bfloat16",
                   "tokenizer": spec["models"]["tokenizer"],
-                  **({"pair_packing": "padded"} if spec.get("trainer", "").endswith("padded") else {})},
+                  **variant_options(spec.get("trainer", ""))},
         "data": {"train": data, "max_length": MAX_LENGTH, "max_prompt_length": MAX_LENGTH - 1, "shuffle": False},
         "optim": {"lr": LR, "batch_size": batch, "micro_batch_size": batch, "max_steps": spec["steps"],
                   "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
@@ -235,6 +251,7 @@ def run_rlhf(spec: dict) -> dict:
         cfg["dpo"] = {"beta": 0.1, "reference": "precomputed"}
     if kind == "reward":
         cfg["reward"] = {"normalize": False}
+    shutil.rmtree(os.path.join(spec["run_dir"], "run"), ignore_errors=True)  # a rerun into the same --out
     trainer = Trainer(config_from_dict(cfg))
     trainer.train()
     records = [json.loads(line) for line in open(os.path.join(spec["run_dir"], "run", "metrics.jsonl"))]
@@ -372,7 +389,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="0.5B,1.5B", help=f"comma-separated, of {','.join(SHAPES)}")
     ap.add_argument("--workloads", default="fixed,variable", help="comma-separated: fixed, variable")
     ap.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated, of " + ",".join(TRAINERS))
-    ap.add_argument("--variable-trainers", default="rlhf-dpo,rlhf-dpo-padded,trl-dpo,trl-dpo-liger",
+    ap.add_argument("--variable-trainers", default="rlhf-dpo,rlhf-dpo-flex,trl-dpo,trl-dpo-liger",
                     help="the trainers that also run the variable workload")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
@@ -403,7 +420,7 @@ def main() -> None:
                 if workload != "fixed" and name not in args.variable_trainers.split(","):
                     continue
                 kind = name.split("-")[1]
-                spec = {"trainer": name, "kind": kind, "liger": name.endswith("liger"), "steps": args.steps,
+                spec = {"trainer": name, "kind": kind, "liger": name.startswith("trl") and name.endswith("liger"), "steps": args.steps,
                         "pairs": args.pairs, "data": data, "models": models,
                         "run_dir": os.path.join(wdir, name), "profile": args.profile}
                 res = summarize(measure(spec, args.timeout), step_tokens(kind, lengths, args.pairs, args.steps),
