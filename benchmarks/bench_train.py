@@ -15,8 +15,9 @@ of the same 8 pairs). No gradient checkpointing, bf16, constant learning rate, n
 sampler), so every trainer sees the same rows in the same order.
 Measured: tokens/s = real tokens (prompt + chosen + rejected words, + one EOS per response) of the steps after the
 warm-up, over their step time (CUDA-synchronized); rlhf's DPO with `reference: precomputed` also pays the
-precompute time (its steady-state per-batch time, the first batch's warm-up left out like the warm-up steps), in
-proportion to the steps counted. Peak = torch.cuda.max_memory_allocated over the whole run, each
+precompute time (its steady-state per-batch time: the first batch's warm-up and any later compile left out, like the
+warm-up steps; the compile seconds are reported apart), in proportion to the steps counted. With --profile the
+profiled steps are left out of tokens/s too. Peak = torch.cuda.max_memory_allocated over the whole run, each
 trainer in its own process. Loss = the last step's training loss.
 rlhf runs with its Trainer's optimizer (AdamW, fused on CUDA); checkpoint and final export are skipped (not timed
 either way).
@@ -30,6 +31,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -161,8 +163,9 @@ def peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-def profile_steps(trainer_cls, first: int = 3, count: int = 3) -> None:
-    """Print torch.profiler's top CUDA ops over optimizer steps first .. first + count - 1 (where time goes)."""
+def profile_steps(trainer_cls, path: str, first: int = 3, count: int = 3) -> list[int]:
+    """Write torch.profiler's top CUDA ops over optimizer steps first .. first + count - 1 (where time goes) to
+    `path`; returns those steps' 0-based indices, which the profiler slows and tokens/s leaves out."""
     import torch
 
     step = trainer_cls._optimizer_step
@@ -178,9 +181,12 @@ def profile_steps(trainer_cls, first: int = 3, count: int = 3) -> None:
         if state["n"] == first + count - 1 and "prof" in state:
             sync()
             state["prof"].__exit__(None, None, None)
-            print(state["prof"].key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+            with open(path, "w") as f:
+                f.write(state["prof"].key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                                           max_name_column_width=70))
         return out
     trainer_cls._optimizer_step = profiled
+    return list(range(first - 1, first - 1 + count))
 
 
 def variant_options(name: str) -> dict:
@@ -191,6 +197,19 @@ def variant_options(name: str) -> dict:
             raise SystemExit(f"trainer {name!r}: unknown variant {part!r}; known: {', '.join(VARIANTS)}")
         out.update(VARIANTS[part])
     return out
+
+
+def precompute_time(batches: list[float]) -> dict:
+    """The reference precompute's steady-state seconds for all its batches: the mean of its batches after the first,
+    leaving out those over 4x their median as compiles (the first batch, and FlexAttention's second compile when a
+    second length makes it length-generic), which the warm-up steps leave out of every trainer's figure as well."""
+    if len(batches) < 2:
+        return {"precompute_s": sum(batches), "compile_s": 0.0, "precompute_batches_s": batches}
+    cut = 4 * statistics.median(batches[1:])
+    steady = [b for b in batches[1:] if b <= cut]
+    return {"precompute_s": statistics.fmean(steady) * len(batches),
+            "compile_s": sum(batches) - statistics.fmean(steady) * len(batches),
+            "precompute_batches_s": batches}
 
 
 def run_rlhf(spec: dict) -> dict:
@@ -224,8 +243,7 @@ def run_rlhf(spec: dict) -> dict:
         finally:
             scoring.clear()
     DPO.forward, DPO.reference_table = timed_forward, timed_table
-    if spec.get("profile"):
-        profile_steps(Trainer)
+    profiled = profile_steps(Trainer, os.path.join(spec["run_dir"], "profile.txt")) if spec.get("profile") else []
 
     kind, B = spec["kind"], spec["pairs"]
     data = spec["data"]
@@ -257,8 +275,7 @@ def run_rlhf(spec: dict) -> dict:
     records = [json.loads(line) for line in open(os.path.join(spec["run_dir"], "run", "metrics.jsonl"))]
     steps = [r for r in records if "time/step_s" in r]
     return {"step_s": [r["time/step_s"] for r in steps], "loss": [r["train/loss"] for r in steps],
-            "precompute_s": sum(batches[1:]) * len(batches) / max(len(batches) - 1, 1) if batches else 0.0,
-            "peak_bytes": peak_bytes()}
+            **precompute_time(batches), "profiled": profiled, "peak_bytes": peak_bytes()}
 
 
 def run_trl(spec: dict) -> dict:
@@ -360,7 +377,7 @@ def summarize(res: dict, tokens: list[int], warmup: int) -> dict:
     if "error" in res:
         return res
     n = len(res["step_s"])
-    counted = range(min(warmup, n - 1), n)
+    counted = [i for i in range(min(warmup, n - 1), n) if i not in res.get("profiled", ())]
     seconds = sum(res["step_s"][i] for i in counted) + res["precompute_s"] * len(counted) / n
     return {**res, "tok_s": sum(tokens[i] for i in counted) / max(seconds, 1e-9), "peak_gb": res["peak_bytes"] / 1e9,
             "final_loss": res["loss"][-1] if res["loss"] else float("nan")}
@@ -429,7 +446,8 @@ def main() -> None:
                 results.append(res)
                 brief = ("error: " + res["error"]) if "error" in res else (
                     f"{res['tok_s']:,.0f} tok/s, peak {res['peak_gb']:.1f} GB, loss {res['final_loss']:.5f}, "
-                    f"wall {res['wall_s']:.0f} s")
+                    f"wall {res['wall_s']:.0f} s, steps {[round(x, 3) for x in res['step_s']]}, "
+                    f"precompute {res.get('precompute_s', 0):.2f} s (+ {res.get('compile_s', 0):.1f} s compiling)")
                 print(f"{shape} {workload} {name}: {brief}", flush=True)
                 with open(os.path.join(args.out, "results.json"), "w") as f:
                     json.dump(results, f, indent=1)

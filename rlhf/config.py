@@ -54,9 +54,12 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub branch, tag or commit of model.name_or_path (model and its tokenizer).")
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
     pair_packing: Literal["auto", "flex", "padded"] = opt(
-        "padded", "Layout of DPO and reward-model pairs (prompt once per pair): flex = all pairs of a micro-batch in one "
+        "auto", "Layout of DPO and reward-model pairs (prompt once per pair): flex = all pairs of a micro-batch in one "
         "unpadded row, attended through FlexAttention's block mask (the model runs SDPA otherwise); padded = one row "
-        "per pair with a dense 4D mask; auto = flex on CUDA when FlexAttention is available and attention is sdpa. The default stays padded until flex's speed is measured (its first GPU run spent over 75 s compiling).")
+        "per pair with a dense 4D mask; auto = on CUDA when FlexAttention is available and attention is sdpa, each "
+        "micro-batch flat when one row per pair would pad it to more than 1.2x its tokens (variable lengths), "
+        "padded otherwise. flex and auto compile FlexAttention on first use (seconds, twice: a second length makes it "
+        "length-generic).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
     fused_layers: Union[Literal["auto"], bool] = opt(

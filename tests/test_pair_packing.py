@@ -21,7 +21,7 @@ from rlhf.config import ConfigError
 from rlhf.data.preference import PairExample, collate_pairs
 from rlhf.models.forward import pair_scores, pair_sequence_logprobs, packs_flat, scalar_scores, sequence_logprobs
 from rlhf.models.loading import apply_pair_packing
-from rlhf.models.shared_prefix import FLEX_BLOCK, SDPA_FLEX, pack_pairs
+from rlhf.models.shared_prefix import FLAT_ABOVE_PADDING, FLEX_BLOCK, SDPA_FLEX, flat_pays, pack_pairs
 from rlhf.tracking import read_metrics
 
 ATOL = 1e-5
@@ -101,6 +101,28 @@ def test_pair_packing_setting():
     eager.config._attn_implementation = "eager"
     with pytest.raises(ConfigError, match="model.pair_packing=flex: it needs sdpa attention"):
         apply_pair_packing(eager, "flex")
+
+
+def test_auto_layout_flat_only_when_padding_would_pass_the_threshold():
+    """pair_packing=auto: 4 pairs of 10 tokens pad nothing (4 x 10 = 1.0x their 40 tokens): padded; 10, 10, 10 and 20
+    tokens pad to 4 x 20 = 80 = 1.6x their 50: flat; 10, 10, 10, 11 pad to 44 = 1.07x their 41: padded. The
+    auto-chosen layout gives the forced layout's log-probs exactly (same kernels on the same rows)."""
+    assert FLAT_ABOVE_PADDING == 1.2
+    assert not flat_pays([10, 10, 10, 10]) and flat_pays([10, 10, 10, 20]) and not flat_pays([10, 10, 10, 11])
+    assert flat_pays([5, 6]) == (2 * 6 > 1.2 * 11)  # 12 > 13.2: False
+    model = tiny_qwen2(tied=True)
+    model.config._attn_implementation = "sdpa"
+    apply_pair_packing(model, "flex")
+    model.pair_packing = "auto"  # what apply_pair_packing(model, "auto") resolves to on CUDA
+    for lengths, flat in (([(4, 3, 3)] * 4, False), ([(4, 3, 3)] * 3 + [(4, 8, 8)], True)):
+        b = pairs(lengths)
+        assert pack_pairs(b.input_ids, b.attention_mask, b.response_mask, flat="auto").flat is flat
+        with torch.no_grad():
+            auto = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)[0]
+            forced = with_layout(model, "flex" if flat else "padded", lambda: pair_sequence_logprobs(
+                model, b.input_ids, b.attention_mask, b.response_mask)[0])
+        assert torch.equal(auto, forced)
+        model.pair_packing = "auto"
 
 
 def with_layout(model, layout: str, fn):
@@ -194,7 +216,8 @@ def test_bf16_flat_equals_padded_on_gpu():
                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
     model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     model.config._attn_implementation = "sdpa"
-    assert apply_pair_packing(model, "auto") == "flex"
+    assert apply_pair_packing(model, "auto") == "auto"
+    model.pair_packing = "flex"
     b = pairs([(150, 250, 240), (40, 1000, 12), (300, 1, 600), (7, 60, 1)], vocab=151936)
 
     def run():

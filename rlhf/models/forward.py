@@ -235,12 +235,19 @@ def shares_prefix(model) -> bool:
     return impl in MASKABLE and getattr(inner, "shared_prefix", True)
 
 
-def packs_flat(model) -> bool:
-    """Whether pairs take the flat layout (model.pair_packing resolved to flex at load time, attention SDPA_FLEX)."""
+def pair_layout(model) -> str:
+    """How pairs are laid out: "flex" (every micro-batch flat), "auto" (flat when it pays, shared_prefix.flat_pays)
+    or "padded": model.pair_packing as resolved at load time; flat layouts need the SDPA_FLEX attention."""
     from .shared_prefix import SDPA_FLEX
 
     inner = _unwrap(model)
-    return getattr(inner, "pair_packing", "padded") == "flex" and inner.config._attn_implementation == SDPA_FLEX
+    layout = getattr(inner, "pair_packing", "padded")
+    return layout if layout in ("flex", "auto") and inner.config._attn_implementation == SDPA_FLEX else "padded"
+
+
+def packs_flat(model) -> bool:
+    """Whether pairs may take the flat layout (model.pair_packing resolved to flex or auto at load time)."""
+    return pair_layout(model) != "padded"
 
 
 def _pair_mask(model, packed):
@@ -251,7 +258,7 @@ def _pair_mask(model, packed):
 
     inner = _unwrap(model)
     device = packed.input_ids.device
-    if packs_flat(model):
+    if packed.flat:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in inner.parameters())
         if device.type != "cpu" or not needs_grad:
             return packed.block_mask()
@@ -266,7 +273,9 @@ def _packed(model, input_ids, attention_mask, response_mask, device):
     from .shared_prefix import pack_pairs
 
     pad = getattr(_unwrap(model).config, "pad_token_id", None) or 0
-    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad, packs_flat(model)).to(device)
+    layout = pair_layout(model)
+    flat = "auto" if layout == "auto" else layout == "flex"
+    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad, flat).to(device)
 
 
 def pair_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

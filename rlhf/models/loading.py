@@ -143,8 +143,9 @@ def apply_pair_packing(model, setting: str) -> str:
     "flex" switches the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the flat
     pair layout's, which FlexAttention runs); "padded" leaves the model as it is.
 
-    auto: flex on CUDA when FlexAttention is available and the model runs SDPA; flex: also on the CPU (the eager
-    reference implementation; tests), an error where it cannot be had.
+    auto: on CUDA when FlexAttention is available and the model runs SDPA, "auto" (each micro-batch flat when the
+    padded layout would pad it beyond shared_prefix.FLAT_ABOVE_PADDING, padded otherwise), else "padded"; flex: every
+    micro-batch flat, also on the CPU (the eager reference implementation; tests), an error where it cannot be had.
     """
     from .shared_prefix import SDPA_FLEX, flex_available, use_sdpa_flex
 
@@ -159,7 +160,7 @@ def apply_pair_packing(model, setting: str) -> str:
         elif not use_sdpa_flex(model):
             why = "the model's code cannot switch its attention implementation"
         if why is None:
-            layout = "flex"
+            layout = setting
         elif setting == "flex":
             raise ConfigError(f"model.pair_packing=flex: {why}")
     model.pair_packing = layout
