@@ -14,7 +14,7 @@ import torch
 from rlhf.models.forward import position_ids_from_mask
 from rlhf.ops import _sampling_logits, logprobs_from_logits
 from rlhf.rollout import SamplingConfig, generate, resolve_engine
-from rlhf.rollout.static import StaticEngine, _Decoder, auto_kv_block, hash_uniform, sample_tokens, unsupported
+from rlhf.rollout.static import StaticEngine, hash_uniform, sample_tokens, unsupported
 
 SETTINGS = {
     "plain": SamplingConfig(max_new_tokens=12),
@@ -166,20 +166,6 @@ def test_reading_the_cache_in_blocks_equals_reading_all_of_it(lm):
         assert torch.equal(blocks.response_ids, whole.response_ids)
         assert torch.allclose(blocks.logprobs, whole.logprobs, atol=1e-5)
     assert torch.allclose(whole.logprobs, _scored(model, whole, s), atol=1e-5)
-
-
-def test_blocks_are_chosen_when_the_cache_read_outweighs_the_weights(lm):
-    """auto_kv_block compares one step's whole-cache read, 2 (K, V) x layers x rows x kv_heads x slots x head_dim
-    elements, with the weights' bytes."""
-    model, _ = lm
-    cfg = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # float32 cache
-    for rows, expect in ((1, 0), (weights // (per_slot * 64) + 1, 64)):
-        dec = _Decoder(model, rows, 64)
-        dec._cache(0, torch.zeros((), dtype=torch.float32))
-        assert auto_kv_block(dec) == expect, (rows, weights, per_slot)
 
 
 def test_lora_adapters_act_unmerged(lm):

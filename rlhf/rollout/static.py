@@ -183,14 +183,6 @@ def _compiled_step():
     return _COMPILED[0]
 
 
-def auto_kv_block(dec: _Decoder, block: int = 64) -> int:
-    """`block` when one decode step reading the whole KV cache reads more bytes than the weights, else 0."""
-    k = next(t for t in dec.k if t is not None)
-    cache_bytes = 2 * len(dec.layers) * k.numel() * k.element_size()
-    weight_bytes = sum(p.numel() * p.element_size() for p in dec.lm.parameters())
-    return block if cache_bytes > weight_bytes else 0
-
-
 class StaticEngine:
     """Static KV cache and CUDA-graph decoding (on CUDA; eager elsewhere).
 
@@ -202,14 +194,14 @@ class StaticEngine:
     kv_block: attention reads the cache up to the filled length rounded up to a multiple of kv_block slots, not the
     whole cache; one graph is captured per such length (all in one memory pool). The KV cache is most of a decode
     step's memory traffic at large batches, and the filled part averages about (prompt + new / 2) of (prompt + new).
-    0 reads the whole cache at every step (one graph). None (the default) chooses per call: blocks of 64 when a
-    step's whole-cache read exceeds the weights' bytes (batch 512 x 384 slots of a 0.5B model: 2.4 against 1.0 GB),
-    the whole cache otherwise, where the extra graphs cost more than the bytes they save (H200, batch 64: 0.52 s whole
-    against 0.60 s in blocks of 64; BENCHMARKS.md).
+    0 (the default) reads the whole cache at every step (one graph). Blocks have not paid on an H200 at the
+    Qwen2.5-0.5B shape (BENCHMARKS.md, rollout runs 3 and 4): 128-token prompts + 256 new tokens, batch 64: 0.52 s
+    whole against 0.60 s in blocks of 64; batch 512, where a step's whole-cache read (2.4 GB) is 2.4x the weights'
+    bytes: 1.21 s whole against 1.27 s in blocks.
     """
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
-                 kv_block: Optional[int] = None):
+                 kv_block: int = 0):
         self.use_graph = use_graph
         self.check_every = check_every
         self.compile = compile
@@ -298,7 +290,7 @@ class StaticEngine:
                 fn = _decode_step
                 fn(*args, kv_len)
 
-        block = self.kv_block if self.kv_block is not None else auto_kv_block(dec)
+        block = self.kv_block
         block = block if block > 0 else L
         steps, graphs, warm = 1, {}, {}
         side = torch.cuda.Stream() if use_graph else None
