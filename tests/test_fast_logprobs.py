@@ -68,23 +68,50 @@ def assert_same_grads(fast: dict, plain: dict):
         torch.testing.assert_close(fast[name], plain[name], atol=TOKEN_ATOL * max(scale, 1.0), rtol=1e-4, msg=name)
 
 
-def test_the_fast_path_is_taken_and_never_builds_full_logits():
+def test_the_fast_path_is_taken_and_never_builds_full_logits(monkeypatch):
+    """SFT/DPO's plain log-probs (no temperature or filter) go through _PlainHeadLogprob: the head's matmul runs once
+    per chunk of response positions in forward and once more per chunk in backward (last first), never over the
+    batch; the model's own head call sees one position per row (logits_to_keep=1)."""
+    import rlhf.models.forward as fwd
+
     model = tiny_qwen2(tied=True)
     ids, mask, response = batch()
     assert _lm_parts(model) is not None
-    rows = []
-    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[:-1].numel()))
+    own, chunks = [], []
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: own.append(out.shape[:-1].numel()))
+
+    class Recording:  # torch.nn.functional as rlhf.models.forward sees it, counting the head chunks' rows
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def linear(x, w, b=None):
+            chunks.append(x.shape[0])
+            return torch.nn.functional.linear(x, w, b)
+    monkeypatch.setattr(fwd, "F", Recording())
     model.logprob_chunk_size = 7
     logps = sequence_logprobs(model, ids, mask, response)[0]
-    # the model's own head call sees one position per row (logits_to_keep=1); every other call is a chunk of
-    # response positions, each position once
-    assert rows[0] == ids.shape[0] and max(rows[1:]) == 7
-    assert sum(rows[1:]) == int(response.sum())
-    forward_calls = len(rows)
+    assert own == [ids.shape[0]] and max(chunks) == 7 and sum(chunks) == int(response.sum())
+    forward_calls = len(chunks)
     logps.sum().backward()
     handle.remove()
-    # backward recomputes each chunk once, last first (checkpointing), instead of keeping its logits
-    assert rows[forward_calls:] == rows[1:forward_calls][::-1]
+    assert own == [ids.shape[0]] and chunks[forward_calls:] == chunks[:forward_calls][::-1]
+
+
+def test_filtered_chunks_are_checkpointed():
+    """With a temperature or filter (PPO's scoring) each chunk is checkpointed: backward calls the head once more per
+    chunk, last first, instead of keeping [chunk, V] logits."""
+    model = tiny_qwen2(tied=True)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (30,), generator=g)
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[:-1].numel()))
+    logp = logprobs_from_hidden(model.lm_head, hidden, labels, temperature=0.7, top_k=20, chunk_size=7)
+    assert rows == [7, 7, 7, 7, 2]
+    logp.sum().backward()
+    handle.remove()
+    assert rows[5:] == [2, 7, 7, 7, 7]
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
@@ -145,6 +172,61 @@ def test_dpo_sequence_logprobs_and_gradients_equal_full_logits(tied):
     torch.testing.assert_close(logps, logps0, atol=SUM_ATOL, rtol=0)
     assert torch.equal(counts, counts0)
     assert_same_grads(g, g0)
+
+
+def test_plain_head_chunk_gradient_by_hand():
+    """hidden [1, 0], W rows e0, e1, 0 (V = 3), label 0: z = [1, 0, 0], log p = 1 - log(e + 2); the gradient of log p
+    wrt z is onehot - softmax = [2 / (e + 2), -1 / (e + 2), -1 / (e + 2)], so d/dh = that @ W and d/dW = that^T h."""
+    import math
+
+    from rlhf.models.forward import _PlainHeadLogprob
+
+    h = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    logp = _PlainHeadLogprob.apply(h, w, b, torch.tensor([0]), torch.float64)
+    e = math.e
+    assert logp.item() == pytest.approx(1 - math.log(e + 2), abs=1e-15)
+    (2.0 * logp).sum().backward()  # an upstream gradient other than 1
+    dz = [2 * 2 / (e + 2), 2 * -1 / (e + 2), 2 * -1 / (e + 2)]
+    torch.testing.assert_close(h.grad, torch.tensor([[dz[0], dz[1]]], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(w.grad, torch.tensor([[dz[0], 0.0], [dz[1], 0.0], [dz[2], 0.0]], dtype=torch.float64),
+                               atol=1e-15, rtol=0)
+    torch.testing.assert_close(b.grad, torch.tensor(dz, dtype=torch.float64), atol=1e-15, rtol=0)
+    # and finite differences on random float64 inputs, with a bias and repeated labels
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(5, 4, dtype=torch.float64, generator=g).requires_grad_(),
+            torch.randn(7, 4, dtype=torch.float64, generator=g).requires_grad_(),
+            torch.randn(7, dtype=torch.float64, generator=g).requires_grad_(), torch.tensor([0, 6, 3, 3, 1]))
+    assert torch.autograd.gradcheck(lambda h, w, b, y: _PlainHeadLogprob.apply(h, w, b, y, torch.float64), args)
+
+
+def test_plain_head_chunk_under_bf16_autocast_equals_the_checkpointed_chunk():
+    """Under bf16 autocast both run the same bf16 matmuls and the same float32 softmax: log-probs are equal to the bit;
+    the gradients pass through one bf16 rounding of d(log p)/dz either way, so they agree to within one bf16 ulp
+    (relative 2^-8) of their norm, whatever order the matmul sums in."""
+    from rlhf.models.forward import _head_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 300, (40,), generator=g)
+    weights = torch.rand(40, generator=g)
+    out = {}
+    for name in ("plain", "checkpointed"):
+        h = hidden.clone().requires_grad_()
+        head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "plain":
+                logp = logprobs_from_hidden(head, h, labels, chunk_size=16)
+            else:
+                logp = torch.cat([_head_logprobs(head, h[i:i + 16], labels[i:i + 16], 1.0, 0, 1.0, False)
+                                  for i in range(0, 40, 16)])
+        (logp * weights).sum().backward()
+        out[name] = (logp.detach(), h.grad, head.weight.grad.clone())
+    assert out["plain"][0].dtype == torch.float32 and torch.equal(out["plain"][0], out["checkpointed"][0])
+    for fast, ref in zip(out["plain"][1:], out["checkpointed"][1:]):
+        assert ((fast.float() - ref.float()).norm() / ref.float().norm()).item() <= 2.0 ** -8
 
 
 def test_sft_loss_and_gradients_equal_full_logits():

@@ -17,6 +17,7 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import entropy_from_logits, logprobs_from_logits, masked_sum
@@ -105,6 +106,43 @@ def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
     return logp
 
 
+class _PlainHeadLogprob(torch.autograd.Function):
+    """log softmax(hidden W^T + b)[labels] of one chunk, no temperature or filter (SFT, DPO), float32 for half-precision
+    logits. Saves only hidden and the [n] log-sum-exp; backward recomputes the chunk's logits and turns them in place
+    into their gradient g * (onehot(y) - softmax(z)), in one float32 buffer. This is the checkpointed chunk's
+    arithmetic (same matmuls in the same dtypes, the same float32 softmax) with about half of its passes over the
+    [chunk, V] logits, which at a 150k vocabulary are most of the head's GPU time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, dtype):
+        z = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # float64 stays
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.dtype = dtype
+        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        gz = F.linear(h, w, None if bias is None else bias.to(dtype)).to(lse.dtype)
+        g = g.to(lse.dtype).unsqueeze(-1)
+        gz.sub_(lse.unsqueeze(-1)).exp_().mul_(-g).scatter_add_(-1, labels.unsqueeze(-1), g)
+        gz = gz.to(dtype)
+        gh = (gz @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = (gz.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = gz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None
+
+
+def _plain_head(head: torch.nn.Module) -> bool:
+    """Whether _PlainHeadLogprob can stand in for `head`: a plain Linear whose weight is whole (not a ZeRO-3
+    partition, not wrapped by an adapter)."""
+    return type(head) is torch.nn.Linear and not any(hasattr(p, "ds_id") for p in head.parameters())
+
+
 def logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                          top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False,
                          chunk_size: int = DEFAULT_CHUNK_TOKENS):
@@ -119,10 +157,18 @@ def logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: to
     # DeepSpeed ZeRO-3 does not gather a partitioned head weight again when backward recomputes a chunk (seen with a
     # frozen LoRA base: the recomputed weight is the empty partition), so there each chunk keeps its logits instead
     recompute = grad and not any(hasattr(p, "ds_id") for p in head.parameters())
+    plain = recompute and temperature == 1.0 and top_k <= 0 and top_p >= 1.0 and not return_entropy and _plain_head(head)
+    if plain:
+        from .fused_layers import compute_dtypes
+
+        dtype = compute_dtypes(hidden.device.type, hidden.dtype, None)[0]
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], max(chunk_size, 1)):
         args = (head, hidden[start:start + chunk_size], labels[start:start + chunk_size], temperature, top_k, top_p,
                 return_entropy)
+        if plain:
+            logps.append(_PlainHeadLogprob.apply(args[1], head.weight, head.bias, args[2], dtype))
+            continue
         # nothing random happens in the head (dropout is off), so no RNG state needs stashing per chunk
         out = (checkpoint(_head_logprobs, *args, use_reentrant=False, preserve_rng_state=False) if recompute
                else _head_logprobs(*args))

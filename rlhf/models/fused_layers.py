@@ -31,7 +31,7 @@ from torch import Tensor
 Lora = Optional[tuple[Tensor, Tensor, float]]
 
 
-def _compute_dtypes(device: str, x_dtype: torch.dtype, lora_weight: Optional[Tensor]
+def compute_dtypes(device: str, x_dtype: torch.dtype, lora_weight: Optional[Tensor]
                     ) -> tuple[torch.dtype, torch.dtype]:
     """(dtype of the base matmul, dtype of the LoRA matmuls) as the unfused modules compute them: the autocast dtype
     for both under autocast; else the input's for the base and the adapter's for LoRA (peft casts x to it)."""
@@ -108,7 +108,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, lora_a
     """y = x W^T + b + scaling * (x A^T) B^T (no LoRA term when lora_a is None), saving for backward only x (the
     tensor passed in) and the rank-r x A^T. Values and dtypes as peft's LoRA Linear (F.linear without LoRA), also
     under autocast."""
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, *_compute_dtypes(x.device.type, x.dtype, lora_a))
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, *compute_dtypes(x.device.type, x.dtype, lora_a))
 
 
 class _SwigluDown(torch.autograd.Function):
@@ -142,7 +142,7 @@ def swiglu_down(g: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     """down(silu(g) * u) with down = `lora_linear`'s x W^T + b (+ scaling * (x A^T) B^T), saving for backward only g
     and u (and the rank-r h A^T): h = silu(g) * u and silu(g) are recomputed in backward. The gradients cover a
     trainable W (full fine-tuning) as well as the LoRA factors."""
-    dtypes = _compute_dtypes(g.device.type, torch.promote_types(g.dtype, u.dtype), lora_a)
+    dtypes = compute_dtypes(g.device.type, torch.promote_types(g.dtype, u.dtype), lora_a)
     return _SwigluDown.apply(g, u, weight, bias, lora_a, lora_b, scaling, *dtypes)
 
 
