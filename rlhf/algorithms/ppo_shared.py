@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..models import load_causal_lm
-from ..models.adapters import (BASE, adapter_parameters, copy_adapter_, recompute_with_same_adapters, tuner_layers,
-                               using_adapter)
+from ..models.adapters import (BASE, adapter_parameters, copy_adapter_, merged_state_dict,
+                               recompute_with_same_adapters, tuner_layers, using_adapter)
 from ..models.forward import _unwrap, hidden_states
 from ..models.loading import apply_fused, draw_fresh_head_
 from ..ops import soft_update_
@@ -319,27 +319,6 @@ def _save_adapter(lm: nn.Module, name: str, out_dir: str, extra: Optional[dict] 
     for key, value in config_changes.items():
         setattr(config, key, value)
     config.save_pretrained(out_dir)
-
-
-def merged_state_dict(lm: nn.Module, name: str) -> dict[str, Tensor]:
-    """The base model's state dict with adapter `name` merged (W + scale * B @ A per adapted layer), built tensor by
-    tensor on the CPU: the live model is not touched (peft's in-place merge and unmerge would not give a half-precision
-    base back bit for bit)."""
-    inner, layers = _unwrap(lm), {id(m) for m in tuner_layers(lm)}
-    deltas = {}
-    for module_name, module in inner.named_modules():
-        if id(module) in layers and name in module._get_available_adapters():
-            deltas[module_name + ".weight"] = module.get_delta_weight(name)
-    out = {}
-    for key, value in inner.state_dict().items():
-        if ".lora_" in key:
-            continue
-        clean = key.replace(".base_layer.", ".")
-        value = value.detach()
-        if clean in deltas:
-            value = (value.float() + deltas[clean].float()).to(value.dtype)
-        out[clean] = value.cpu().clone()
-    return out
 
 
 def save_shared_base(pair: SharedBaseActorCritic, out_dir: str, tokenizer, export_merged: bool = False) -> None:

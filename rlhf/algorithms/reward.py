@@ -14,7 +14,6 @@ calibrated scores.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -28,7 +27,8 @@ from ..data import BadRows
 from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs
 from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model
-from ..models.forward import pair_scores
+from ..models.adapters import merged_state_dict
+from ..models.forward import _unwrap, pair_scores
 from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
@@ -160,17 +160,29 @@ class RewardModeling(Algorithm):
             scores = all_reduce_sum_(table).cpu()
         self._export_scores = scores
 
-    def save_model(self, model, out_dir: str) -> None:
-        """Save with the normalization folded in; runs on the main process only (after prepare_export on all)."""
-        r = self.cfg.reward
-        # a LoRA reward model is saved merged, so from_pretrained loads a complete scorer
-        target = copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
-        if not r.normalize:
+    def _save(self, target: nn.Module, out_dir: str, state: Optional[dict]) -> None:
+        if state is None:
             super().save_model(target, out_dir)
+            return
+        target.save_pretrained(out_dir, state_dict=state)
+        self.trainer.tokenizer.save_pretrained(out_dir)
+
+    def save_model(self, model, out_dir: str) -> None:
+        """Save with the normalization folded in; runs on the main process only (after prepare_export on all).
+
+        A LoRA reward model is saved merged, so from_pretrained loads a complete scorer: its state dict is built
+        tensor by tensor on the CPU (models.adapters.merged_state_dict), never as a second copy of the model on the
+        device, which at 7B would need another 15 GB there at the end of the run."""
+        r = self.cfg.reward
+        lora = is_peft(model)
+        target = _unwrap(model) if lora else model
+        state = merged_state_dict(model, model.active_adapter) if lora else None
+        if not r.normalize:
+            self._save(target, out_dir, state)
             return
         scores = self._export_scores
         if scores is None:  # called outside Trainer.save_final: one process scores everything
-            scores = self.score_responses(target, self._normalization_pairs())
+            scores = self.score_responses(model, self._normalization_pairs())
         mean, std = scores.mean().item(), scores.std(unbiased=False).clamp(min=1e-6).item()
         bad = int((~torch.isfinite(scores)).sum())
         if bad or not (math.isfinite(mean) and math.isfinite(std)):  # folding NaN would make every score NaN
@@ -180,21 +192,30 @@ class RewardModeling(Algorithm):
                                  f"are not finite (mean {mean:.4g}, std {std:.4g}); refusing to fold them into the "
                                  f"score head")
         head = target.score
+        if lora:  # peft's modules_to_save wrapper: the trained copy of the head
+            head = head.modules_to_save[model.active_adapter]
         folded = fold_normalization(head, mean, std)
         shift = float(folded.bias.item())
         # The scale folds into score.weight. The shift cannot fold into the weights: no score head of a transformers
         # sequence-classification model has a bias (checked for 5.24: all are Linear(bias=False)), and from_pretrained
         # drops a saved score.bias. It lives in config.score_bias, which rlhf's loaders (load_reward_model,
         # load_scalar_model) restore as the head's bias and which final/README.md tells plain transformers users to add.
-        saved_head = nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device,
-                               dtype=head.weight.dtype)
-        saved_head.weight = folded.weight
         previous = getattr(target.config, "score_bias", None)
-        target.score, target.config.score_bias = saved_head, shift
+        target.config.score_bias = shift
+        saved_head = None
+        if state is not None:
+            state["score.weight"] = folded.weight.detach().to(head.weight.dtype).cpu()
+        else:
+            saved_head = nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device,
+                                   dtype=head.weight.dtype)
+            saved_head.weight = folded.weight
+            target.score = saved_head
         try:
-            super().save_model(target, out_dir)
+            self._save(target, out_dir, state)
         finally:  # the live model keeps training-time scores
-            target.score, target.config.score_bias = head, previous
+            if saved_head is not None:
+                target.score = head
+            target.config.score_bias = previous
             if previous is None:
                 del target.config.score_bias
         stats = {"mean": mean, "std": std, "count": scores.numel(), "set": r.normalize_on,

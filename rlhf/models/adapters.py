@@ -102,3 +102,33 @@ def copy_adapter_(model: torch.nn.Module, source: str, target: str) -> None:
     with torch.no_grad():
         for key, p in tgt.items():
             p.copy_(src[key])
+
+
+def merged_state_dict(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The state dict of the transformers model inside peft `model` with adapter `name` merged (W + scale * B @ A per
+    adapted layer, in float32, then rounded once to W's dtype) and its modules_to_save copies (a reward model's score
+    head) in place of the originals, built tensor by tensor on the CPU: the live model is not touched (peft's
+    in-place merge and unmerge would not give a half-precision base back bit for bit) and no second copy of the model
+    is made on its device."""
+    from .forward import _unwrap
+
+    inner, layers = _unwrap(model), {id(m) for m in tuner_layers(model)}
+    deltas = {}
+    for module_name, module in inner.named_modules():
+        if id(module) in layers and name in module._get_available_adapters():
+            deltas[module_name + ".weight"] = module.get_delta_weight(name)
+    saved_copy = f".modules_to_save.{name}."
+    state = inner.state_dict()
+    replaced = {key.split(saved_copy)[0] for key in state if saved_copy in key}
+    out = {}
+    for key, value in state.items():
+        if ".lora_" in key or (".modules_to_save." in key and saved_copy not in key):
+            continue
+        if ".original_module." in key and key.split(".original_module.")[0] in replaced:
+            continue
+        clean = key.replace(".base_layer.", ".").replace(saved_copy, ".").replace(".original_module.", ".")
+        value = value.detach()
+        if clean in deltas:
+            value = (value.float() + deltas[clean].float()).to(value.dtype)
+        out[clean] = value.cpu().clone()
+    return out
