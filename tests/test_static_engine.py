@@ -181,6 +181,32 @@ def test_lora_adapters_act_unmerged(lm):
     assert not torch.allclose(r.logprobs, _scored(model, r, s), atol=1e-3)  # the adapters changed the model
 
 
+def test_grouped_lora_projections_equal_the_modules_own(lm):
+    """All-linear LoRA (r=4, adapters drawn non-zero): the engine's grouped adapters (q, k, v in one pair of products;
+    gate and up in one; o and down alone) give the tokens and log-probs of the modules' own forwards, and of a full
+    forward of the peft model. float32 on the CPU: the two differ only in the summation order of the adapter products
+    (rank <= 12 terms of ~1e-2), far inside 1e-5 on a log-prob."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.rollout.static import _Decoder
+
+    model, tok = lm
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_copy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                         init_lora_weights=False))
+    dec = _Decoder(peft_model, 2, 8)
+    assert dec.qkv and dec.gate_up and all(g.lora == [0, 1, 2] for g in dec.qkv)
+    s = SETTINGS["filtered"]
+    seeds = [1, 2, 3, 4]
+    grouped = StaticEngine(group_lora=True).generate(peft_model, tok, _prompts(tok), s, seeds=seeds)
+    own = StaticEngine(group_lora=False).generate(peft_model, tok, _prompts(tok), s, seeds=seeds)
+    assert torch.equal(grouped.response_ids, own.response_ids)
+    assert torch.allclose(grouped.logprobs, own.logprobs, atol=1e-5)
+    assert torch.allclose(grouped.logprobs, _scored(peft_model, grouped, s), atol=1e-5)
+    with peft_model.disable_adapter():  # adapters off: the modules' own forwards, nothing grouped
+        assert _Decoder(peft_model, 2, 8).qkv is None
+
+
 def _copy(model):
     import copy
 

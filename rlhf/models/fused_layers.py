@@ -156,7 +156,7 @@ def _partitioned(weight: Tensor) -> bool:
     return hasattr(weight, "ds_id")
 
 
-def _lora_parts(layer) -> Optional[tuple]:
+def lora_parts(layer) -> Optional[tuple]:
     """(W, b, A, B, scaling) for `lora_linear` when peft's LoRA `layer` runs exactly one plain adapter on a plain
     nn.Linear now, else None (the layer's own forward is then run)."""
     base = layer.base_layer
@@ -182,7 +182,7 @@ def _lora_parts(layer) -> Optional[tuple]:
 
 
 def _fused_lora_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-    parts = _lora_parts(self) if torch.is_grad_enabled() and not args and not kwargs else None
+    parts = lora_parts(self) if torch.is_grad_enabled() and not args and not kwargs else None
     if parts is None:
         return self._unfused_forward(x, *args, **kwargs)
     return lora_linear(x, *parts)
@@ -197,7 +197,7 @@ def _down_parts(down: torch.nn.Module) -> Optional[tuple]:
     LoRA layer patched here), or None."""
     if type(down) is torch.nn.Linear:
         return None if _partitioned(down.weight) else (down.weight, down.bias)
-    return _lora_parts(down) if _patched_with(down, _fused_lora_forward) else None
+    return lora_parts(down) if _patched_with(down, _fused_lora_forward) else None
 
 
 def _fused_mlp_forward(self, x: Tensor) -> Tensor:
@@ -207,7 +207,7 @@ def _fused_mlp_forward(self, x: Tensor) -> Tensor:
     return swiglu_down(self.gate_proj(x), self.up_proj(x), *parts)
 
 
-def _is_swiglu_mlp(module: torch.nn.Module, config) -> bool:
+def is_swiglu_mlp(module: torch.nn.Module, config) -> bool:
     """A LLaMA/Qwen2-style MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)) with act_fn SiLU."""
     if not type(module).__name__.endswith("MLP"):
         return False
@@ -237,7 +237,7 @@ def apply_fused_layers(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
             forward = _fused_lora_forward
-        elif _is_swiglu_mlp(module, config):
+        elif is_swiglu_mlp(module, config):
             forward = _fused_mlp_forward
         else:
             continue

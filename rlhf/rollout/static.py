@@ -1,9 +1,10 @@
 """Rollouts on a static KV cache: one batched prefill, then decode steps replayed from a captured CUDA graph.
 
 The engine drives the model's own modules (embedding, norms, q/k/v/o projections, MLPs, LM head, rotary
-embedding) with its own attention over a preallocated cache, so it reads the live weights with no copy: LoRA
-adapters (merged or not) act inside their projection modules, and ZeRO-3 / FSDP whole-weight blocks hand it whole
-parameters. Decoder-only models of the Llama family (llama, qwen2, qwen3, mistral) are supported; `unsupported()`
+embedding) with its own attention over a preallocated cache, so it reads the live weights with no copy (ZeRO-3 /
+FSDP whole-weight blocks hand it whole parameters). LoRA adapters act unmerged: a plain adapter's A and B matrices
+are stacked per group of projections that share an input (q/k/v, gate/up) for the call, the rest run inside their
+projection modules (merged adapters, other variants). Decoder-only models of the Llama family (llama, qwen2, qwen3, mistral) are supported; `unsupported()`
 says why another model is not, and the caller falls back to the HF engine.
 
 Sampling happens on the device inside the graph. The logits are filtered exactly as training log-probs filter them
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from ..data.batching import attention_mask, pad
 from ..models.forward import _unwrap, position_ids_from_mask
+from ..models.fused_layers import is_swiglu_mlp as _is_swiglu_mlp
 from ..ops import _sampling_logits
 from .base import Rollout, SamplingConfig, response_mask_from_ids
 
@@ -97,10 +99,69 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
     return token, logp
 
 
+def _lora_of(module) -> Optional[tuple]:
+    """(A, B, scaling) of the one plain LoRA adapter `module` runs now, or None (no adapter, or one the grouped path
+    does not take: several active, dropout, DoRA, merged, disabled, ZeRO-3 or DTensor weights)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from ..models.fused_layers import lora_parts
+
+    if type(module) is not LoraLinear:
+        return None
+    parts = lora_parts(module)
+    if parts is None or any(type(t.data) is not torch.Tensor for t in parts[2:4]):
+        return None
+    return parts[2], parts[3], parts[4]
+
+
+class _LoraGroup:
+    """Sibling projections that read one input (q, k, v; gate, up; or one alone), their LoRA adapters as one pair of
+    matrix products: t = x [A_1; A_2; ...]^T, then t times the block-diagonal [B_1, B_2, ...]^T, split per projection
+    and added, scaled, to each base output. peft's forward runs two products per projection and casts each float32
+    adapter weight to the autocast dtype at every call; in a decode step, where every product is tiny, those
+    kernels are most of what LoRA costs. The stacked weights are built once per generate call from the live
+    adapters, in the dtype the products run in (the autocast dtype, else the adapters' own).
+
+    The arithmetic is peft's: base(x) + (x A^T) B^T * scaling in the LoRA dtype, then cast to the base output's dtype;
+    only the summation order of the products can differ (the zero blocks add exact zeros)."""
+
+    def __init__(self, modules: list):
+        self.modules = modules
+        self.parts = [_lora_of(m) for m in modules]
+        self.lora = [i for i, p in enumerate(self.parts) if p is not None]
+        self.dtype, self.a, self.b = None, None, None
+
+    def _stack(self, dtype: torch.dtype) -> None:
+        parts = [self.parts[i] for i in self.lora]
+        self.a = torch.cat([a.detach().to(dtype) for a, _, _ in parts])
+        self.b = torch.block_diag(*[b.detach().to(dtype) for _, b, _ in parts])
+        self.sizes = [b.shape[0] for _, b, _ in parts]
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.lora:
+            return [m(x) for m in self.modules]
+        from ..models.fused_layers import compute_dtypes
+
+        dtype = compute_dtypes(x.device.type, x.dtype, self.parts[self.lora[0]][0])[1]
+        if dtype != self.dtype:
+            self._stack(dtype)
+        lora = F.linear(F.linear(x.to(dtype), self.a), self.b).split(self.sizes, dim=-1)
+        out, j = [], 0
+        for m, p in zip(self.modules, self.parts):
+            if p is None:
+                out.append(m(x))
+                continue
+            y = m.base_layer(x)
+            out.append((y + lora[j] * p[2]).to(y.dtype))
+            j += 1
+        return out
+
+
 class _Decoder:
     """The model's modules over a static KV cache of [rows, kv_heads, max_len, head_dim] per layer."""
 
-    def __init__(self, model, rows: int, max_len: int):
+    def __init__(self, model, rows: int, max_len: int, group_lora: bool = True):
         lm = _unwrap(model)
         self.lm, self.base = lm, lm.model
         cfg = lm.config
@@ -112,6 +173,15 @@ class _Decoder:
         self.rows, self.max_len = rows, max_len
         self.k: list[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.v: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        # LoRA projections in groups (adapters as they are now, for this generate call); None: the modules' own
+        # forwards (no LoRA, or group_lora off)
+        self.qkv = self.o = self.gate_up = self.down = None
+        if group_lora and any(_lora_of(m) is not None for m in lm.modules()):
+            self.qkv = [_LoraGroup([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+            self.o = [_LoraGroup([l.self_attn.o_proj]) for l in self.layers]
+            if all(_is_swiglu_mlp(l.mlp, cfg) for l in self.layers):
+                self.gate_up = [_LoraGroup([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+                self.down = [_LoraGroup([l.mlp.down_proj]) for l in self.layers]
 
     def _cache(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[i] is None:  # allocated at the first prefill, in the dtype the projections produce (autocast)
@@ -139,7 +209,8 @@ class _Decoder:
             a = layer.self_attn
             x = layer.input_layernorm(h)
             shape = (b, T, -1, self.head_dim)
-            q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
+            q, k, v = self.qkv[i](x) if self.qkv else (a.q_proj(x), a.k_proj(x), a.v_proj(x))
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
             if hasattr(a, "q_norm"):  # qwen3 normalizes each head before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -150,8 +221,13 @@ class _Decoder:
             o = F.scaled_dot_product_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len],
                                                attn_mask=mask, scale=a.scaling)
             o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
-            h = h + a.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + (self.o[i](o)[0] if self.o else a.o_proj(o))
+            x = layer.post_attention_layernorm(h)
+            if self.gate_up:
+                g, u = self.gate_up[i](x)
+                h = h + self.down[i](layer.mlp.act_fn(g) * u)[0]
+            else:
+                h = h + layer.mlp(x)
         return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0].float()
 
 
@@ -198,14 +274,17 @@ class StaticEngine:
     Qwen2.5-0.5B shape (BENCHMARKS.md, rollout runs 3 and 4): 128-token prompts + 256 new tokens, batch 64: 0.52 s
     whole against 0.60 s in blocks of 64; batch 512, where a step's whole-cache read (2.4 GB) is 2.4x the weights'
     bytes: 1.21 s whole against 1.27 s in blocks.
+    group_lora: LoRA adapters of sibling projections run as one pair of products per group (_LoraGroup); False runs
+    each projection's own (peft) forward.
     """
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
-                 kv_block: int = 0):
+                 kv_block: int = 0, group_lora: bool = True):
         self.use_graph = use_graph
         self.check_every = check_every
         self.compile = compile
         self.kv_block = kv_block
+        self.group_lora = group_lora
 
     @torch.no_grad()
     def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -228,7 +307,7 @@ class StaticEngine:
         was_training = model.training
         model.eval()
         try:
-            dec = _Decoder(model, B, L)
+            dec = _Decoder(model, B, L, self.group_lora)
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
