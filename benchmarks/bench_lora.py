@@ -19,7 +19,8 @@ still run):
   dpo-rlhf    rlhf DPO, LoRA r=16 all-linear, dpo.reference adapter, 8 pairs x (256 prompt + 256 + 256) tokens
   dpo-trl     TRL's DPOTrainer with the same peft LoraConfig (its reference: the adapter-disabled model), same rows
   gen         the static engine (CUDA graph) generating --rollouts x --new-tokens with the bare model, then with the
-              same model wrapped with a LoRA r=16 adapter (unmerged, as PPO's actor generates): tokens/s and ratio
+              same model wrapped with a LoRA r=16 adapter (unmerged, as PPO's actor generates), its adapters grouped
+              (the engine's default) and per module (group_lora=False): tokens/s and ratios
 Prints a markdown table and writes it, with results.json, to --out.
 """
 
@@ -152,9 +153,9 @@ def run_dpo(spec: dict) -> dict:
     return bench_train.run_trl(spec)
 
 
-def time_generation(model, tok, prompts, new_tokens: int) -> float:
+def time_generation(model, tok, prompts, new_tokens: int, group_lora: bool = True) -> float:
     """Seconds of one static-engine generation of every prompt, after one warm-up call at the same shapes."""
-    from rlhf.rollout import SamplingConfig, generate
+    from rlhf.rollout import SamplingConfig, StaticEngine
 
     import torch
 
@@ -164,7 +165,7 @@ def time_generation(model, tok, prompts, new_tokens: int) -> float:
 
     def call():  # under bf16 autocast, as PPO generates (peft keeps the adapters in float32)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
-            return generate(model, tok, prompt_ids=prompts, sampling=s, batch_size=64, seeds=seeds, engine="static")
+            return StaticEngine(group_lora=group_lora).generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     call()
     sync()
     t0 = time.perf_counter()
@@ -197,9 +198,11 @@ def run_gen(spec: dict) -> dict:
                 q.normal_(0.0, 1e-3)
     with using_adapter(lm, "actor"):
         lora = time_generation(lm, tok, prompts, N)
+        ungrouped = time_generation(lm, tok, prompts, N, group_lora=False)
     tokens = len(prompts) * N
     # ratio: LoRA tokens/s over bare tokens/s (= bare seconds over LoRA seconds)
-    return {"bare_tok_s": tokens / bare, "lora_tok_s": tokens / lora, "ratio": bare / lora, "peak_bytes": peak_bytes()}
+    return {"bare_tok_s": tokens / bare, "lora_tok_s": tokens / lora, "ratio": bare / lora,
+            "ungrouped_tok_s": tokens / ungrouped, "ungrouped_ratio": bare / ungrouped, "peak_bytes": peak_bytes()}
 
 
 def worker(spec: dict) -> None:
@@ -225,8 +228,9 @@ def describe(r: dict) -> str:
                        f"{r['gen_tok_s']:,.0f} gen | trainable {r['trainable'] / 1e6:,.1f} M | |")
     if r["job"].startswith("dpo"):
         return head + f" {peak} | | {r['tok_s']:,.0f} train | loss {r['final_loss']:.5f} | |"
-    return head + (f" {peak} | | {r['bare_tok_s']:,.0f} bare, {r['lora_tok_s']:,.0f} LoRA | "
-                   f"LoRA / bare tokens/s {r['ratio']:.2f}x | |")
+    return head + (f" {peak} | | {r['bare_tok_s']:,.0f} bare, {r['lora_tok_s']:,.0f} LoRA grouped, "
+                   f"{r['ungrouped_tok_s']:,.0f} LoRA per module | LoRA / bare tokens/s {r['ratio']:.2f}x grouped, "
+                   f"{r['ungrouped_ratio']:.2f}x per module | |")
 
 
 def table(results: list[dict]) -> str:

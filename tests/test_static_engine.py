@@ -244,6 +244,28 @@ def test_cuda_graph_replay_equals_eager_decoding(lm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grouped_lora_in_a_compiled_graph_equals_eager_peft_forwards(lm):
+    """The grouped adapters compiled and captured in the CUDA graph, against the modules' own peft forwards run
+    eagerly: float32, so only fused kernels' summation order differs (as in the replay test above)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_copy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                         init_lora_weights=False)).cuda()
+    s = SETTINGS["filtered"]
+    prompts = _prompts(tok) * 8
+    seeds = list(range(len(prompts)))
+    eager = StaticEngine(use_graph=False, compile=False, group_lora=False).generate(peft_model, tok, prompts, s,
+                                                                                   seeds=seeds)
+    graph = StaticEngine(use_graph=True, compile=True).generate(peft_model, tok, prompts, s, seeds=seeds)
+    assert torch.equal(graph.response_ids, eager.response_ids)
+    assert torch.allclose(graph.logprobs, eager.logprobs, atol=1e-4)
+    assert torch.allclose(graph.logprobs, _scored(peft_model, graph, s), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_engine_logprobs_near_a_training_forward(lm):
     """bf16 weights: the engine and the full forward round activations to bf16 (relative 2^-8) at different points
     (cached keys and values, another attention kernel). Logits of O(1) on this 2-layer model then differ by a few
