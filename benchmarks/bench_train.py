@@ -50,7 +50,8 @@ TRAINERS = ["rlhf-sft", "trl-sft", "trl-sft-liger", "rlhf-reward", "trl-reward",
             "rlhf-dpo", "trl-dpo", "trl-dpo-liger"]
 # An rlhf trainer name may end in variant suffixes, each setting one model option over the defaults:
 VARIANTS = {
-    "padded": {"pair_packing": "padded"},  # one row per pair, dense 4D mask (the default layout)
+    "padded": {"pair_packing": "padded"},  # one row per pair, dense 4D mask (what the default, auto, does with
+    # equal-length pairs; with pairs of different lengths it lays them out as flex does)
     "flex": {"pair_packing": "flex"},  # every pair of a micro-batch in one unpadded row, FlexAttention block mask
     "nofused": {"fused_layers": False},  # the model's own MLP (and LoRA) layers instead of rlhf's fused ones
     "noliger": {"liger_kernels": False},
@@ -406,7 +407,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="0.5B,1.5B", help=f"comma-separated, of {','.join(SHAPES)}")
     ap.add_argument("--workloads", default="fixed,variable", help="comma-separated: fixed, variable")
     ap.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated, of " + ",".join(TRAINERS))
-    ap.add_argument("--variable-trainers", default="rlhf-dpo,rlhf-dpo-flex,trl-dpo,trl-dpo-liger",
+    ap.add_argument("--variable-trainers", default="rlhf-dpo,rlhf-dpo-padded,trl-dpo,trl-dpo-liger",
                     help="the trainers that also run the variable workload")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
