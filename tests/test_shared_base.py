@@ -8,6 +8,7 @@ reference (adapters off) gives a KL of exactly 0 before the first update; genera
 engines; a LoRA reward model starts the critic; bad combinations fail at start-up. All float32 on the CPU."""
 
 import copy
+import json
 import os
 
 import pytest
@@ -340,6 +341,50 @@ def lora_reward_model(model_dir, out):
     rm.save_pretrained(out)
     tok.save_pretrained(out)
     return out, rm.eval()
+
+
+def test_the_reward_trainers_lora_folder_serves_the_shared_base(tiny_model_dir, prefs_file, sft_file, tmp_path):
+    """A LoRA reward model trained by rlhf (calibrated) is written as a peft adapter with its trained score head, a
+    fraction of the base's bytes, and serves every consumer alike: load_reward_model (the adapter merged over the
+    base, the shift from reward_normalization.json), ppo.reward_adapter (adapter "reward" of the shared base, the
+    shift as the head's bias) and critic_init: reward_model (the adapter and the head's weight). float32: merged
+    against unmerged weights differ by rounding only, far below 1e-5 on scores of order 1."""
+    from safetensors import safe_open
+
+    from rlhf import load_reward_model
+    from tests.conftest import PAIR_OPTIM, train_config
+
+    trainer = Trainer(train_config("reward", tiny_model_dir, prefs_file, str(tmp_path / "rm"), PAIR_OPTIM,
+                                   optim__max_steps=3, model__lora_r=4))
+    trainer.train()
+    final = tmp_path / "rm" / "run" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    live = trainer.accelerator.unwrap_model(trainer.model)
+    trained = live.base_model.model.score.modules_to_save["default"].weight
+    assert not torch.equal(trained, live.base_model.model.score.original_module.weight)  # three steps moved it
+    stats = json.loads((final / "reward_normalization.json").read_text())
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        head = f.get_tensor("base_model.model.score.weight")
+        assert all("lora_" in k for k in f.keys() if k != "base_model.model.score.weight")  # no base weight
+    torch.testing.assert_close(head, trained.detach() / stats["std"], atol=1e-7, rtol=1e-6)  # the scale folded in
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 5, 9, 7, 8, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    from rlhf.models import scalar_scores
+
+    with torch.no_grad():
+        raw = scalar_scores(live.eval(), ids, mask)
+        calibrated = scalar_scores(load_reward_model(str(final)), ids, mask)
+    torch.testing.assert_close(calibrated, (raw - stats["mean"]) / stats["std"], atol=TOL, rtol=0)
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = shared_config(tiny_model_dir, sft_file, str(tmp_path / "ppo"), ppo__reward_model=str(final),
+                        ppo__reward_adapter=True, ppo__critic_init="reward_model", model__lora_r=4)
+    pair = build_shared_base(cfg, tok, SamplingConfig()).eval()
+    with torch.no_grad():
+        from_adapter = pair.head_outputs("reward", pair.reward_head, ids, mask)
+        torch.testing.assert_close(from_adapter.gather(1, torch.tensor([[5], [5]])).squeeze(1), calibrated,
+                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(pair.values(ids, mask), token_values(live, ids, mask) / stats["std"], atol=TOL,
+                                   rtol=0)
 
 
 def test_critic_starts_from_a_lora_reward_model(tiny_model_dir, sft_file, tmp_path):

@@ -9,7 +9,9 @@ the one a forward runs, so scoring, the loss and generation cannot mix them up):
              ppo.critic_lr). critic_init=policy: a fresh adapter and a fresh head, N(0, initializer_range) as a
              fresh scalar head is drawn (loading.draw_fresh_head_). critic_init=reward_model: ppo.reward_model must
              be a LoRA reward-model folder on the same base (peft adapter_config.json + adapter_model.safetensors
-             with the score head, as `save_shared_base` writes final/critic/); the adapter and head start from it.
+             with the score head, as the reward trainer writes a LoRA run and `save_shared_base` writes
+             final/critic/); the adapter and the head's weight start from it (a calibration shift is left out:
+             the value head has no bias and learns any offset).
   reference  ppo.ref_ema = 0 (and no ppo.ref_reset_every): the base with every adapter off, no copy at all.
              Otherwise adapter "reference" (frozen), updated after every optimizer step by ops.soft_update_:
              A_ref <- eta A_actor + (1 - eta) A_ref and B_ref <- eta B_actor + (1 - eta) B_ref. This is the EMA done
@@ -18,7 +20,8 @@ the one a forward runs, so scoring, the loss and generation cannot mix them up):
              keeps a float32 master of the adapter tensors, as the full-model reference does.
   reward     a separate reward model (ppo.reward_model through rlhf.rewards), as without shared_base; or, with
              ppo.reward_adapter, the LoRA reward model ppo.reward_model as adapter "reward" + its score head (both
-             frozen) on the shared base (`AdapterReward`): no second model at all.
+             frozen; a calibrated model's shift, from its reward_normalization.json, as the head's bias) on the
+             shared base (`AdapterReward`): no second model at all.
 
 Not supported (refused at start-up): ZeRO-3 and FSDP (the adapters are small: DDP or ZeRO-1/2 hold them whole),
 critic_init=reward_model with a full (merged) reward-model folder. Gradients of the actor and the critic flow in
@@ -45,16 +48,15 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..models import load_causal_lm
-from ..models.adapters import (BASE, adapter_parameters, copy_adapter_, merged_state_dict,
-                               recompute_with_same_adapters, tuner_layers, using_adapter)
+from ..models.adapters import (ADAPTER_WEIGHTS, BASE, HEAD_KEY, adapter_parameters, copy_adapter_,
+                               merged_state_dict, recompute_with_same_adapters, save_adapter, tuner_layers,
+                               using_adapter)
 from ..models.forward import _unwrap, hidden_states
-from ..models.loading import apply_fused, draw_fresh_head_
+from ..models.loading import ADAPTER_CONFIG, adapter_score_bias, apply_fused, draw_fresh_head_
 from ..ops import soft_update_
 from .ppo import PolicyAndCritic, reference_logprobs, response_logprobs
 
 ACTOR, CRITIC, REFERENCE, REWARD = "actor", "critic", "reference", "reward"
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-HEAD_KEY = "base_model.model.score.weight"  # where a peft sequence-classification adapter keeps its score head
 
 
 class SharedBaseActorCritic(PolicyAndCritic):
@@ -123,7 +125,8 @@ def needs_reference_adapter(ppo) -> bool:
 
 
 def _lora_reward_model(path: str, base_path: str):
-    """(LoraConfig, {adapter tensor name: tensor}, head weight) of a LoRA reward-model folder."""
+    """(LoraConfig, {adapter tensor name: tensor}, head weight, score shift or None) of a LoRA reward-model folder
+    (the shift of a calibrated one, from its reward_normalization.json)."""
     from peft import LoraConfig
     from safetensors.torch import load_file
 
@@ -145,7 +148,7 @@ def _lora_reward_model(path: str, base_path: str):
     config = copy.deepcopy(config)
     config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, False
     config.base_model_name_or_path = base_path
-    return config, weights, weights.pop(HEAD_KEY)
+    return config, weights, weights.pop(HEAD_KEY), adapter_score_bias(path)
 
 
 def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActorCritic:
@@ -175,7 +178,7 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
     dtype = next(base.parameters()).dtype
     head = nn.Linear(inner.config.hidden_size, 1, bias=False, dtype=dtype)
     if critic_source:
-        _, tensors, head_weight = critic_source
+        _, tensors, head_weight, _ = critic_source  # the critic's head has no bias: values learn any offset
         _load_adapter_(lm, CRITIC, tensors, p.reward_model)
         with torch.no_grad():
             head.weight.copy_(head_weight.reshape(head.weight.shape))
@@ -193,9 +196,13 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
     lm.train()
     pair = SharedBaseActorCritic(lm, head, sampling)
     if p.reward_adapter:  # frozen: a submodule so that it follows the model to its device, never trained
-        pair.reward_head = nn.Linear(inner.config.hidden_size, 1, bias=False, dtype=dtype).requires_grad_(False)
+        shift = rm_source[3]  # a calibrated reward model's shift, as its loaders add it (apply_score_bias_)
+        pair.reward_head = nn.Linear(inner.config.hidden_size, 1, bias=shift is not None,
+                                     dtype=dtype).requires_grad_(False)
         with torch.no_grad():
             pair.reward_head.weight.copy_(rm_source[2].reshape(pair.reward_head.weight.shape))
+            if shift is not None:
+                pair.reward_head.bias.fill_(shift)
     return pair
 
 
@@ -303,30 +310,12 @@ class AdapterReference:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _save_adapter(lm: nn.Module, name: str, out_dir: str, extra: Optional[dict] = None, **config_changes) -> None:
-    """Adapter `name` in peft's layout at the top of out_dir: adapter_config.json + adapter_model.safetensors
-    (tensor names without the adapter's name, as PeftModel.save_pretrained writes the "default" adapter)."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = get_peft_model_state_dict(lm, adapter_name=name)
-    tensors.update(extra or {})
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(out_dir, ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
-    config = copy.deepcopy(lm.peft_config[name])
-    config.inference_mode = True
-    for key, value in config_changes.items():
-        setattr(config, key, value)
-    config.save_pretrained(out_dir)
-
-
 def save_shared_base(pair: SharedBaseActorCritic, out_dir: str, tokenizer, export_merged: bool = False) -> None:
     lm = pair.lm
-    _save_adapter(lm, ACTOR, out_dir)
+    save_adapter(lm, ACTOR, out_dir)
     tokenizer.save_pretrained(out_dir)
     critic_dir = os.path.join(out_dir, "critic")
-    _save_adapter(lm, CRITIC, critic_dir, extra={HEAD_KEY: pair.value_head.weight}, task_type="SEQ_CLS",
+    save_adapter(lm, CRITIC, critic_dir, extra={HEAD_KEY: pair.value_head.weight}, task_type="SEQ_CLS",
                   modules_to_save=["score"])
     tokenizer.save_pretrained(critic_dir)
     with open(os.path.join(critic_dir, "value_head.json"), "w") as f:

@@ -27,14 +27,14 @@ from ..data import BadRows
 from ..data.preference import PairBatch, PairExample, PairOptions, collate_pairs
 from ..losses import bradley_terry_loss
 from ..models import is_peft, load_scalar_model
-from ..models.adapters import merged_state_dict
+from ..models.adapters import HEAD_KEY, save_adapter
 from ..models.forward import _unwrap, pair_scores
+from ..models.loading import NORMALIZATION_FILE
 from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
                          total_steps)
 
-NORMALIZATION_FILE = "reward_normalization.json"
 EVAL_KEYS = ("loss", "reward/accuracy", "reward/margin")
 
 
@@ -160,25 +160,25 @@ class RewardModeling(Algorithm):
             scores = all_reduce_sum_(table).cpu()
         self._export_scores = scores
 
-    def _save(self, target: nn.Module, out_dir: str, state: Optional[dict]) -> None:
-        if state is None:
-            super().save_model(target, out_dir)
-            return
-        target.save_pretrained(out_dir, state_dict=state)
-        self.trainer.tokenizer.save_pretrained(out_dir)
-
     def save_model(self, model, out_dir: str) -> None:
         """Save with the normalization folded in; runs on the main process only (after prepare_export on all).
 
-        A LoRA reward model is saved merged, so from_pretrained loads a complete scorer: its state dict is built
-        tensor by tensor on the CPU (models.adapters.merged_state_dict), never as a second copy of the model on the
-        device, which at 7B would need another 15 GB there at the end of the run."""
+        A whole model is written as transformers writes it, its score shift in config.score_bias. A LoRA reward
+        model is written as a peft sequence-classification adapter (adapter_config.json, adapter_model.safetensors
+        with the LoRA factors and the trained score head), as LoRA SFT and DPO runs are: megabytes, not the base.
+        rlhf's loaders (load_reward_model, ppo.reward_model, the evaluation) put it over its base, and with
+        ppo.shared_base it can start the critic (critic_init: reward_model) or score as an adapter of the policy's
+        base (ppo.reward_adapter). Its shift lives in NORMALIZATION_FILE ("score_bias"); `rlhf export` writes it
+        merged with the shift in config.score_bias."""
         r = self.cfg.reward
         lora = is_peft(model)
         target = _unwrap(model) if lora else model
-        state = merged_state_dict(model, model.active_adapter) if lora else None
+        head = target.score.modules_to_save[model.active_adapter] if lora else target.score
         if not r.normalize:
-            self._save(target, out_dir, state)
+            if lora:
+                self._save_adapter(model, out_dir, None)
+            else:
+                super().save_model(target, out_dir)
             return
         scores = self._export_scores
         if scores is None:  # called outside Trainer.save_final: one process scores everything
@@ -191,33 +191,27 @@ class RewardModeling(Algorithm):
             raise NonFiniteError(f"reward normalization: {bad} of {scores.numel()} {r.normalize_on} response scores "
                                  f"are not finite (mean {mean:.4g}, std {std:.4g}); refusing to fold them into the "
                                  f"score head")
-        head = target.score
-        if lora:  # peft's modules_to_save wrapper: the trained copy of the head
-            head = head.modules_to_save[model.active_adapter]
         folded = fold_normalization(head, mean, std)
         shift = float(folded.bias.item())
-        # The scale folds into score.weight. The shift cannot fold into the weights: no score head of a transformers
-        # sequence-classification model has a bias (checked for 5.24: all are Linear(bias=False)), and from_pretrained
-        # drops a saved score.bias. It lives in config.score_bias, which rlhf's loaders (load_reward_model,
-        # load_scalar_model) restore as the head's bias and which final/README.md tells plain transformers users to add.
-        previous = getattr(target.config, "score_bias", None)
-        target.config.score_bias = shift
-        saved_head = None
-        if state is not None:
-            state["score.weight"] = folded.weight.detach().to(head.weight.dtype).cpu()
+        if lora:
+            self._save_adapter(model, out_dir, folded.weight.to(head.weight.dtype))
         else:
+            # The scale folds into score.weight. The shift cannot fold into the weights: no score head of a
+            # transformers sequence-classification model has a bias (checked for 5.24: all are Linear(bias=False)),
+            # and from_pretrained drops a saved score.bias. It lives in config.score_bias, which rlhf's loaders
+            # (load_reward_model, load_scalar_model) restore as the head's bias and which final/README.md tells
+            # plain transformers users to add.
             saved_head = nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device,
                                    dtype=head.weight.dtype)
             saved_head.weight = folded.weight
-            target.score = saved_head
-        try:
-            self._save(target, out_dir, state)
-        finally:  # the live model keeps training-time scores
-            if saved_head is not None:
-                target.score = head
-            target.config.score_bias = previous
-            if previous is None:
-                del target.config.score_bias
+            previous = getattr(target.config, "score_bias", None)
+            target.score, target.config.score_bias = saved_head, shift
+            try:
+                super().save_model(target, out_dir)
+            finally:  # the live model keeps training-time scores
+                target.score, target.config.score_bias = head, previous
+                if previous is None:
+                    del target.config.score_bias
         stats = {"mean": mean, "std": std, "count": scores.numel(), "set": r.normalize_on,
                  "data": self.cfg.data.train if r.normalize_on == "train" else self.cfg.data.eval,
                  "score_bias": shift,
@@ -226,22 +220,37 @@ class RewardModeling(Algorithm):
         with open(os.path.join(out_dir, NORMALIZATION_FILE), "w") as f:
             json.dump(stats, f, indent=2)
         with open(os.path.join(out_dir, "README.md"), "w") as f:
-            f.write(loading_note(shift))
+            f.write(loading_note(shift, adapter_base=getattr(model.peft_config[model.active_adapter],
+                                                             "base_model_name_or_path", None) if lora else None))
         self.trainer.print(f"reward normalization: mean {mean:.4g}, std {std:.4g} on {scores.numel()} "
                            f"{r.normalize_on} responses: scale folded into the score head, shift in "
                            f"config.score_bias={shift:.4g} (load with rlhf.load_reward_model)")
 
 
-def loading_note(score_bias: float) -> str:
-    """final/README.md of a calibrated reward model: how to get its calibrated scores, with rlhf or without."""
-    return (
-        "# Reward model (rlhf)\n\n"
-        "Scores are calibrated to mean 0, std 1 on the responses of the calibration set (reward_normalization.json), "
-        "read at each sequence's last non-pad token. The score head has no bias, so only the scale is folded into "
-        f"`score.weight`; the shift ({score_bias:.6g}) is `config.score_bias`, which transformers does not read: "
-        "a plain `AutoModelForSequenceClassification.from_pretrained` gives every score minus it. Load with\n\n"
-        "```python\nfrom rlhf import load_reward_model\n"
-        "model = load_reward_model(path)  # model(**batch).logits[:, 0] is the calibrated score\n```\n\n"
-        "or, with transformers alone, add the shift:\n\n"
-        "```python\nmodel = AutoModelForSequenceClassification.from_pretrained(path)\n"
-        "score = model(**batch).logits[:, 0] + model.config.score_bias\n```\n")
+    def _save_adapter(self, model, out_dir: str, head_weight: Optional[torch.Tensor]) -> None:
+        save_adapter(model, model.active_adapter, out_dir, extra=None if head_weight is None else {HEAD_KEY: head_weight})
+        self.trainer.tokenizer.save_pretrained(out_dir)
+
+
+def loading_note(score_bias: float, adapter_base: Optional[str] = None) -> str:
+    """final/README.md of a calibrated reward model: how to get its calibrated scores, with rlhf or without.
+    adapter_base: the base of a LoRA reward model (the folder is then a peft adapter)."""
+    head = ("# Reward model (rlhf)\n\n"
+            "Scores are calibrated to mean 0, std 1 on the responses of the calibration set (reward_normalization.json), "
+            "read at each sequence's last non-pad token. The score head has no bias, so only the scale is folded into "
+            "the score head's weight; ")
+    use = ("```python\nfrom rlhf import load_reward_model\n"
+           "model = load_reward_model(path)  # model(**batch).logits[:, 0] is the calibrated score\n```\n\n")
+    if adapter_base is not None:
+        return (head + f"the shift ({score_bias:.6g}) is `score_bias` in reward_normalization.json. This folder is a "
+                f"LoRA adapter (peft, with the score head in modules_to_save) over `{adapter_base}`. Load with\n\n"
+                + use + "or merge it into a plain transformers folder (with the shift in `config.score_bias`): "
+                "`rlhf export PATH MERGED`; or, with transformers and peft alone, add the shift:\n\n"
+                f"```python\nbase = AutoModelForSequenceClassification.from_pretrained({adapter_base!r}, num_labels=1)\n"
+                "model = PeftModel.from_pretrained(base, path)\n"
+                f"score = model(**batch).logits[:, 0] + {score_bias!r}\n```\n")
+    return (head + f"the shift ({score_bias:.6g}) is `config.score_bias`, which transformers does not read: a plain "
+            "`AutoModelForSequenceClassification.from_pretrained` gives every score minus it. Load with\n\n" + use +
+            "or, with transformers alone, add the shift:\n\n"
+            "```python\nmodel = AutoModelForSequenceClassification.from_pretrained(path)\n"
+            "score = model(**batch).logits[:, 0] + model.config.score_bias\n```\n")

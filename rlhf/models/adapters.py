@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 import torch
 
 BASE = None  # using_adapter(model, BASE): every adapter off, the base model's own outputs
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # next to loading.ADAPTER_CONFIG in a peft adapter folder
+HEAD_KEY = "base_model.model.score.weight"  # where a peft sequence-classification adapter keeps its score head
 
 
 def tuner_layers(model: torch.nn.Module) -> list:
@@ -132,3 +134,26 @@ def merged_state_dict(model: torch.nn.Module, name: str) -> dict[str, torch.Tens
             value = (value.float() + deltas[clean].float()).to(value.dtype)
         out[clean] = value.cpu().clone()
     return out
+
+
+def save_adapter(lm: torch.nn.Module, name: str, out_dir: str, extra: Optional[dict] = None, **config_changes) -> None:
+    """Adapter `name` in peft's layout at the top of out_dir: adapter_config.json + adapter_model.safetensors
+    (tensor names without the adapter's name, as PeftModel.save_pretrained writes the "default" adapter; its
+    modules_to_save copies, a reward model's score head, under HEAD_KEY). `extra` tensors are added or replace
+    theirs; `config_changes` are set on the saved copy of the adapter's config."""
+    import copy
+    import os
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = get_peft_model_state_dict(lm, adapter_name=name)
+    tensors.update(extra or {})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(out_dir, ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(lm.peft_config[name])
+    config.inference_mode = True
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    config.save_pretrained(out_dir)

@@ -37,6 +37,9 @@ def _from_pretrained(loader, path: str, field: str, **kwargs):
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+# a calibrated reward model's statistics; in a LoRA reward-model folder (an adapter, no config.json of its own) also
+# the home of its score shift, "score_bias", which sits in config.score_bias of a whole model
+NORMALIZATION_FILE = "reward_normalization.json"
 
 
 def adapter_base(path: str) -> Optional[str]:
@@ -318,7 +321,22 @@ def load_scalar_model(path: str, cfg: Optional[ModelConfig] = None, tokenizer=No
         return model
     model = _load(AutoModelForSequenceClassification, path, field, tokenizer, fresh_head, num_labels=1,
                   output_loading_info=True, **_load_kwargs(cfg, adapter_base(path) or path))
+    bias = adapter_score_bias(path)
+    if bias is not None:
+        model.config.score_bias = bias
     return _finish(apply_score_bias_(model), cfg, tokenizer, trainable)
+
+
+def adapter_score_bias(path: str) -> Optional[float]:
+    """The score shift of a calibrated LoRA reward-model folder (NORMALIZATION_FILE's "score_bias"), else None."""
+    if adapter_base(path) is None:
+        return None
+    stats = os.path.join(os.path.expanduser(path), NORMALIZATION_FILE)
+    if not os.path.isfile(stats):
+        return None
+    with open(stats) as f:
+        bias = json.load(f).get("score_bias")
+    return None if bias is None else float(bias)
 
 
 def load_reward_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
