@@ -49,8 +49,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..models import load_causal_lm
 from ..models.adapters import (ADAPTER_WEIGHTS, BASE, HEAD_KEY, adapter_parameters, copy_adapter_,
-                               merged_state_dict, recompute_with_same_adapters, save_adapter, tuner_layers,
-                               using_adapter)
+                               merged_state_dict, recompute_with_same_adapters, save_adapter, using_adapter)
 from ..models.forward import _unwrap, hidden_states
 from ..models.loading import ADAPTER_CONFIG, adapter_score_bias, apply_fused, draw_fresh_head_
 from ..ops import soft_update_
