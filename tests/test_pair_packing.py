@@ -19,7 +19,7 @@ from tests.conftest import PAIR_OPTIM, train_config
 from tests.test_fast_logprobs import assert_same_grads, grads, tiny_qwen2
 from rlhf.config import ConfigError
 from rlhf.data.preference import PairExample, collate_pairs
-from rlhf.models.forward import pair_scores, pair_sequence_logprobs, packs_flat, scalar_scores, sequence_logprobs
+from rlhf.models.forward import pair_layout, pair_scores, pair_sequence_logprobs, scalar_scores, sequence_logprobs
 from rlhf.models.loading import apply_pair_packing
 from rlhf.models.shared_prefix import FLAT_ABOVE_PADDING, FLEX_BLOCK, SDPA_FLEX, flat_pays, pack_pairs
 from rlhf.tracking import read_metrics
@@ -94,9 +94,9 @@ def test_pair_packing_setting():
     model.config._attn_implementation = "sdpa"
     assert apply_pair_packing(model, "padded") == "padded" and model.config._attn_implementation == "sdpa"
     if not torch.cuda.is_available():
-        assert apply_pair_packing(model, "auto") == "padded" and not packs_flat(model)
+        assert apply_pair_packing(model, "auto") == "padded" and pair_layout(model) == "padded"
     assert apply_pair_packing(model, "flex") == "flex" and model.config._attn_implementation == SDPA_FLEX
-    assert packs_flat(model)
+    assert pair_layout(model) == "flex"
     eager = tiny_qwen2(tied=True)
     eager.config._attn_implementation = "eager"
     with pytest.raises(ConfigError, match="model.pair_packing=flex: it needs sdpa attention"):
@@ -186,7 +186,7 @@ def test_dpo_trainer_flex_equals_padded(tiny_model_dir, prefs_file, tmp_path):
                            model__pair_packing=layout)
         trainer = Trainer(cfg)
         trainer.train()
-        assert packs_flat(trainer.model) == (layout == "flex")
+        assert pair_layout(trainer.model) == layout
         losses[layout] = [r["train/loss"] for r in read_metrics(tmp_path / layout / "run" / "metrics.jsonl")
                           if "train/loss" in r]
     assert len(losses["flex"]) == 2 and all(math.isfinite(x) for x in losses["flex"])

@@ -137,12 +137,6 @@ class _PlainHeadLogprob(torch.autograd.Function):
         return gh, gw, gb, None, None
 
 
-def _plain_head(head: torch.nn.Module) -> bool:
-    """Whether _PlainHeadLogprob can stand in for `head`: a plain Linear whose weight is whole (not a ZeRO-3
-    partition, not wrapped by an adapter)."""
-    return type(head) is torch.nn.Linear and not any(hasattr(p, "ds_id") for p in head.parameters())
-
-
 def logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                          top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False,
                          chunk_size: int = DEFAULT_CHUNK_TOKENS):
@@ -157,7 +151,9 @@ def logprobs_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, labels: to
     # DeepSpeed ZeRO-3 does not gather a partitioned head weight again when backward recomputes a chunk (seen with a
     # frozen LoRA base: the recomputed weight is the empty partition), so there each chunk keeps its logits instead
     recompute = grad and not any(hasattr(p, "ds_id") for p in head.parameters())
-    plain = recompute and temperature == 1.0 and top_k <= 0 and top_p >= 1.0 and not return_entropy and _plain_head(head)
+    # _PlainHeadLogprob stands in for a recomputed chunk of a plain Linear head (not one wrapped by an adapter)
+    plain = (recompute and type(head) is torch.nn.Linear and temperature == 1.0 and top_k <= 0 and top_p >= 1.0
+             and not return_entropy)
     if plain:
         from .fused_layers import compute_dtypes
 
@@ -289,11 +285,6 @@ def pair_layout(model) -> str:
     inner = _unwrap(model)
     layout = getattr(inner, "pair_packing", "padded")
     return layout if layout in ("flex", "auto") and inner.config._attn_implementation == SDPA_FLEX else "padded"
-
-
-def packs_flat(model) -> bool:
-    """Whether pairs may take the flat layout (model.pair_packing resolved to flex or auto at load time)."""
-    return pair_layout(model) != "padded"
 
 
 def _pair_mask(model, packed):

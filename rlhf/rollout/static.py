@@ -4,8 +4,8 @@ The engine drives the model's own modules (embedding, norms, q/k/v/o projections
 embedding) with its own attention over a preallocated cache, so it reads the live weights with no copy (ZeRO-3 /
 FSDP whole-weight blocks hand it whole parameters). LoRA adapters act unmerged: a plain adapter's A and B matrices
 are stacked per group of projections that share an input (q/k/v, gate/up) for the call, the rest run inside their
-projection modules (merged adapters, other variants). Decoder-only models of the Llama family (llama, qwen2, qwen3, mistral) are supported; `unsupported()`
-says why another model is not, and the caller falls back to the HF engine.
+projection modules (merged adapters, other variants). Decoder-only models of the Llama family (llama, qwen2, qwen3,
+mistral) are supported; `unsupported()` says why another model is not, and the caller falls back to the HF engine.
 
 Sampling happens on the device inside the graph. The logits are filtered exactly as training log-probs filter them
 (ops._sampling_logits: temperature, top-k, top-p), then the Gumbel-max trick picks a token with noise from a
@@ -176,12 +176,16 @@ class _Decoder:
         # LoRA projections in groups (adapters as they are now, for this generate call); None: the modules' own
         # forwards (no LoRA, or group_lora off)
         self.qkv = self.o = self.gate_up = self.down = None
-        if group_lora and any(_lora_of(m) is not None for m in lm.modules()):
-            self.qkv = [_LoraGroup([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
-            self.o = [_LoraGroup([l.self_attn.o_proj]) for l in self.layers]
+        if group_lora:
+            groups = {"qkv": [[l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj] for l in self.layers],
+                      "o": [[l.self_attn.o_proj] for l in self.layers]}
             if all(_is_swiglu_mlp(l.mlp, cfg) for l in self.layers):
-                self.gate_up = [_LoraGroup([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
-                self.down = [_LoraGroup([l.mlp.down_proj]) for l in self.layers]
+                groups["gate_up"] = [[l.mlp.gate_proj, l.mlp.up_proj] for l in self.layers]
+                groups["down"] = [[l.mlp.down_proj] for l in self.layers]
+            groups = {k: [_LoraGroup(g) for g in v] for k, v in groups.items()}
+            if any(g.lora for v in groups.values() for g in v):
+                for k, v in groups.items():
+                    setattr(self, k, v)
 
     def _cache(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[i] is None:  # allocated at the first prefill, in the dtype the projections produce (autocast)
@@ -369,8 +373,7 @@ class StaticEngine:
                 fn = _decode_step
                 fn(*args, kv_len)
 
-        block = self.kv_block
-        block = block if block > 0 else L
+        block = self.kv_block if self.kv_block > 0 else L
         steps, graphs, warm = 1, {}, {}
         side = torch.cuda.Stream() if use_graph else None
         while steps < N:
