@@ -55,6 +55,7 @@ VARIANTS = {
     "flex": {"pair_packing": "flex"},  # every pair of a micro-batch in one unpadded row, FlexAttention block mask
     "nofused": {"fused_layers": False},  # the model's own MLP (and LoRA) layers instead of rlhf's fused ones
     "noliger": {"liger_kernels": False},
+    "compile": {"compile_layers": True},  # torch.compile per decoder layer (Liger's kernels then off)
 }
 MAX_LENGTH = 1024
 LR = 1e-6

@@ -62,6 +62,11 @@ class ModelConfig:
         "length-generic).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
+    compile_layers: Union[Literal["auto"], bool] = opt(
+        False, "torch.compile each decoder layer of the trained model (one compile shared by every layer: fewer, "
+        "fused kernels and less host time per step; the first steps of each new shape or mode compile). auto = on "
+        "CUDA; never under ZeRO-3 or FSDP, whose parameter hooks break the compiled graphs. Liger's kernels (auto) "
+        "stay off under it: inductor fuses the same norms and activations.")
     fused_layers: Union[Literal["auto"], bool] = opt(
         "auto", "Fused LoRA linear layers and SwiGLU MLP tails (rlhf.models.fused_layers) that save less activation "
         "memory for backward, with the same values: auto = on, true = on and an error when nothing can be fused.")

@@ -189,11 +189,54 @@ def apply_fused(model, setting) -> int:
     return count
 
 
+def _sharded_run() -> Optional[str]:
+    """"ZeRO-3" or "FSDP" when the running accelerate set-up shards parameters, else None."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    if not AcceleratorState._shared_state:  # no Accelerator yet (library use, tests)
+        return None
+    state = AcceleratorState()
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is not None and int(plugin.zero_stage or 0) == 3:
+        return "ZeRO-3"
+    return "FSDP" if state.distributed_type == DistributedType.FSDP else None
+
+
+def compiles_layers(setting) -> bool:
+    """Whether model.compile_layers = `setting` compiles the trained model's decoder layers in this process."""
+    if setting is False:
+        return False
+    sharded = _sharded_run()
+    if setting is True and sharded:
+        raise ConfigError(f"model.compile_layers=true: not under {sharded}, whose parameter hooks break the compiled "
+                          f"graphs; set model.compile_layers: auto or false")
+    return not sharded and (setting is True or torch.cuda.is_available())
+
+
+def decoder_layers(model: torch.nn.Module) -> list:
+    """The model's repeated blocks: the modules whose class the model names in `_no_split_modules` (transformers'
+    list of what must stay whole on one device: the decoder layer), through peft's wrappers."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (nn.Module.compile: parameter names and state dicts unchanged).
+    Every layer runs the same code with its own parameters as inputs, so one compile serves all of them (per mode:
+    training, no-grad; a second input length makes it length-generic). Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
     # read by rlhf.models.forward; plain attributes, so they never reach a saved config
     model.logprob_chunk_size = cfg.logprob_chunk_size
     apply_pair_packing(model, cfg.pair_packing)
-    apply_liger_kernels(model, cfg.liger_kernels)
+    compiled = trainable and compiles_layers(cfg.compile_layers)
+    # compiled layers: inductor fuses the norms, activations and rotations itself (Liger's only when asked for)
+    apply_liger_kernels(model, cfg.liger_kernels if not compiled or cfg.liger_kernels is True else False)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
@@ -220,6 +263,9 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
         model.eval().requires_grad_(False)
     else:
         apply_fused(model, cfg.fused_layers)
+        if compiled and compile_layers(model) == 0 and cfg.compile_layers is True:
+            raise ConfigError(f"model.compile_layers=true: {type(model).__name__} names no decoder layer class "
+                              f"(_no_split_modules); set model.compile_layers: auto or false")
         # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
         # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
         model.train()

@@ -1,0 +1,98 @@
+# Run: .venv/bin/python -m pytest -q tests/test_compiled_layers.py
+"""model.compile_layers: each decoder layer compiled in place (rlhf.models.loading.compile_layers) gives the eager
+model's log-probs and gradients, keeps the parameter names, and a frozen copy of a compiled model (a reference)
+runs its own weights, not the original's. One tiny Qwen2 model on the CPU (inductor's C++ backend: one compile of
+~15 s per input shape and mode, so the tests keep to one shape).
+
+Tolerance: inductor fuses the norms, rotations and activations and may sum RMSNorm's 32 squares, the attention
+rows and the backward's reductions in another order than eager float32 PyTorch. A reordered float32 sum of n terms
+moves by at most n * eps32 * sum|terms| (n <= 64 here, the intermediate size), ~8e-6 of the terms' scale; through
+two layers and the head a few such steps add up. 1e-5 relative on the summed log-prob (~3e2) and 1e-4 of each
+gradient's largest magnitude cover that; a layer running another layer's weights, or a missing term, is off at
+order 1."""
+
+import copy
+
+import pytest
+import torch
+
+from rlhf.config import ConfigError, ModelConfig, config_from_dict
+from rlhf.models.loading import compile_layers, compiles_layers, decoder_layers
+from rlhf.models.reference import frozen_copy
+
+VOCAB = 300
+
+
+def tiny():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).float().train()
+
+
+def summed_logprob(model, ids):
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).sum()
+
+
+@pytest.fixture(scope="module")
+def compiled_pair():
+    """(eager, compiled) copies of one model, and one batch; the compiled one has run forward and backward once."""
+    eager = tiny()
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled) == 2
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    return eager, compiled, ids
+
+
+def test_compiled_layers_give_the_eager_logprobs_and_gradients(compiled_pair):
+    eager, compiled, ids = compiled_pair
+    want, got = summed_logprob(eager, ids), summed_logprob(compiled, ids)
+    want.backward()
+    got.backward()
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+    for (name, a), (name_c, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert name == name_c  # nn.Module.compile keeps names (no _orig_mod): checkpoints load either way
+        scale = a.grad.abs().max()
+        assert (a.grad - b.grad).abs().max() <= 1e-4 * scale, name
+    assert eager.state_dict().keys() == compiled.state_dict().keys()
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled))
+
+
+def test_a_frozen_copy_of_a_compiled_model_runs_its_own_weights(compiled_pair):
+    _, compiled, ids = compiled_pair
+    ref = frozen_copy(compiled)
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(ref))
+    with torch.no_grad():
+        before = summed_logprob(compiled, ids)
+        assert torch.allclose(summed_logprob(ref, ids), before, rtol=1e-5, atol=0)
+        for p in ref.model.layers[1].mlp.parameters():  # move the copy's last layer only
+            p.mul_(3.0)
+        moved = summed_logprob(ref, ids)
+        assert torch.equal(summed_logprob(compiled, ids), before)  # the original is untouched
+        assert (moved - before).abs() > 1e-3 * before.abs()  # 100x the tolerance: the copy moved
+        eager_ref = copy.deepcopy(ref)  # a copy drops the compiled calls: the eager forward of the moved weights
+        assert decoder_layers(eager_ref)[0]._compiled_call_impl is None
+        assert torch.allclose(moved, summed_logprob(eager_ref, ids), rtol=1e-5, atol=0)
+
+
+def test_compile_layers_setting():
+    base = {"algorithm": "sft", "model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}}
+    for value in ("auto", True, False):
+        assert config_from_dict({**base, "model": {**base["model"], "compile_layers": value}}).model.compile_layers == value
+    with pytest.raises(ConfigError, match="compile_layers"):
+        config_from_dict({**base, "model": {**base["model"], "compile_layers": "yes"}})
+    assert ModelConfig().compile_layers is False
+    assert compiles_layers(True) and not compiles_layers(False)
+    assert compiles_layers("auto") == torch.cuda.is_available()
+
+
+def test_compile_layers_true_under_zero3_says_so(monkeypatch):
+    import rlhf.models.loading as loading
+
+    monkeypatch.setattr(loading, "_sharded_run", lambda: "ZeRO-3")
+    with pytest.raises(ConfigError, match="compile_layers=true: not under ZeRO-3"):
+        compiles_layers(True)
+    assert not compiles_layers("auto")
