@@ -96,3 +96,36 @@ def test_compile_layers_true_under_zero3_says_so(monkeypatch):
     with pytest.raises(ConfigError, match="compile_layers=true: not under ZeRO-3"):
         compiles_layers(True)
     assert not compiles_layers("auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_compiled_layers_match_eager_on_gpu():
+    """Two layers of Qwen2.5-0.5B's shape in bf16 on the GPU, right-padded rows, inductor's Triton kernels.
+
+    Eager PyTorch rounds every op's output to bf16 (norm, rotation, activation, each residual add); the compiled
+    layer keeps fused intermediates in float32, so the two differ by rounding, not by arithmetic: each of the ~8
+    roundings per layer moves a value by <= eps/2 relative (eps_bf16 = 2^-7), independent ones add as a random walk:
+    sqrt(16) * eps/2 = 2 eps over two layers. Logits and gradients are compared by relative norm within 4 eps; a
+    layer running wrong weights or a dropped mask is off at order 1."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=4096, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    eager = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).train()
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled) == 2
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, cfg.vocab_size, (4, 256), generator=g).cuda()
+    mask = (torch.arange(256)[None] < torch.tensor([256, 200, 131, 64])[:, None]).long().cuda()
+
+    def run(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        (logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0] * mask).sum().backward()
+        return logits.detach() * mask[..., None], model.model.layers[0].mlp.down_proj.weight.grad.float()
+
+    eps = 2.0 ** -7
+    (z, gd), (z0, gd0) = run(compiled), run(eager)
+    assert ((z - z0).norm() / z0.norm()).item() <= 4 * eps
+    assert ((gd - gd0).norm() / gd0.norm()).item() <= 4 * eps
