@@ -61,6 +61,21 @@ def test_compiled_layers_give_the_eager_logprobs_and_gradients(compiled_pair):
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled))
 
 
+def test_new_lengths_and_batch_sizes_reuse_the_compiled_layers(compiled_pair):
+    """dynamic=True: symbolic shapes from the first compile, so rows of another length and batch size (variable-length
+    data, the last short micro-batch) compile nothing new; a compile per new shape would add ~15 s each here."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled, ids = compiled_pair
+    summed_logprob(compiled, ids).backward()  # compiled for training mode (again a no-op when already done)
+    graphs = counters["stats"]["unique_graphs"]
+    other = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(2))
+    got, want = summed_logprob(compiled, other), summed_logprob(eager, other)
+    got.backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+
+
 def test_a_frozen_copy_of_a_compiled_model_runs_its_own_weights(compiled_pair):
     _, compiled, ids = compiled_pair
     ref = frozen_copy(compiled)

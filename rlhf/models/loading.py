@@ -222,11 +222,13 @@ def decoder_layers(model: torch.nn.Module) -> list:
 
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer in place (nn.Module.compile: parameter names and state dicts unchanged).
-    Every layer runs the same code with its own parameters as inputs, so one compile serves all of them (per mode:
-    training, no-grad; a second input length makes it length-generic). Returns how many layers were compiled."""
+    Every layer runs the same code with its own parameters as inputs, so one compile serves all of them, per mode
+    (training, no-grad). Shapes are symbolic from the first compile (dynamic=True): rows of new lengths and batches
+    of new sizes reuse it, where automatic dynamic shapes would compile again for the second length and again for
+    the second batch size. Returns how many layers were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=True)
     return len(layers)
 
 

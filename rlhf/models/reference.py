@@ -35,7 +35,7 @@ def frozen_copy(model: torch.nn.Module, rebuild: Optional[Callable[[], torch.nn.
         ref = copy.deepcopy(model)
         for source, module in zip(model.modules(), ref.modules()):  # a module's copy drops its compiled call
             if getattr(source, "_compiled_call_impl", None) is not None:
-                module.compile()  # model.compile_layers: the reference's forwards compiled too
+                module.compile(dynamic=True)  # model.compile_layers: the reference's forwards compiled too
     ref.eval().requires_grad_(False)
     return ref
 
