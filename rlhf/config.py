@@ -53,13 +53,13 @@ class ModelConfig:
         None, "Attention kernel, passed to from_pretrained (None = transformers' choice for the model).")
     revision: Optional[str] = opt(None, "Hub branch, tag or commit of model.name_or_path (model and its tokenizer).")
     logprob_chunk_size: int = opt(1024, "Tokens per LM-head chunk when log-probs are computed from hidden states (0 = full logits).")
-    pair_packing: Literal["auto", "flex", "padded"] = opt(
-        "auto", "Layout of DPO and reward-model pairs (prompt once per pair): flex = all pairs of a micro-batch in one "
-        "unpadded row, attended through FlexAttention's block mask (the model runs SDPA otherwise); padded = one row "
-        "per pair with a dense 4D mask; auto = on CUDA when FlexAttention is available and attention is sdpa, each "
-        "micro-batch flat when one row per pair would pad it to more than 1.2x its tokens (variable lengths), "
-        "padded otherwise. flex and auto compile FlexAttention on first use (seconds, twice: a second length makes it "
-        "length-generic).")
+    pair_packing: Literal["auto", "varlen", "flex", "padded"] = opt(
+        "auto", "Layout of DPO and reward-model pairs (prompt once per pair): varlen = all pairs of a micro-batch in "
+        "one unpadded row, attended through torch's variable-length flash attention (each pair's rejected tokens "
+        "over the prompt's keys and their own; no mask, no compile); flex = the same row attended through "
+        "FlexAttention's block mask (compiled on first use); padded = one row per pair with a dense 4D mask; auto = on "
+        "CUDA when attention is sdpa, varlen where torch has it, else flex for micro-batches that one row per pair "
+        "would pad beyond 1.2x their tokens; padded otherwise (the CPU).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
     compile_layers: Union[Literal["auto"], bool] = opt(

@@ -1,9 +1,11 @@
 # Run: .venv/bin/python -m pytest -q tests/test_pair_packing.py
-"""The flat pair layout (model.pair_packing=flex: every pair of a micro-batch in one unpadded row, a FlexAttention
-BlockMask) against the padded one (a row per pair, a dense 4D mask) and against plain per-sequence rows.
+"""The flat pair layout (every pair of a micro-batch in one unpadded row; model.pair_packing=flex: a FlexAttention
+BlockMask, varlen: variable-length attention documents) against the padded one (a row per pair, a dense 4D mask) and
+against plain per-sequence rows.
 
 On the CPU, forwards without gradients run torch's eager flex_attention; flex_attention has no backward on the CPU,
-so forwards with gradients hand SDPA the flat layout's mask (the same mask_mod) as a dense [1, 1, N, N] mask. Both
+so forwards with gradients hand SDPA the flat layout's mask (the same mask_mod) as a dense [1, 1, N, N] mask. The
+varlen layout runs its documents through shared_prefix.varlen_reference there (one SDPA call per document). All
 paths compute each query's softmax over exactly the keys of its own row, in float32: per-token log-probs and scores
 agree to ~1e-7, well inside 1e-5, while a wrong key, position or index is off by O(0.1). A summed log-prob of ~100
 tokens is ~-500, where one float32 ulp is 6e-5 and the layouts add the tokens in another order: sums are compared
@@ -21,7 +23,8 @@ from rlhf.config import ConfigError
 from rlhf.data.preference import PairExample, collate_pairs
 from rlhf.models.forward import pair_layout, pair_scores, pair_sequence_logprobs, scalar_scores, sequence_logprobs
 from rlhf.models.loading import apply_pair_packing
-from rlhf.models.shared_prefix import FLAT_ABOVE_PADDING, FLEX_BLOCK, SDPA_FLEX, flat_pays, pack_pairs
+from rlhf.models.shared_prefix import (FLAT_ABOVE_PADDING, FLEX_BLOCK, SDPA_FLEX, PairVarlen, flat_pays, pack_pairs,
+                                       pair_varlen_attention)
 from rlhf.tracking import read_metrics
 
 ATOL = 1e-5
@@ -89,6 +92,38 @@ def test_flat_layout_and_block_mask_by_hand():
     assert packed.owner.tolist() == [0, 0, 2, 1, 3, 3] and packed.last.tolist() == [3, 6, 4, 8]
 
 
+def test_varlen_documents_by_hand():
+    """Pairs (prompt 2, chosen 2, rejected 1) and (1, 1, 2) in a row of 12: document 0 = positions 0-3 over 0-3,
+    document 1 = rejected position 4 over prompt 0-1 and itself, document 2 = 5-6 over 5-6, document 3 = rejected
+    7-8 over prompt 5 and 7-8, document 4 = the padding 9-11 over itself."""
+    d = PairVarlen.of([(2, 2, 1), (1, 1, 2)], 12)
+    assert d.key_index.tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 5, 7, 8, 9, 10, 11]
+    assert d.cu_q.tolist() == [0, 4, 5, 7, 9, 12] and d.cu_k.tolist() == [0, 4, 7, 9, 12, 15]
+    assert (d.max_q, d.max_k) == (4, 4) and d.cu_q.dtype == d.cu_k.dtype == torch.int32
+    b = pairs([(2, 2, 1), (1, 1, 2)])
+    packed = pack_pairs(b.input_ids, b.attention_mask, b.response_mask, flat=True, varlen=True)
+    assert packed.varlen.key_index.tolist()[:12] == d.key_index.tolist()[:12]
+    assert packed.varlen.cu_q[-1].item() == packed.input_ids.shape[1] == FLEX_BLOCK
+    assert pack_pairs(b.input_ids, b.attention_mask, b.response_mask, flat=False, varlen=True).varlen is None
+
+
+def test_varlen_attention_equals_the_dense_pair_mask():
+    """The documents attend exactly what the layout's mask rule allows: random queries, keys and values over the
+    flat row of LENGTHS, grouped-query heads (4 over 2), against SDPA with the [1, 1, L, L] mask (float32: both
+    softmax over the same keys, ~1e-7 apart)."""
+    b = pairs(LENGTHS)
+    packed = pack_pairs(b.input_ids, b.attention_mask, b.response_mask, flat=True, varlen=True)
+    L = packed.input_ids.shape[1]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, L, 8, generator=g) for h in (4, 2, 2))
+    d = packed.varlen
+    got, _ = pair_varlen_attention(q, k, v, d.key_index, d.cu_q, d.cu_k, d.max_q, d.max_k, scale=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=packed.mask, scale=0.3,
+                                                            enable_gqa=True).transpose(1, 2)
+    real = packed.document[0] >= 0  # padding queries see other padding in each; not compared
+    torch.testing.assert_close(got[:, real], want[:, real], atol=1e-6, rtol=0)
+
+
 def test_pair_packing_setting():
     model = tiny_qwen2(tied=True)
     model.config._attn_implementation = "sdpa"
@@ -97,10 +132,13 @@ def test_pair_packing_setting():
         assert apply_pair_packing(model, "auto") == "padded" and pair_layout(model) == "padded"
     assert apply_pair_packing(model, "flex") == "flex" and model.config._attn_implementation == SDPA_FLEX
     assert pair_layout(model) == "flex"
+    assert apply_pair_packing(model, "varlen") == "varlen" and pair_layout(model) == "varlen"
     eager = tiny_qwen2(tied=True)
     eager.config._attn_implementation = "eager"
     with pytest.raises(ConfigError, match="model.pair_packing=flex: it needs sdpa attention"):
         apply_pair_packing(eager, "flex")
+    with pytest.raises(ConfigError, match="model.pair_packing=varlen: it needs sdpa attention"):
+        apply_pair_packing(eager, "varlen")
 
 
 def test_auto_layout_flat_only_when_padding_would_pass_the_threshold():
@@ -131,23 +169,24 @@ def with_layout(model, layout: str, fn):
     return fn()
 
 
+@pytest.mark.parametrize("layout", ["flex", "varlen"])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_flat_logprobs_and_gradients_equal_padded_and_plain_rows(arch):
+def test_flat_logprobs_and_gradients_equal_padded_and_plain_rows(arch, layout):
     model = MODELS[arch](False)
     model.config._attn_implementation = "sdpa"
     model.logprob_chunk_size = 7
     b = pairs(LENGTHS)
     plain, counts0 = sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
-    apply_pair_packing(model, "flex")
+    apply_pair_packing(model, layout)
 
     def run():
-        with torch.no_grad():  # the reference's pass: flex_attention itself
+        with torch.no_grad():  # the reference's pass: flex_attention itself (flex)
             frozen = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
         logps, counts = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
         chosen, rejected = logps.chunk(2)
         return frozen, logps.detach(), counts, grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
 
-    (frozen, logps, counts, g), (frozen0, logps0, _, g0) = with_layout(model, "flex", run), with_layout(
+    (frozen, logps, counts, g), (frozen0, logps0, _, g0) = with_layout(model, layout, run), with_layout(
         model, "padded", run)
     for got in (frozen[0], logps, frozen0[0], logps0):
         torch.testing.assert_close(got, plain.detach(), atol=ATOL, rtol=SUM_RTOL)
@@ -155,13 +194,14 @@ def test_flat_logprobs_and_gradients_equal_padded_and_plain_rows(arch):
     assert_same_grads(g, g0)
 
 
+@pytest.mark.parametrize("layout", ["flex", "varlen"])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_flat_reward_scores_and_gradients_equal_padded_and_plain_rows(arch):
+def test_flat_reward_scores_and_gradients_equal_padded_and_plain_rows(arch, layout):
     model = MODELS[arch](True)
     model.config._attn_implementation = "sdpa"
     b = pairs(LENGTHS)
     plain = scalar_scores(model, b.input_ids, b.attention_mask).detach()
-    apply_pair_packing(model, "flex")
+    apply_pair_packing(model, layout)
 
     def run():
         with torch.no_grad():
@@ -170,18 +210,18 @@ def test_flat_reward_scores_and_gradients_equal_padded_and_plain_rows(arch):
         chosen, rejected = scores.chunk(2)
         return frozen, scores.detach(), grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
 
-    (frozen, scores, g), (frozen0, scores0, g0) = with_layout(model, "flex", run), with_layout(model, "padded", run)
+    (frozen, scores, g), (frozen0, scores0, g0) = with_layout(model, layout, run), with_layout(model, "padded", run)
     for got in (frozen, scores, frozen0, scores0):
         torch.testing.assert_close(got, plain, atol=ATOL, rtol=0)
     assert_same_grads(g, g0)
 
 
-def test_dpo_trainer_flex_equals_padded(tiny_model_dir, prefs_file, tmp_path):
-    """Two DPO steps on the tiny Llama (precomputed reference: a no-grad pass) give one loss in either layout."""
+def test_dpo_trainer_flat_layouts_equal_padded(tiny_model_dir, prefs_file, tmp_path):
+    """Two DPO steps on the tiny Llama (precomputed reference: a no-grad pass) give one loss in every layout."""
     from rlhf import Trainer
 
     losses = {}
-    for layout in ("flex", "padded"):
+    for layout in ("flex", "varlen", "padded"):
         cfg = train_config("dpo", tiny_model_dir, prefs_file, str(tmp_path / layout), PAIR_OPTIM,
                            model__pair_packing=layout)
         trainer = Trainer(cfg)
@@ -191,6 +231,7 @@ def test_dpo_trainer_flex_equals_padded(tiny_model_dir, prefs_file, tmp_path):
                           if "train/loss" in r]
     assert len(losses["flex"]) == 2 and all(math.isfinite(x) for x in losses["flex"])
     torch.testing.assert_close(losses["flex"], losses["padded"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(losses["varlen"], losses["padded"], atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,10 +241,12 @@ def test_dpo_trainer_flex_equals_padded(tiny_model_dir, prefs_file, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_flat_equals_padded_on_gpu():
+@pytest.mark.parametrize("layout", ["flex", "varlen"])
+def test_bf16_flat_equals_padded_on_gpu(layout):
     """Qwen2.5-0.5B's shapes (hidden 896, 14 query and 2 key-value heads, vocab 151,936), two layers, bf16 weights.
 
-    The layouts differ in their attention kernel (FlexAttention against SDPA's masked kernel) and in the GEMMs' row
+    The layouts differ in their attention kernel (FlexAttention or varlen flash attention against SDPA's masked
+    kernel) and in the GEMMs' row
     blocking, so every bf16 rounding of an activation can land one ulp apart: a relative 2^-7 (eps_bf16) per hidden
     state, carried through the final norm to the logits, |dz| <= a few eps_bf16 * max|z|. A log-prob z_y - logsumexp(z)
     moves by <= 2 max|dz|; with 4 eps_bf16 per logit that is 8 eps_bf16 * max|z| per token, and a summed log-prob
@@ -216,8 +259,8 @@ def test_bf16_flat_equals_padded_on_gpu():
                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
     model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     model.config._attn_implementation = "sdpa"
-    assert apply_pair_packing(model, "auto") == "auto"
-    model.pair_packing = "flex"
+    assert apply_pair_packing(model, "auto") in ("auto", "varlen")
+    assert apply_pair_packing(model, layout) == layout
     b = pairs([(150, 250, 240), (40, 1000, 12), (300, 1, 600), (7, 60, 1)], vocab=151936)
 
     def run():
@@ -226,7 +269,7 @@ def test_bf16_flat_equals_padded_on_gpu():
         g = grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
         return logps.detach(), counts, g["model.layers.0.self_attn.q_proj.weight"].float()
 
-    (logps, counts, g), (logps0, counts0, g0) = with_layout(model, "flex", run), with_layout(model, "padded", run)
+    (logps, counts, g), (logps0, counts0, g0) = with_layout(model, layout, run), with_layout(model, "padded", run)
     with torch.no_grad():
         max_logit = model(input_ids=b.input_ids[:1].cuda()).logits.float().abs().max().item()
     eps = 2.0 ** -7

@@ -14,7 +14,7 @@ a LoRA-wrapped head, custom code without `logits_to_keep`) take the plain full-l
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -278,32 +278,40 @@ def shares_prefix(model) -> bool:
 
 
 def pair_layout(model) -> str:
-    """How pairs are laid out: "flex" (every micro-batch flat), "auto" (flat when it pays, shared_prefix.flat_pays)
-    or "padded": model.pair_packing as resolved at load time; flat layouts need the SDPA_FLEX attention."""
+    """How pairs are laid out: "varlen" (every micro-batch flat, torch's varlen flash attention), "flex" (every
+    micro-batch flat, FlexAttention), "auto" (flat through FlexAttention when it pays, shared_prefix.flat_pays) or
+    "padded": model.pair_packing as resolved at load time; flat layouts need the SDPA_FLEX attention."""
     from .shared_prefix import SDPA_FLEX
 
     inner = _unwrap(model)
     layout = getattr(inner, "pair_packing", "padded")
-    return layout if layout in ("flex", "auto") and inner.config._attn_implementation == SDPA_FLEX else "padded"
+    flat = layout in ("varlen", "flex", "auto") and inner.config._attn_implementation == SDPA_FLEX
+    return layout if flat else "padded"
 
 
-def _pair_mask(model, packed):
-    """The mask of a packed batch in the form the attention kernel reads: the flat layout's BlockMask; a dense mask,
-    bool (True = attend) for sdpa and additive for eager. torch's flex_attention has no backward on the CPU, so there a
-    flat batch that needs gradients hands SDPA the same rule as a dense [1, 1, L, L] mask."""
-    from .shared_prefix import SDPA_FLEX
+def _pair_inputs(model, packed) -> tuple[Any, dict]:
+    """The attention mask of a packed batch in the form the attention kernel reads, and the forward's extra keywords.
+
+    The flat layout with PairVarlen documents: a [1, 1, 1, 1] placeholder (a 4D mask passes transformers' mask
+    building untouched) and the documents as keywords (shared_prefix.VARLEN_KWARGS). The flat layout otherwise: its
+    BlockMask. The padded one: a dense mask, bool (True = attend) for sdpa and additive for eager. torch's
+    flex_attention has no backward on the CPU, so there a flat batch that needs gradients hands SDPA the same rule as
+    a dense [1, 1, L, L] mask."""
+    from .shared_prefix import SDPA_FLEX, varlen_kwargs
 
     inner = _unwrap(model)
     device = packed.input_ids.device
+    if packed.varlen is not None:
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), varlen_kwargs(packed.varlen)
     if packed.flat:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in inner.parameters())
         if device.type != "cpu" or not needs_grad:
-            return packed.block_mask()
+            return packed.block_mask(), {}
     mask = packed.mask
     if inner.config._attn_implementation in ("sdpa", SDPA_FLEX):
-        return mask
+        return mask, {}
     dtype = next(inner.parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min), {}
 
 
 def _packed(model, input_ids, attention_mask, response_mask, device):
@@ -311,8 +319,9 @@ def _packed(model, input_ids, attention_mask, response_mask, device):
 
     pad = getattr(_unwrap(model).config, "pad_token_id", None) or 0
     layout = pair_layout(model)
-    flat = "auto" if layout == "auto" else layout == "flex"
-    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad, flat).to(device)
+    flat = "auto" if layout == "auto" else layout in ("flex", "varlen")
+    return pack_pairs(input_ids.cpu(), attention_mask.cpu(), response_mask.cpu(), pad, flat,
+                      varlen=layout == "varlen").to(device)
 
 
 def pair_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -327,19 +336,19 @@ def pair_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     if not shares_prefix(model):
         return sequence_logprobs(model, input_ids.to(device), attention_mask.to(device), response_mask.to(device))
     packed = _packed(model, input_ids, attention_mask, response_mask, device)
-    mask = _pair_mask(model, packed)
+    mask, extra = _pair_inputs(model, packed)
     labels = packed.input_ids.reshape(-1)[packed.target]
     parts = _lm_parts(model)
     chunk = chunk_tokens(model)
     if parts is None or chunk <= 0:
         out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                    use_cache=False)
+                    use_cache=False, **extra)
         logits = out.logits.reshape(-1, out.logits.shape[-1])[packed.source].float()
         logp = logprobs_from_logits(logits[None], labels[None])[0]
     else:
         decoder, head = parts
         hidden = hidden_states(model, packed.input_ids, mask, decoder, position_ids=packed.position_ids,
-                               logits_to_keep=1)
+                               logits_to_keep=1, **extra)
         logp = logprobs_from_hidden(head, hidden.reshape(-1, hidden.shape[-1])[packed.source], labels,
                                     chunk_size=chunk)
     n = packed.last.numel()
@@ -355,6 +364,7 @@ def pair_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not shares_prefix(model):
         return scalar_scores(model, input_ids.to(device), attention_mask.to(device))
     packed = _packed(model, input_ids, attention_mask, response_mask, device)
-    values = hidden_states(model, packed.input_ids, _pair_mask(model, packed), _unwrap(model).score,
-                           position_ids=packed.position_ids)
+    mask, extra = _pair_inputs(model, packed)
+    values = hidden_states(model, packed.input_ids, mask, _unwrap(model).score, position_ids=packed.position_ids,
+                           **extra)
     return values.reshape(-1)[packed.last].float()

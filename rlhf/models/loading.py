@@ -143,29 +143,33 @@ def apply_liger_kernels(model, setting) -> bool:
 
 def apply_pair_packing(model, setting: str) -> str:
     """Resolve model.pair_packing for this model and set it as `model.pair_packing` (read by rlhf.models.forward):
-    "flex" switches the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the flat
-    pair layout's, which FlexAttention runs); "padded" leaves the model as it is.
+    the flat layouts switch the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the
+    flat pair layout's, which torch's varlen flash attention or FlexAttention runs); "padded" leaves the model as it is.
 
-    auto: on CUDA when FlexAttention is available and the model runs SDPA, "auto" (each micro-batch flat when the
-    padded layout would pad it beyond shared_prefix.FLAT_ABOVE_PADDING, padded otherwise), else "padded"; flex: every
-    micro-batch flat, also on the CPU (the eager reference implementation; tests), an error where it cannot be had.
+    auto: on CUDA when the model runs SDPA, "varlen" (every micro-batch flat) where torch has varlen attention, else
+    "auto" where it has FlexAttention (each micro-batch flat when the padded layout would pad it beyond
+    shared_prefix.FLAT_ABOVE_PADDING, padded otherwise), else "padded". varlen and flex: every micro-batch flat, also
+    on the CPU (reference implementations; tests), an error where it cannot be had.
     """
-    from .shared_prefix import SDPA_FLEX, flex_available, use_sdpa_flex
+    from .shared_prefix import SDPA_FLEX, VARLEN_API, flex_available, use_sdpa_flex, varlen_available
 
     layout = "padded"
-    if setting == "flex" or (setting == "auto" and torch.cuda.is_available()):
+    if setting in ("varlen", "flex") or (setting == "auto" and torch.cuda.is_available()):
         impl = getattr(model.config, "_attn_implementation", None)
+        wanted = setting if setting != "auto" else "varlen" if varlen_available() else "auto"
         why = None
         if impl not in ("sdpa", SDPA_FLEX):
             why = f"it needs sdpa attention (model.attn_implementation unset or sdpa), and the model runs {impl!r}"
-        elif not flex_available():
+        elif wanted == "varlen" and VARLEN_API is None:
+            why = "this torch has no varlen attention (torch.nn.attention.varlen)"
+        elif wanted in ("flex", "auto") and not flex_available():
             why = "FlexAttention is not available in this torch"
         elif not use_sdpa_flex(model):
             why = "the model's code cannot switch its attention implementation"
         if why is None:
-            layout = setting
-        elif setting == "flex":
-            raise ConfigError(f"model.pair_packing=flex: {why}")
+            layout = wanted
+        elif setting != "auto":
+            raise ConfigError(f"model.pair_packing={setting}: {why}")
     model.pair_packing = layout
     return layout
 

@@ -13,14 +13,19 @@ token's hidden state.
 The padded layout hands the model a dense [B, 1, L, L] mask (SDPA or eager attention). The flat layout has no padding
 between pairs, only up to a multiple of FlexAttention's block size at the end, and hands the model a BlockMask built
 from the same rule (`pair_mask_mod`): FlexAttention skips the blocks no query sees (other pairs, the chosen segment for
-rejected queries) and keeps its fused kernel, where SDPA with an arbitrary mask leaves its flash kernel.
+rejected queries) and keeps its fused kernel, where SDPA with an arbitrary mask leaves its flash kernel. Where torch
+has it (CUDA), the flat layout runs instead through torch's variable-length flash attention (`varlen_attn`, no
+mask and no compile): each pair is two attention documents, its prompt and chosen tokens over themselves (causal),
+and its rejected tokens over the prompt's keys followed by their own (causal, aligned at the bottom right), so the
+queries stay in row order and only the keys are gathered (`PairVarlen`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -54,6 +59,46 @@ def pair_mask_mod(document: torch.Tensor, segment: torch.Tensor):
 
 
 @dataclass
+class PairVarlen:
+    """The flat layout as documents of torch's variable-length attention. Queries are the row's L positions in order;
+    document 2i is pair i's prompt and chosen tokens over their own keys, document 2i+1 its rejected tokens over the
+    prompt's keys and then their own, and a last document the padding up to L over itself. Causal masking aligns each
+    document's last query with its last key, so rejected token j sees the prompt and rejected tokens 0..j.
+
+    key_index: [K] row positions of the keys, document after document; cu_q, cu_k: [D + 1] int32 offsets of the
+    documents' queries and keys; max_q, max_k: the longest document of each.
+    """
+
+    key_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    def to(self, device) -> "PairVarlen":
+        return PairVarlen(self.key_index.to(device), self.cu_q.to(device), self.cu_k.to(device), self.max_q,
+                          self.max_k)
+
+    @classmethod
+    def of(cls, lengths: list[tuple[int, int, int]], L: int) -> "PairVarlen":
+        """From (prompt, chosen, rejected) token counts of the pairs laid end to end in a row of L positions."""
+        keys, q_lens, k_lens, o = [], [], [], 0
+        for P, C, R in lengths:
+            keys += [range(o, o + P + C), range(o, o + P), range(o + P + C, o + P + C + R)]
+            q_lens += [P + C, R]
+            k_lens += [P + C, P + R]
+            o += P + C + R
+        if L > o:  # padding: a document of its own
+            keys.append(range(o, L))
+            q_lens.append(L - o)
+            k_lens.append(L - o)
+        index = torch.tensor([k for r in keys for k in r], dtype=torch.long)
+        cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(index, cu_q, cu_k, max(q_lens), max(k_lens))
+
+
+@dataclass
 class SharedPrefixBatch:
     """B pairs in R rows of L tokens (padded: R = B; flat: R = 1, L a multiple of FLEX_BLOCK).
 
@@ -73,10 +118,12 @@ class SharedPrefixBatch:
     owner: torch.Tensor
     last: torch.Tensor
     flat: bool = False
+    varlen: Optional["PairVarlen"] = None  # the flat layout's attention documents (pack_pairs(varlen=True))
 
     def to(self, device) -> "SharedPrefixBatch":
-        return SharedPrefixBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__ if f != "flat"),
-                                 flat=self.flat)
+        tensors = (getattr(self, f).to(device) for f in self.__dataclass_fields__ if f not in ("flat", "varlen"))
+        return SharedPrefixBatch(*tensors, flat=self.flat,
+                                 varlen=None if self.varlen is None else self.varlen.to(device))
 
     @property
     def mask(self) -> torch.Tensor:
@@ -124,9 +171,11 @@ def flat_pays(sizes: list[int]) -> bool:
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-               pad_id: int = 0, flat: Union[bool, Literal["auto"]] = False) -> SharedPrefixBatch:
+               pad_id: int = 0, flat: Union[bool, Literal["auto"]] = False,
+               varlen: bool = False) -> SharedPrefixBatch:
     """The padded (one row per pair) or flat (one row) layout of a PairBatch's rows (built on the CPU: a few list
-    operations per pair); flat="auto" chooses by the padding the padded layout would add (flat_pays)."""
+    operations per pair); flat="auto" chooses by the padding the padded layout would add (flat_pays). varlen: a flat
+    batch also gets its PairVarlen documents."""
     pairs = split_pair_rows(input_ids, attention_mask, response_mask)
     B = len(pairs)
     sizes = [len(p) + len(c) + len(r) for p, c, r in pairs]
@@ -155,14 +204,83 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_m
             target += [base + start + j for j in range(n)]
             owner += [seq] * n
             last[seq] = base + start + n - 1 if n else base + P - 1
+    documents = PairVarlen.of([(len(p), len(c), len(r)) for p, c, r in pairs], L) if flat and varlen else None
     return SharedPrefixBatch(ids, pos, document, segment, torch.tensor(source, dtype=torch.long),
                              torch.tensor(target, dtype=torch.long), torch.tensor(owner, dtype=torch.long),
-                             torch.tensor(last, dtype=torch.long), flat=bool(flat))
+                             torch.tensor(last, dtype=torch.long), flat=bool(flat), varlen=documents)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The attention implementation of the flat layout: SDPA, and flex_attention for a BlockMask
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _varlen_api() -> Optional[str]:
+    """The form of torch's varlen_attn: "window" (window_size, scale and enable_gqa keywords), "causal" (the first
+    form: is_causal, same head counts, the kernel's own 1/sqrt(D) scale), or None where torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return "window" if "window_size" in params and "enable_gqa" in params else "causal"
+
+
+VARLEN_API = _varlen_api()
+# the forward keywords that carry a PairVarlen to the attention function (through transformers' **kwargs)
+VARLEN_KWARGS = ("pair_key_index", "pair_cu_q", "pair_cu_k", "pair_max_q", "pair_max_k")
+
+
+def varlen_available() -> bool:
+    """Whether the flat layout can run through torch's varlen flash attention here."""
+    return VARLEN_API is not None and torch.cuda.is_available()
+
+
+def varlen_kwargs(documents: PairVarlen) -> dict:
+    return dict(zip(VARLEN_KWARGS, (documents.key_index, documents.cu_q, documents.cu_k, documents.max_q,
+                                    documents.max_k)))
+
+
+def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     scale: Optional[float]) -> torch.Tensor:
+    """What varlen_attn computes with causal masking aligned at each document's bottom right, one SDPA call per
+    document: the CPU's path (tests) and float32's (flash attention takes 16-bit inputs only).
+    q [Tq, H, D], k and v [Tk, Hkv, D] -> [Tq, H, D]."""
+    out = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for d in range(len(bounds_q) - 1):
+        (qs, qe), (ks, ke) = bounds_q[d:d + 2], bounds_k[d:d + 2]
+        n, m = qe - qs, ke - ks
+        if n == 0:
+            continue
+        allowed = torch.arange(m, device=q.device)[None] <= torch.arange(n, device=q.device)[:, None] + (m - n)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1), attn_mask=allowed,
+            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+def pair_varlen_attention(query, key, value, key_index, cu_q, cu_k, max_q: int, max_k: int,
+                          scale: Optional[float]):
+    """Attention of the flat pair layout from its PairVarlen documents. query [1, H, L, D], key and value
+    [1, Hkv, L, D] (transformers' layout) -> ([1, L, H, D], None), as transformers' attention functions return."""
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1).index_select(0, key_index)
+    v = value[0].transpose(0, 1).index_select(0, key_index)
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return varlen_reference(q, k, v, cu_q, cu_k, scale)[None], None
+    from torch.nn.attention.varlen import varlen_attn
+
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    if VARLEN_API == "window":
+        out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=H != Hkv)
+        return out[None], None
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    if scale is not None:  # the first form scales by 1/sqrt(D)
+        q = q * (scale * D ** 0.5)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True)[None], None
 
 
 def flex_available() -> bool:
@@ -173,15 +291,21 @@ def flex_available() -> bool:
 
 
 def sdpa_or_flex_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' flex_attention_forward for a BlockMask (the flat pair layout), its sdpa_attention_forward for any
-    other mask: generation, SFT and PPO forwards run exactly as with attn_implementation="sdpa".
+    """The flat pair layout's attention from its PairVarlen documents (VARLEN_KWARGS) or its BlockMask (transformers'
+    flex_attention_forward); transformers' sdpa_attention_forward for any other mask: generation, SFT and PPO
+    forwards run exactly as with attn_implementation="sdpa".
 
     flex_attention_forward runs flex_attention compiled (one compile, shared by every layer and model; the kernel is
     fast only compiled). On the CPU, where inductor would take ~20 s per new shape, the compile is skipped and torch's
-    eager reference implementation runs (tests); it has no backward there (see rlhf.models.forward._pair_mask).
+    eager reference implementation runs (tests); it has no backward there (see rlhf.models.forward._pair_inputs).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    if kwargs.get(VARLEN_KWARGS[0]) is not None:  # the flat layout's PairVarlen documents: no mask
+        documents = [kwargs.pop(name) for name in VARLEN_KWARGS]
+        return pair_varlen_attention(query, key, value, *documents, scale=kwargs.get("scaling"))
+    for name in VARLEN_KWARGS:
+        kwargs.pop(name, None)
     if not isinstance(attention_mask, BlockMask):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
