@@ -52,8 +52,7 @@ TRAINERS = ["rlhf-sft", "trl-sft", "trl-sft-liger", "rlhf-reward", "trl-reward",
 VARIANTS = {
     "padded": {"pair_packing": "padded"},  # one row per pair, dense 4D mask (what the default, auto, does with
     # equal-length pairs; with pairs of different lengths it lays them out as flex does)
-    "varlen": {"pair_packing": "varlen"},  # the same row through torch's varlen flash attention (auto's choice on
-    # CUDA where torch has it)
+    "varlen": {"pair_packing": "varlen"},  # every micro-batch flat, through torch's varlen flash attention
     "flex": {"pair_packing": "flex"},  # every pair of a micro-batch in one unpadded row, FlexAttention block mask
     "nofused": {"fused_layers": False},  # the model's own MLP (and LoRA) layers instead of rlhf's fused ones
     "noliger": {"liger_kernels": False},

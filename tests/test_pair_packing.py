@@ -23,8 +23,8 @@ from rlhf.config import ConfigError
 from rlhf.data.preference import PairExample, collate_pairs
 from rlhf.models.forward import pair_layout, pair_scores, pair_sequence_logprobs, scalar_scores, sequence_logprobs
 from rlhf.models.loading import apply_pair_packing
-from rlhf.models.shared_prefix import (FLAT_ABOVE_PADDING, FLEX_BLOCK, SDPA_FLEX, PairVarlen, flat_pays, pack_pairs,
-                                       pair_varlen_attention)
+from rlhf.models.shared_prefix import (FLAT_ABOVE_PADDING, FLEX_BLOCK, SDPA_FLEX, PairVarlen, _varlen_call, flat_pays,
+                                       pack_pairs, pair_varlen_attention, varlen_reference)
 from rlhf.tracking import read_metrics
 
 ATOL = 1e-5
@@ -122,6 +122,39 @@ def test_varlen_attention_equals_the_dense_pair_mask():
                                                             enable_gqa=True).transpose(1, 2)
     real = packed.document[0] >= 0  # padding queries see other padding in each; not compared
     torch.testing.assert_close(got[:, real], want[:, real], atol=1e-6, rtol=0)
+
+
+def test_varlen_call_adapts_to_each_form_of_torchs_varlen_attn():
+    """torch's varlen_attn has taken three keyword sets: (is_causal), (scale, window_size) and (scale, window_size,
+    enable_gqa). Fakes with each signature check what they are handed (causal asked for, equal head counts unless
+    enable_gqa, the kernel's own 1/sqrt(D) scale unless scale) and compute as the kernel does; every form must give the
+    reference's output for grouped heads (4 over 2) and a scale of 0.3."""
+    import inspect as _inspect
+
+    def compute(q, k, v, cu_q, cu_k, causal, scale, gqa):
+        assert causal and (gqa or q.shape[1] == k.shape[1])
+        return varlen_reference(q, k, v, cu_q, cu_k, q.shape[-1] ** -0.5 if scale is None else scale)
+
+    def first(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+        return compute(query, key, value, cu_seq_q, cu_seq_k, is_causal, None, False)
+
+    def second(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1)):
+        return compute(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale, False)
+
+    def third(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+              window_size=(-1, -1), enable_gqa=False):
+        return compute(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale, enable_gqa)
+
+    d = PairVarlen.of([(3, 2, 4), (1, 5, 2)], 20)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(20, 4, 8, generator=g), torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 8, generator=g)
+    k, v = k[d.key_index], v[d.key_index]
+    want = varlen_reference(q, k, v, d.cu_q, d.cu_k, 0.3)
+    for fn in (first, second, third):
+        params = frozenset(_inspect.signature(fn).parameters)
+        got = _varlen_call(fn, params, q, k, v, d.cu_q, d.cu_k, d.max_q, d.max_k, 0.3)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_pair_packing_setting():
@@ -259,7 +292,7 @@ def test_bf16_flat_equals_padded_on_gpu(layout):
                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
     model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     model.config._attn_implementation = "sdpa"
-    assert apply_pair_packing(model, "auto") in ("auto", "varlen")
+    assert apply_pair_packing(model, "auto") == "auto"
     assert apply_pair_packing(model, layout) == layout
     b = pairs([(150, 250, 240), (40, 1000, 12), (300, 1, 600), (7, 60, 1)], vocab=151936)
 

@@ -146,21 +146,20 @@ def apply_pair_packing(model, setting: str) -> str:
     the flat layouts switch the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the
     flat pair layout's, which torch's varlen flash attention or FlexAttention runs); "padded" leaves the model as it is.
 
-    auto: on CUDA when the model runs SDPA, "varlen" (every micro-batch flat) where torch has varlen attention, else
-    "auto" where it has FlexAttention (each micro-batch flat when the padded layout would pad it beyond
-    shared_prefix.FLAT_ABOVE_PADDING, padded otherwise), else "padded". varlen and flex: every micro-batch flat, also
-    on the CPU (reference implementations; tests), an error where it cannot be had.
+    auto: on CUDA when the model runs SDPA and torch has FlexAttention, "auto" (each micro-batch flat when the padded
+    layout would pad it beyond shared_prefix.FLAT_ABOVE_PADDING, padded otherwise), else "padded". varlen and flex:
+    every micro-batch flat, also on the CPU (reference implementations; tests), an error where it cannot be had.
     """
-    from .shared_prefix import SDPA_FLEX, VARLEN_API, flex_available, use_sdpa_flex, varlen_available
+    from .shared_prefix import SDPA_FLEX, VARLEN_PARAMS, flex_available, use_sdpa_flex
 
     layout = "padded"
     if setting in ("varlen", "flex") or (setting == "auto" and torch.cuda.is_available()):
         impl = getattr(model.config, "_attn_implementation", None)
-        wanted = setting if setting != "auto" else "varlen" if varlen_available() else "auto"
+        wanted = setting
         why = None
         if impl not in ("sdpa", SDPA_FLEX):
             why = f"it needs sdpa attention (model.attn_implementation unset or sdpa), and the model runs {impl!r}"
-        elif wanted == "varlen" and VARLEN_API is None:
+        elif wanted == "varlen" and VARLEN_PARAMS is None:
             why = "this torch has no varlen attention (torch.nn.attention.varlen)"
         elif wanted in ("flex", "auto") and not flex_available():
             why = "FlexAttention is not available in this torch"

@@ -13,9 +13,9 @@ token's hidden state.
 The padded layout hands the model a dense [B, 1, L, L] mask (SDPA or eager attention). The flat layout has no padding
 between pairs, only up to a multiple of FlexAttention's block size at the end, and hands the model a BlockMask built
 from the same rule (`pair_mask_mod`): FlexAttention skips the blocks no query sees (other pairs, the chosen segment for
-rejected queries) and keeps its fused kernel, where SDPA with an arbitrary mask leaves its flash kernel. Where torch
-has it (CUDA), the flat layout runs instead through torch's variable-length flash attention (`varlen_attn`, no
-mask and no compile): each pair is two attention documents, its prompt and chosen tokens over themselves (causal),
+rejected queries) and keeps its fused kernel, where SDPA with an arbitrary mask leaves its flash kernel. With
+model.pair_packing=varlen the flat layout runs instead through torch's variable-length flash attention
+(`varlen_attn`, CUDA, 16-bit; no mask and no compile): each pair is two attention documents, its prompt and chosen tokens over themselves (causal),
 and its rejected tokens over the prompt's keys followed by their own (causal, aligned at the bottom right), so the
 queries stay in row order and only the keys are gathered (`PairVarlen`).
 """
@@ -215,25 +215,19 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_m
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _varlen_api() -> Optional[str]:
-    """The form of torch's varlen_attn: "window" (window_size, scale and enable_gqa keywords), "causal" (the first
-    form: is_causal, same head counts, the kernel's own 1/sqrt(D) scale), or None where torch has none."""
+def _varlen_params() -> Optional[frozenset]:
+    """The keyword names of torch's varlen_attn, None where torch has none. Its forms differ by release: is_causal or
+    window_size for causal masking, with or without scale and enable_gqa (_varlen_call adapts to each)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return "window" if "window_size" in params and "enable_gqa" in params else "causal"
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-VARLEN_API = _varlen_api()
+VARLEN_PARAMS = _varlen_params()
 # the forward keywords that carry a PairVarlen to the attention function (through transformers' **kwargs)
 VARLEN_KWARGS = ("pair_key_index", "pair_cu_q", "pair_cu_k", "pair_max_q", "pair_max_k")
-
-
-def varlen_available() -> bool:
-    """Whether the flat layout can run through torch's varlen flash attention here."""
-    return VARLEN_API is not None and torch.cuda.is_available()
 
 
 def varlen_kwargs(documents: PairVarlen) -> dict:
@@ -272,15 +266,25 @@ def pair_varlen_attention(query, key, value, key_index, cu_q, cu_k, max_q: int, 
         return varlen_reference(q, k, v, cu_q, cu_k, scale)[None], None
     from torch.nn.attention.varlen import varlen_attn
 
+    return _varlen_call(varlen_attn, VARLEN_PARAMS, q, k, v, cu_q, cu_k, max_q, max_k, scale)[None], None
+
+
+def _varlen_call(varlen_attn, params: frozenset, q, k, v, cu_q, cu_k, max_q: int, max_k: int,
+                 scale: Optional[float]) -> torch.Tensor:
+    """varlen_attn(q [Tq, H, D], k and v [Tk, Hkv, D]) causal, in the keywords this form of it takes: window_size
+    (-1, 0) or is_causal; enable_gqa, else the key-value heads repeated; scale, else q pre-scaled against the
+    kernel's own 1/sqrt(D)."""
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
-    if VARLEN_API == "window":
-        out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=H != Hkv)
-        return out[None], None
-    if H != Hkv:
+    kwargs: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = H != Hkv
+    elif H != Hkv:
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-    if scale is not None:  # the first form scales by 1/sqrt(D)
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None:
         q = q * (scale * D ** 0.5)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True)[None], None
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def flex_available() -> bool:
