@@ -405,3 +405,22 @@ def test_reward_modelling_with_model_objects(tiny_model_dir, tmp_path):
     for k, v in built.model.state_dict().items():
         assert torch.equal(v, lm_start[f"model.{k}"]), k
     assert all(torch.equal(v, lm_start[k]) for k, v in lm.state_dict().items())
+
+
+def test_the_loop_freezes_what_the_first_step_left_alive_and_unfreezes_after(tiny_model_dir, tmp_path):
+    """After step 1 every live object moves to the permanent generation (full collections skip it: no pause over a
+    compiled model's graphs); train() returns them to the collector, so a later run's garbage is collected as before."""
+    import gc
+
+    class FreezeCount:
+        def __init__(self):
+            self.counts = []
+
+        def on_step_end(self, trainer, step):
+            self.counts.append(gc.get_freeze_count())
+
+    before, rec = gc.get_freeze_count(), FreezeCount()
+    Trainer(values("sft", tmp_path, model={"name_or_path": tiny_model_dir}, optim={"max_steps": 3}),
+            callbacks=[rec]).train()
+    assert rec.counts[0] == before and rec.counts[1] > before and rec.counts[2] == rec.counts[1]
+    assert gc.get_freeze_count() == before
