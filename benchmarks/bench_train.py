@@ -275,11 +275,32 @@ def run_rlhf(spec: dict) -> dict:
         cfg["reward"] = {"normalize": False}
     shutil.rmtree(os.path.join(spec["run_dir"], "run"), ignore_errors=True)  # a rerun into the same --out
     trainer = Trainer(config_from_dict(cfg))
+    full_collections = gc_pauses()
     trainer.train()
     records = [json.loads(line) for line in open(os.path.join(spec["run_dir"], "run", "metrics.jsonl"))]
     steps = [r for r in records if "time/step_s" in r]
+    from torch._dynamo.utils import counters
+
     return {"step_s": [r["time/step_s"] for r in steps], "loss": [r["train/loss"] for r in steps],
-            **precompute_time(batches), "profiled": profiled, "peak_bytes": peak_bytes()}
+            **precompute_time(batches), "profiled": profiled, "peak_bytes": peak_bytes(),
+            "gc_full_s": full_collections, "compiled_graphs": counters["stats"]["unique_graphs"]}
+
+
+def gc_pauses() -> list:
+    """A list that collects the duration of every full (generation 2) garbage collection from now on: what a step
+    that takes far longer than its neighbours may have spent there."""
+    import gc
+
+    pauses, start = [], [0.0]
+
+    def record(phase, info):
+        if info["generation"] == 2:
+            if phase == "start":
+                start[0] = time.perf_counter()
+            else:
+                pauses.append(round(time.perf_counter() - start[0], 4))
+    gc.callbacks.append(record)
+    return pauses
 
 
 def run_trl(spec: dict) -> dict:
@@ -451,7 +472,8 @@ def main() -> None:
                 brief = ("error: " + res["error"]) if "error" in res else (
                     f"{res['tok_s']:,.0f} tok/s, peak {res['peak_gb']:.1f} GB, loss {res['final_loss']:.5f}, "
                     f"wall {res['wall_s']:.0f} s, steps {[round(x, 3) for x in res['step_s']]}, "
-                    f"precompute {res.get('precompute_s', 0):.2f} s (+ {res.get('compile_s', 0):.1f} s compiling)")
+                    f"precompute {res.get('precompute_s', 0):.2f} s (+ {res.get('compile_s', 0):.1f} s compiling), "
+                    f"full collections {res.get('gc_full_s', [])}")
                 print(f"{shape} {workload} {name}: {brief}", flush=True)
                 with open(os.path.join(args.out, "results.json"), "w") as f:
                     json.dump(results, f, indent=1)
