@@ -228,6 +228,31 @@ def test_flat_logprobs_and_gradients_equal_padded_and_plain_rows(arch, layout):
 
 
 @pytest.mark.parametrize("layout", ["flex", "varlen"])
+def test_flat_layouts_reach_the_attention_through_peft(layout):
+    """A LoRA policy (peft's wrappers between the caller and the layers, adapters drawn non-zero): the flat layouts'
+    keywords and masks still reach every attention call, so log-probs and the adapters' gradients equal padded."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    apply_pair_packing(model.get_base_model(), layout)
+    b = pairs(LENGTHS)
+
+    def run():
+        logps, _ = pair_sequence_logprobs(model, b.input_ids, b.attention_mask, b.response_mask)
+        chosen, rejected = logps.chunk(2)
+        return logps.detach(), grads(model, -torch.nn.functional.logsigmoid(chosen - rejected).sum())
+
+    inner = model.get_base_model()
+    (logps, g), (logps0, g0) = with_layout(inner, layout, run), with_layout(inner, "padded", run)
+    torch.testing.assert_close(logps, logps0, atol=ATOL, rtol=SUM_RTOL)
+    assert any("lora_A" in name for name in g) and all("lora" in name for name in g)
+    assert_same_grads(g, g0)
+
+
+@pytest.mark.parametrize("layout", ["flex", "varlen"])
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_flat_reward_scores_and_gradients_equal_padded_and_plain_rows(arch, layout):
     model = MODELS[arch](True)
