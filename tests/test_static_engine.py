@@ -276,3 +276,24 @@ def test_bf16_engine_logprobs_near_a_training_forward(lm):
     r = generate(model, tok, prompt_ids=_prompts(tok) * 4, sampling=s, engine="static", seeds=list(range(16)))
     gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
     assert float(gap.max()) < 0.05
+
+
+def test_hf_generate_runs_compiled_layers_eager(lm):
+    """model.compile_layers on a policy whose rollouts take transformers' generate: the layers run eager there (a
+    cache that changes every step would compile them again at each step until torch's recompile limit), so nothing
+    compiles and the tokens are the uncompiled model's."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from rlhf.models.loading import compile_layers
+
+    model, tok = lm
+    compiled = copy.deepcopy(model)
+    assert compile_layers(compiled) == compiled.config.num_hidden_layers
+    s, prompts = SETTINGS["greedy"], _prompts(tok)
+    graphs = counters["stats"]["unique_graphs"]
+    ours = generate(compiled, tok, prompt_ids=prompts, sampling=s, engine="hf")
+    assert counters["stats"]["unique_graphs"] == graphs
+    ref = generate(model, tok, prompt_ids=prompts, sampling=s, engine="hf")
+    assert torch.equal(ours.response_ids, ref.response_ids)

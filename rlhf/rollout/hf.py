@@ -112,7 +112,9 @@ class HFEngine:
                 mask = attention_mask(chunk, side="left").to(device)
                 seeded = sampling.do_sample and seeds is not None
                 processors = [SeededSampler(seeds[start:start + batch_size], sampling, device)] if seeded else []
-                with without_own_generation_config(model):
+                # compiled decoder layers (model.compile_layers) run eager here: each decoding step's cache state
+                # would compile them again
+                with without_own_generation_config(model), torch.compiler.set_stance("force_eager"):
                     out = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced,
                                          generation_config=clean_generation_config(sampling, tokenizer, seeded),
                                          logits_processor=processors)
