@@ -93,6 +93,23 @@ def test_a_frozen_copy_of_a_compiled_model_runs_its_own_weights(compiled_pair):
         assert torch.allclose(moved, summed_logprob(eager_ref, ids), rtol=1e-5, atol=0)
 
 
+def test_compiled_layers_under_activation_checkpointing():
+    """model.gradient_checkpointing with compiled layers (a 7B run's combination): transformers' checkpointing wraps
+    each layer's call, backward reruns the compiled forward; gradients equal the eager checkpointed model's."""
+    eager = tiny()
+    eager.gradient_checkpointing_enable()
+    eager.config.use_cache = False
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled) == 2
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    got, want = summed_logprob(compiled, ids), summed_logprob(eager, ids)
+    got.backward()
+    want.backward()
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-4 * a.grad.abs().max()
+
+
 def test_compile_layers_setting():
     base = {"algorithm": "sft", "model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}}
     for value in ("auto", True, False):
