@@ -219,7 +219,7 @@ def worker(spec: dict) -> None:
 
 def describe(r: dict) -> str:
     """One markdown row."""
-    head = f"| {r['shape']} | {r['job']} |"
+    head = f"| {r['shape']} | {r['job']}{' (' + r['variant'] + ')' if r.get('variant') else ''} |"
     if "error" in r:
         return head + f" error: {r['error']} | | | | | |"
     peak = f"{r.get('peak_bytes', 0) / 1e9:.1f}"
@@ -253,6 +253,8 @@ def main() -> None:
     ap.add_argument("--score-batch", type=int, default=16, help="PPO scoring sequences per forward")
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in PPO")
     ap.add_argument("--dpo-steps", type=int, default=8)
+    ap.add_argument("--dpo-variant", default="",
+                    help="bench_train variant suffixes for the dpo-rlhf row, e.g. varlen-compile (model options)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per row")
     ap.add_argument("--tiny", action="store_true", help="every row on a CPU with a tiny shape (checks the script)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -288,7 +290,7 @@ def main() -> None:
                     "score_batch": a.score_batch, "grad_ckpt": a.grad_ckpt,
                     # bench_train's DPO workers
                     "kind": "dpo", "pairs": pairs, "steps": a.dpo_steps, "data": pair_rows, "liger": False,
-                    "profile": False}
+                    "profile": False, "trainer": "-".join(["rlhf-dpo"] + ([a.dpo_variant] if a.dpo_variant else []))}
             try:
                 res = measure(spec, a.timeout, script=__file__)
                 if job.startswith("dpo") and "error" not in res:
@@ -296,6 +298,8 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - one row's failure must not lose the others
                 res = {"error": f"{type(e).__name__}: {e}"[:300]}
             res.update(shape=shape, job=job)
+            if job == "dpo-rlhf" and a.dpo_variant:
+                res["variant"] = a.dpo_variant
             results.append(res)
             print(describe(res), flush=True)
             with open(os.path.join(a.out, "results.json"), "w") as f:
