@@ -155,18 +155,17 @@ def apply_pair_packing(model, setting: str) -> str:
     layout = "padded"
     if setting in ("varlen", "flex") or (setting == "auto" and torch.cuda.is_available()):
         impl = getattr(model.config, "_attn_implementation", None)
-        wanted = setting
         why = None
         if impl not in ("sdpa", SDPA_FLEX):
             why = f"it needs sdpa attention (model.attn_implementation unset or sdpa), and the model runs {impl!r}"
-        elif wanted == "varlen" and VARLEN_PARAMS is None:
+        elif setting == "varlen" and VARLEN_PARAMS is None:
             why = "this torch has no varlen attention (torch.nn.attention.varlen)"
-        elif wanted in ("flex", "auto") and not flex_available():
+        elif setting in ("flex", "auto") and not flex_available():
             why = "FlexAttention is not available in this torch"
         elif not use_sdpa_flex(model):
             why = "the model's code cannot switch its attention implementation"
         if why is None:
-            layout = wanted
+            layout = setting
         elif setting != "auto":
             raise ConfigError(f"model.pair_packing={setting}: {why}")
     model.pair_packing = layout
