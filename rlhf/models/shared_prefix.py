@@ -100,7 +100,8 @@ class PairVarlen:
 
 @dataclass
 class SharedPrefixBatch:
-    """B pairs in R rows of L tokens (padded: R = B; flat: R = 1, L a multiple of FLEX_BLOCK).
+    """B pairs in R rows of L tokens (padded: R = B; flat: R = 1, L a multiple of FLEX_BLOCK, or with varlen
+    documents the pairs' tokens exactly).
 
     input_ids, position_ids, document, segment: [R, L] (document, segment: see pair_mask_mod)
     source, target: [N] flat indices into [R * L]: the hidden state at `source` predicts the token at `target`, for
@@ -183,7 +184,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_m
         flat = flat_pays(sizes)
     if flat:
         rows, starts = [0] * B, [sum(sizes[:i]) for i in range(B)]
-        L = -(-sum(sizes) // FLEX_BLOCK) * FLEX_BLOCK
+        L = sum(sizes) if varlen else -(-sum(sizes) // FLEX_BLOCK) * FLEX_BLOCK  # FlexAttention's blocks
     else:
         rows, starts, L = list(range(B)), [0] * B, max(sizes)
     ids = torch.full((rows[-1] + 1, L), pad_id, dtype=torch.long)
