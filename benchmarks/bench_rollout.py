@@ -85,10 +85,9 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
         seeds = list(range(len(prompts)))
 
         def call():
-            # static: the engine's own choice of kv_block; static-whole reads the whole cache every step (kv_block 0),
+            # static and static-whole read the whole cache every step (kv_block 0, the engine's default),
             # static-blocks the filled 64-slot blocks only (kv_block 64), whatever the batch
-            kv_block = 0 if "whole" in name else 64 if "blocks" in name else None
-            engine = StaticEngine() if kv_block is None else StaticEngine(kv_block=kv_block)
+            engine = StaticEngine(kv_block=64 if "blocks" in name else 0)
             return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     else:
         ids = torch.tensor(prompts, device="cuda")

@@ -197,9 +197,10 @@ def _sharded_run() -> Optional[str]:
 
     if not AcceleratorState._shared_state:  # no Accelerator yet (library use, tests)
         return None
+    from .sharded import zero_stage
+
     state = AcceleratorState()
-    plugin = getattr(state, "deepspeed_plugin", None)
-    if plugin is not None and int(plugin.zero_stage or 0) == 3:
+    if zero_stage(state) == 3:
         return "ZeRO-3"
     return "FSDP" if state.distributed_type == DistributedType.FSDP else None
 

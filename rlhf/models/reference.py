@@ -33,9 +33,10 @@ def frozen_copy(model: torch.nn.Module, rebuild: Optional[Callable[[], torch.nn.
         ema_update_(ref, model, 1.0)
     else:
         ref = copy.deepcopy(model)
-        for source, module in zip(model.modules(), ref.modules()):  # a module's copy drops its compiled call
-            if getattr(source, "_compiled_call_impl", None) is not None:
-                module.compile(dynamic=True)  # model.compile_layers: the reference's forwards compiled too
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+            from .loading import compile_layers
+
+            compile_layers(ref)  # model.compile_layers: a module's copy drops its compiled call
     ref.eval().requires_grad_(False)
     return ref
 

@@ -20,8 +20,8 @@ import torch
 
 
 def zero_stage(accelerator) -> int:
-    """The ZeRO stage of an accelerate run (0 without DeepSpeed)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    """The ZeRO stage of an accelerate run (0 without DeepSpeed): of an Accelerator or of its AcceleratorState."""
+    plugin = getattr(getattr(accelerator, "state", accelerator), "deepspeed_plugin", None)
     return int(plugin.zero_stage or 0) if plugin is not None else 0
 
 

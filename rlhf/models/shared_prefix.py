@@ -309,8 +309,6 @@ def sdpa_or_flex_attention(module, query, key, value, attention_mask, **kwargs):
     if kwargs.get(VARLEN_KWARGS[0]) is not None:  # the flat layout's PairVarlen documents: no mask
         documents = [kwargs.pop(name) for name in VARLEN_KWARGS]
         return pair_varlen_attention(query, key, value, *documents, scale=kwargs.get("scaling"))
-    for name in VARLEN_KWARGS:
-        kwargs.pop(name, None)
     if not isinstance(attention_mask, BlockMask):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

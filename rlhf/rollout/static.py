@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..data.batching import attention_mask, pad
 from ..models.forward import _unwrap, position_ids_from_mask
+from ..models.fused_layers import compute_dtypes, lora_parts
 from ..models.fused_layers import is_swiglu_mlp as _is_swiglu_mlp
 from ..ops import _sampling_logits
 from .base import Rollout, SamplingConfig, response_mask_from_ids
@@ -104,8 +105,6 @@ def _lora_of(module) -> Optional[tuple]:
     does not take: several active, dropout, DoRA, merged, disabled, ZeRO-3 or DTensor weights)."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from ..models.fused_layers import lora_parts
-
     if type(module) is not LoraLinear:
         return None
     parts = lora_parts(module)
@@ -141,8 +140,6 @@ class _LoraGroup:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.lora:
             return [m(x) for m in self.modules]
-        from ..models.fused_layers import compute_dtypes
-
         dtype = compute_dtypes(x.device.type, x.dtype, self.parts[self.lora[0]][0])[1]
         if dtype != self.dtype:
             self._stack(dtype)
