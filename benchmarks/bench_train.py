@@ -203,17 +203,19 @@ def variant_options(name: str) -> dict:
     return out
 
 
-def precompute_time(batches: list[float]) -> dict:
-    """The reference precompute's steady-state seconds for all its batches: the mean of its batches after the first,
-    leaving out those over 4x their median as compiles (the first batch, and FlexAttention's second compile when a
-    second length makes it length-generic), which the warm-up steps leave out of every trainer's figure as well."""
+def precompute_time(batches: list[tuple[float, int]]) -> dict:
+    """The reference precompute's steady-state seconds for all its (seconds, tokens) batches: all its tokens at the
+    throughput of its batches after the first, leaving out those over 4x their median seconds per token as compiles
+    (the first batch, and FlexAttention's second compile when a second length makes it length-generic), which the
+    warm-up steps leave out of every trainer's figure as well. Batches are sorted longest first, so their sizes differ:
+    hence per token, not per batch."""
+    seconds = [s for s, _ in batches]
     if len(batches) < 2:
-        return {"precompute_s": sum(batches), "compile_s": 0.0, "precompute_batches_s": batches}
-    cut = 4 * statistics.median(batches[1:])
-    steady = [b for b in batches[1:] if b <= cut]
-    return {"precompute_s": statistics.fmean(steady) * len(batches),
-            "compile_s": sum(batches) - statistics.fmean(steady) * len(batches),
-            "precompute_batches_s": batches}
+        return {"precompute_s": sum(seconds), "compile_s": 0.0, "precompute_batches_s": seconds}
+    cut = 4 * statistics.median(s / n for s, n in batches[1:])
+    steady = [(s, n) for s, n in batches[1:] if s / n <= cut]
+    steady_s = sum(n for _, n in batches) * sum(s for s, _ in steady) / sum(n for _, n in steady)
+    return {"precompute_s": steady_s, "compile_s": sum(seconds) - steady_s, "precompute_batches_s": seconds}
 
 
 def run_rlhf(spec: dict) -> dict:
@@ -237,7 +239,7 @@ def run_rlhf(spec: dict) -> dict:
         t0 = time.perf_counter()
         out = forward(self, model, batch)
         sync()
-        batches.append(time.perf_counter() - t0)
+        batches.append((time.perf_counter() - t0, int(batch.attention_mask.sum())))
         return out
 
     def timed_table(self, model):

@@ -174,6 +174,7 @@ class DPOSection:
     reference: Literal["copy", "adapter", "precomputed"] = opt(
         "precomputed", "Reference: a frozen copy, the LoRA base with adapters off, or log-probs precomputed once and cached."
     )
+    precompute_batch_size: int = opt(0, "Pairs per forward of the reference precompute (no gradients are kept, so it fits more than a training micro-batch; fewer, larger forwards); 0 = 4 x optim.micro_batch_size.")
     ref_update_every: int = opt(0, "Soft-update the reference every N steps (0 = never; 1 with ref_update_alpha gives an EMA); needs reference 'copy'.")
     ref_update_alpha: float = opt(0.6, "ref <- alpha * policy + (1 - alpha) * ref at each reference update.")
     pku_preference: Literal["better", "safer"] = opt("better", "PKU-SafeRLHF rows: the chosen response is better_response_id (helpfulness) or safer_response_id.")
@@ -469,7 +470,7 @@ RANGES: dict[str, Bound] = {
     "logging.eval_max_new_tokens": POS, "logging.save_every": NONNEG, "logging.keep_checkpoints": NONNEG,
     "reward.center_coef": NONNEG,
     "dpo.beta": POS, "dpo.label_smoothing": Bound(0, 0.5), "dpo.ref_update_every": NONNEG,
-    "dpo.ref_update_alpha": Bound(0, 1, open_low=True),
+    "dpo.precompute_batch_size": NONNEG, "dpo.ref_update_alpha": Bound(0, 1, open_low=True),
     "ppo.reward_weights": ANY, "ppo.iterations": POS, "ppo.rollout_batch_size": POS, "ppo.samples_per_prompt": POS,
     "ppo.num_minibatches": POS, "ppo.ppo_epochs": POS, "ppo.micro_batch_size": POS,
     "ppo.rollout_micro_batch_size": POS, "ppo.clip_eps": POS, "ppo.value_clip_eps": NONNEG, "ppo.vf_coef": NONNEG,
@@ -717,6 +718,7 @@ TRL_NAMES: dict[str, Alias] = {
     "label_smoothing": Alias("dpo.label_smoothing"),
     "reference_free": Alias("dpo.reference_free"),
     "precompute_ref_log_probs": Alias("dpo.reference", "precompute_ref_log_probs: true is dpo.reference: precomputed"),
+    "precompute_ref_batch_size": Alias("dpo.precompute_batch_size"),
     "sync_ref_model": Alias("dpo.ref_update_every", "0 = never"),
     "ref_model_sync_steps": Alias("dpo.ref_update_every"),
     "ref_model_mixup_alpha": Alias("dpo.ref_update_alpha"),

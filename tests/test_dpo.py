@@ -250,3 +250,36 @@ def test_dpo_lifts_heldout_reward_accuracy(testbed_model_dir, tmp_path, capsys):
               f"(trained on {n_train} pairs, 96 steps x 16 pairs, {seconds:.1f}s)")
     assert acc >= 0.7, acc  # chance is 0.5 (and the untrained policy scores 0: all rewards are 0)
     assert last["eval/rewards/margins"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference precompute: larger no-grad batches, sorted by length, give each pair its own log-probs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precompute_batch_size", [0, 1, 5])
+def test_precomputed_table_at_any_batch_size_equals_pairs_alone(tiny_model_dir, prefs_file, tmp_path,
+                                                                 precompute_batch_size):
+    cfg = dpo_config(tiny_model_dir, prefs_file, str(tmp_path), dpo__precompute_batch_size=precompute_batch_size)
+    trainer = Trainer(cfg)
+    algo = trainer.algorithm
+    model = algo.build_model().to(trainer.device)
+    pairs = algo.train_pairs
+    assert len({len(e.chosen_ids) + len(e.prompt_ids) for e in pairs}) > 1  # lengths differ: padding varies by batch
+    table = algo._score_pairs(model)
+    assert table.shape == (len(pairs), 2)
+    model.eval()
+    with torch.no_grad():
+        alone = torch.stack([algo.forward(model, algo.collate([e]))[0].float() for e in pairs])
+    # float32 sums of <= ~100 log-probs of size ~7 (vocabulary 1,024), each within a few ulps across paddings
+    torch.testing.assert_close(table, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_precompute_batch_size_trl_name_and_bounds():
+    from rlhf.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="'precompute_ref_batch_size'.*here it is 'dpo.precompute_batch_size'"):
+        config_from_dict({"algorithm": "dpo", "precompute_ref_batch_size": 16})
+    assert config_from_dict({"algorithm": "dpo", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "dpo": {"precompute_batch_size": 16}}).dpo.precompute_batch_size == 16
+    with pytest.raises(ConfigError, match="precompute_batch_size=-1"):
+        config_from_dict({"algorithm": "dpo", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "dpo": {"precompute_batch_size": -1}})

@@ -88,6 +88,10 @@ class PrecomputedReference:
 REFERENCES = {"copy": CopyReference, "adapter": AdapterReference, "precomputed": PrecomputedReference}
 
 
+def pair_tokens(e) -> int:
+    return len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
+
+
 def pair_objective(d: DPOSection, logps: torch.Tensor, lengths: torch.Tensor,
                    ref_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(per-pair losses [B], per-pair stats [B]) from [2B] summed response log-probs and lengths, chosen rows first.
@@ -222,7 +226,10 @@ class DPO(Algorithm):
         all of them (exactly: each row is summed with zeros)."""
         t = self.trainer
         examples = self.train_pairs + self.eval_pairs
-        share, mb = examples[t.rank::t.world_size], self.cfg.optim.micro_batch_size
+        mb = self.cfg.dpo.precompute_batch_size or 4 * self.cfg.optim.micro_batch_size
+        # longest first: similar lengths share a forward (less padding), and the largest one comes first, so a
+        # batch size too large for the device fails at once, not at the end of the pass
+        share = sorted(examples[t.rank::t.world_size], key=pair_tokens, reverse=True)
         table = torch.zeros(len(examples), 2, dtype=torch.float64, device=t.device)
         with t.full_model(model) as policy:  # ranks' shares differ in size: whole weights, no per-forward gathers
             was_training = policy.training
