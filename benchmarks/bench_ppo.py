@@ -47,7 +47,7 @@ def run_rlhf(spec: dict) -> dict:
     n, spp = spec["prompts"], spec["samples"]
     cfg = {
         "algorithm": "ppo", "seed": 0, "mixed_precision": "bf16" if spec["cuda"] else "no",
-        "model": {"name_or_path": spec["models"]["lm"], "dtype": "bfloat16" if spec["cuda"] else "float32",
+        "model": {"compile_layers": spec.get("compile_layers", False), "name_or_path": spec["models"]["lm"], "dtype": "bfloat16" if spec["cuda"] else "float32",
                   "tokenizer": spec["models"]["tokenizer"]},
         "data": {"train": spec["data"], "max_prompt_length": spec["prompt_len"],
                  "max_length": spec["prompt_len"] + spec["new_tokens"], "shuffle": False},
@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--engine", default="auto", help="ppo.engine of our runs")
+    ap.add_argument("--compile-layers", action="store_true", help="model.compile_layers: true in our runs")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -185,7 +186,7 @@ def main() -> None:
         spec = {"run": run, "models": build_models(shape, a.out), "cuda": cuda, "prompts": prompts,
                 "samples": samples, "iterations": a.iterations, "prompt_len": a.prompt_len,
                 "new_tokens": a.new_tokens, "data": write_prompts(prompts, a.prompt_len, a.out),
-                "micro": 16, "rollout_micro": 64, "engine": a.engine,
+                "micro": 16, "rollout_micro": 64, "engine": a.engine, "compile_layers": a.compile_layers,
                 "run_dir": os.path.join(a.out, run)}
         t0 = time.time()
         res = summarize(run, measure(spec, a.timeout, script=__file__), prompts * samples, a.new_tokens)

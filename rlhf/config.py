@@ -62,7 +62,7 @@ class ModelConfig:
         "tokens, padded otherwise (and on the CPU). varlen is opt-in: auto does not choose it before its GPU "
         "measurements.")
     liger_kernels: Union[Literal["auto"], bool] = opt(
-        "auto", "Liger's RMSNorm/SwiGLU/RoPE kernels (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
+        "auto", "Liger's RMSNorm and SwiGLU kernels on this model only (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
     compile_layers: Union[Literal["auto"], bool] = opt(
         False, "torch.compile each decoder layer of the trained model (one compile shared by every layer: fewer, "
         "fused kernels and less host time per step; the first steps of each new shape or mode compile). auto = on "

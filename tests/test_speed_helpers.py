@@ -75,3 +75,48 @@ def test_liger_true_without_cuda_says_so():
     assert apply_liger_kernels(torch.nn.Linear(2, 2), "auto") is False
     with pytest.raises(ConfigError, match="CUDA"):
         apply_liger_kernels(torch.nn.Linear(2, 2), True)
+
+
+def test_liger_patches_only_the_instance_it_is_applied_to(monkeypatch):
+    """Liger's instance patch also rebinds classes and apply_rotary_pos_emb in the model's transformers module (as
+    liger-kernel 0.8 does); a model built afterwards (a critic after a reward model) must get transformers' own."""
+    import sys
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from rlhf.models.loading import apply_liger_kernels
+
+    class FakeNorm(torch.nn.Module):
+        pass
+
+    calls = []
+
+    def fake_apply(model, rope, rms_norm, swiglu, **_):
+        calls.append(rope)
+        modeling_llama.LlamaRMSNorm = FakeNorm  # what liger's apply_liger_kernel_to_llama does at module level
+        modeling_llama.liger_added_name = 1
+        if rope:
+            modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
+        for layer in model.model.layers:  # and per instance
+            layer.input_layernorm.forward = types.MethodType(lambda self, x: x * 2, layer.input_layernorm)
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake._apply_liger_kernel_to_instance = fake_apply
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    norm_cls, rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    first = LlamaForCausalLM(cfg)
+    assert apply_liger_kernels(first, "auto") is True
+    assert calls == [False]  # RoPE: a module-level swap only, so not asked for
+    assert modeling_llama.LlamaRMSNorm is norm_cls and modeling_llama.apply_rotary_pos_emb is rope
+    assert not hasattr(modeling_llama, "liger_added_name")
+    x = torch.ones(1, 8)
+    assert torch.equal(first.model.layers[0].input_layernorm(x), 2 * x)  # the patched instance keeps its swap
+    second = LlamaForCausalLM(cfg)
+    assert type(second.model.layers[0].input_layernorm) is norm_cls

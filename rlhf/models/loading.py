@@ -120,7 +120,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def apply_liger_kernels(model, setting) -> bool:
-    """Swap in Liger's fused RMSNorm, SwiGLU MLP and RoPE (Triton, CUDA only) on this model instance when
+    """Swap in Liger's fused RMSNorm and SwiGLU MLP (Triton, CUDA only) on this model instance, and on no other, when
     `setting` (model.liger_kernels) asks for them; returns whether they were applied.
 
     auto: on CUDA when liger-kernel is installed. Liger's own LM-head loss is left off: log-probs come from
@@ -136,8 +136,23 @@ def apply_liger_kernels(model, setting) -> bool:
         if setting is True:
             raise ConfigError("model.liger_kernels=true: liger-kernel is not installed (pip install 'rlhf[liger]')")
         return False
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    # Liger also rebinds names in the model's transformers module (its RMSNorm and MLP classes, apply_rotary_pos_emb),
+    # which every model built later in the process would pick up: a critic or policy that asked for no Liger
+    # kernels, or whose layers are compiled (dynamo cannot trace Liger's autograd functions there). The module's
+    # names are put back; this instance keeps its swapped norms and MLPs. RoPE is a module-level swap only: off.
+    import sys
+
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+    finally:
+        for name in [n for n in vars(module) if n not in before]:
+            delattr(module, name)
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
     return True
 
 
