@@ -174,6 +174,23 @@ def test_pair_packing_setting():
         apply_pair_packing(eager, "varlen")
 
 
+def test_auto_on_cuda_is_varlen_for_16_bit_weights(monkeypatch):
+    """pair_packing=auto where CUDA is: varlen for bf16 weights (the flash kernel's dtypes), the FlexAttention choice
+    per micro-batch for float32 weights (varlen would fall back to one SDPA call per document there)."""
+    from rlhf.models.shared_prefix import VARLEN_PARAMS, flex_available
+
+    if VARLEN_PARAMS is None or not flex_available():
+        pytest.skip("this torch lacks varlen attention or FlexAttention")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for dtype, want in ((torch.bfloat16, "varlen"), (torch.float32, "auto")):
+        model = tiny_qwen2(tied=True).to(dtype)
+        model.config._attn_implementation = "sdpa"
+        assert apply_pair_packing(model, "auto") == want and pair_layout(model) == want
+    eager = tiny_qwen2(tied=True).to(torch.bfloat16)
+    eager.config._attn_implementation = "eager"
+    assert apply_pair_packing(eager, "auto") == "padded"  # auto never fails: it falls back
+
+
 def test_auto_layout_flat_only_when_padding_would_pass_the_threshold():
     """pair_packing=auto: 4 pairs of 10 tokens pad nothing (4 x 10 = 1.0x their 40 tokens): padded; 10, 10, 10 and 20
     tokens pad to 4 x 20 = 80 = 1.6x their 50: flat; 10, 10, 10, 11 pad to 44 = 1.07x their 41: padded. The

@@ -161,14 +161,18 @@ def apply_pair_packing(model, setting: str) -> str:
     the flat layouts switch the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the
     flat pair layout's, which torch's varlen flash attention or FlexAttention runs); "padded" leaves the model as it is.
 
-    auto: on CUDA when the model runs SDPA and torch has FlexAttention, "auto" (each micro-batch flat when the padded
-    layout would pad it beyond shared_prefix.FLAT_ABOVE_PADDING, padded otherwise), else "padded". varlen and flex:
-    every micro-batch flat, also on the CPU (reference implementations; tests), an error where it cannot be had.
+    auto: on CUDA when the model runs SDPA: "varlen" when torch has varlen attention and the weights are 16-bit (the
+    flash kernel's dtypes), else "auto" with FlexAttention (each micro-batch flat when the padded layout would pad it
+    beyond shared_prefix.FLAT_ABOVE_PADDING, padded otherwise); "padded" elsewhere. varlen and flex: every micro-batch
+    flat, also on the CPU (reference implementations; tests), an error where it cannot be had.
     """
     from .shared_prefix import SDPA_FLEX, VARLEN_PARAMS, flex_available, use_sdpa_flex
 
-    layout = "padded"
+    layout, requested = "padded", setting
     if setting in ("varlen", "flex") or (setting == "auto" and torch.cuda.is_available()):
+        if setting == "auto" and VARLEN_PARAMS is not None and getattr(model, "dtype", None) in (torch.bfloat16,
+                                                                                                 torch.float16):
+            setting = "varlen"
         impl = getattr(model.config, "_attn_implementation", None)
         why = None
         if impl not in ("sdpa", SDPA_FLEX):
@@ -181,7 +185,7 @@ def apply_pair_packing(model, setting: str) -> str:
             why = "the model's code cannot switch its attention implementation"
         if why is None:
             layout = setting
-        elif setting != "auto":
+        elif requested != "auto":
             raise ConfigError(f"model.pair_packing={setting}: {why}")
     model.pair_packing = layout
     return layout
