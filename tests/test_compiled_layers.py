@@ -188,3 +188,47 @@ def test_bf16_compiled_layers_match_eager_on_gpu():
     (z, gd), (z0, gd0) = run(compiled), run(eager)
     assert ((z - z0).norm() / z0.norm()).item() <= 4 * eps
     assert ((gd - gd0).norm() / gd0.norm()).item() <= 4 * eps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PPO with compiled layers: the policy, the critic, the EMA reference copy, and the shared base's adapters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_base", [False, True])
+def test_ppo_with_compiled_layers_equals_eager(tiny_model_dir, sft_file, tmp_path, shared_base):
+    """Two PPO iterations with model.compile_layers: true log the eager run's metrics: separate policy, critic and
+    EMA reference copy; or one base with actor, critic and reference adapters (the active adapter switches inside the
+    compiled layers). float32 on the CPU: inductor may sum in another order (~1e-7 relative per reduction over 64
+    hidden units), and four AdamW steps of lr 1e-3 carry that into metrics of order 1 far below 1e-4."""
+    from tests.test_ppo import ppo_config, run
+
+    over = dict(ppo__ref_ema=0.1)
+    if shared_base:
+        over.update(model__lora_r=4, model__lora_alpha=8, ppo__shared_base=True)
+    eager = run(ppo_config(tiny_model_dir, sft_file, str(tmp_path / "eager"), **over))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = run(ppo_config(tiny_model_dir, sft_file, str(tmp_path / "compiled"), model__compile_layers=True, **over))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the layers did compile: training and no-grad forwards at least
+    assert len(eager) == len(compiled) == 4  # 2 iterations x 2 minibatch steps
+    for a, b in zip(eager, compiled):
+        keys = [k for k in a if not k.startswith("time/")]
+        assert keys == [k for k in b if not k.startswith("time/")]
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], abs=1e-4), (a["step"], k)
+
+
+def test_liger_kernels_under_compiled_layers():
+    """Compiled layers run without Liger's kernels (auto), and both asked for is refused at start-up: dynamo cannot
+    trace Liger's autograd functions inside a compiled layer."""
+    from rlhf.models.loading import liger_setting
+
+    assert liger_setting(ModelConfig(liger_kernels="auto", compile_layers=True), compiled=True) is False
+    assert liger_setting(ModelConfig(liger_kernels="auto", compile_layers=True), compiled=False) == "auto"
+    assert liger_setting(ModelConfig(liger_kernels=True), compiled=False) is True
+    with pytest.raises(ConfigError, match="model.liger_kernels=true with model.compile_layers=True"):
+        liger_setting(ModelConfig(liger_kernels=True, compile_layers=True), compiled=True)

@@ -37,6 +37,7 @@ ppo.export_merged, final/merged/: the base with the actor merged in, a plain fro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import types
@@ -51,7 +52,8 @@ from ..models import load_causal_lm
 from ..models.adapters import (ADAPTER_WEIGHTS, BASE, HEAD_KEY, adapter_parameters, copy_adapter_,
                                merged_state_dict, recompute_with_same_adapters, save_adapter, using_adapter)
 from ..models.forward import _unwrap, hidden_states
-from ..models.loading import ADAPTER_CONFIG, adapter_score_bias, apply_fused, draw_fresh_head_
+from ..models.loading import (ADAPTER_CONFIG, adapter_score_bias, apply_fused, compile_model_layers, compiles_layers,
+                              draw_fresh_head_, liger_setting)
 from ..ops import soft_update_
 from .ppo import PolicyAndCritic, reference_logprobs, response_logprobs
 
@@ -162,7 +164,9 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
     rm_source = (_lora_reward_model(p.reward_model, m.name_or_path)
                  if p.critic_init == "reward_model" or p.reward_adapter else None)
     critic_source = rm_source if p.critic_init == "reward_model" else None
-    base = load_causal_lm(m, tokenizer, trainable=False)  # eval, frozen, dropout off
+    compiled = compiles_layers(m.compile_layers)  # the base's layers, with every adapter inside them
+    base = load_causal_lm(dataclasses.replace(m, liger_kernels=liger_setting(m, compiled)), tokenizer,
+                          trainable=False)  # eval, frozen, dropout off
     holder: list = []
     if m.gradient_checkpointing:
         _enable_checkpointing(base, holder)
@@ -187,6 +191,8 @@ def build_shared_base(cfg, tokenizer, sampling, trainer=None) -> SharedBaseActor
         lm.add_adapter(REWARD, copy.deepcopy(rm_source[0]))
         _load_adapter_(lm, REWARD, rm_source[1], p.reward_model)
     apply_fused(lm, m.fused_layers)  # the fused forwards read the active adapter at each call
+    if compiled:
+        compile_model_layers(lm, m)
     # trainability is set here once; using_adapter never changes it (peft's set_adapter would)
     lm.requires_grad_(False)
     for name in (ACTOR, CRITIC):

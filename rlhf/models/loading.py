@@ -254,13 +254,34 @@ def compile_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def liger_setting(cfg: ModelConfig, compiled: bool):
+    """model.liger_kernels for a model whose decoder layers are (not) compiled. Compiled: off, as inductor fuses the
+    norms and activations itself, and dynamo cannot trace Liger's kernels inside a compiled layer (an error at the
+    first forward); so both set to true is refused here, at start-up."""
+    if not compiled:
+        return cfg.liger_kernels
+    if cfg.liger_kernels is True:
+        raise ConfigError(f"model.liger_kernels=true with model.compile_layers={cfg.compile_layers}: Liger's kernels "
+                          f"cannot run inside compiled layers (inductor fuses the same operations); set "
+                          f"model.liger_kernels: auto or model.compile_layers: false")
+    return False
+
+
+def compile_model_layers(model: torch.nn.Module, cfg: ModelConfig) -> int:
+    """compile_layers(model), and an error when model.compile_layers=true finds no decoder layer to compile."""
+    count = compile_layers(model)
+    if count == 0 and cfg.compile_layers is True:
+        raise ConfigError(f"model.compile_layers=true: {type(model).__name__} names no decoder layer class "
+                          f"(_no_split_modules); set model.compile_layers: auto or false")
+    return count
+
+
 def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
     # read by rlhf.models.forward; plain attributes, so they never reach a saved config
     model.logprob_chunk_size = cfg.logprob_chunk_size
     apply_pair_packing(model, cfg.pair_packing)
     compiled = trainable and compiles_layers(cfg.compile_layers)
-    # compiled layers: inductor fuses the norms, activations and rotations itself (Liger's only when asked for)
-    apply_liger_kernels(model, cfg.liger_kernels if not compiled or cfg.liger_kernels is True else False)
+    apply_liger_kernels(model, liger_setting(cfg, compiled))
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
@@ -287,9 +308,8 @@ def _finish(model, cfg: ModelConfig, tokenizer=None, trainable: bool = True):
         model.eval().requires_grad_(False)
     else:
         apply_fused(model, cfg.fused_layers)
-        if compiled and compile_layers(model) == 0 and cfg.compile_layers is True:
-            raise ConfigError(f"model.compile_layers=true: {type(model).__name__} names no decoder layer class "
-                              f"(_no_split_modules); set model.compile_layers: auto or false")
+        if compiled:
+            compile_model_layers(model, cfg)
         # from_pretrained returns eval mode; transformers recomputes checkpointed layers only in training mode, so a
         # model left in eval mode would ignore model.gradient_checkpointing (dropout is off unless configured on)
         model.train()
