@@ -57,6 +57,7 @@ VARIANTS = {
     "nofused": {"fused_layers": False},  # the model's own MLP (and LoRA) layers instead of rlhf's fused ones
     "noliger": {"liger_kernels": False},
     "compile": {"compile_layers": True},  # torch.compile per decoder layer (Liger's kernels then off)
+    "graphs": {"compile_layers": True, "compile_mode": "reduce-overhead"},  # compiled layers in CUDA graphs
     "chunk512": {"logprob_chunk_size": 512},  # LM-head chunks of 512 tokens instead of 1,024
 }
 MAX_LENGTH = 1024

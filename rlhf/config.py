@@ -67,6 +67,10 @@ class ModelConfig:
         "fused kernels and less host time per step; the first steps of each new shape or mode compile). auto = on "
         "CUDA; never under ZeRO-3 or FSDP, whose parameter hooks break the compiled graphs. Liger's kernels (auto) "
         "stay off under it: inductor fuses the same norms and activations.")
+    compile_mode: Literal["default", "reduce-overhead"] = opt(
+        "default", "torch.compile mode of model.compile_layers: reduce-overhead also captures each compiled layer in "
+        "CUDA graphs (one per shape and mode; a replay costs no host time per kernel; each new length records a graph "
+        "and keeps its memory pool). SFT, reward-model and DPO training.")
     fused_layers: Union[Literal["auto"], bool] = opt(
         "auto", "Fused LoRA linear layers and SwiGLU MLP tails (rlhf.models.fused_layers) that save less activation "
         "memory for backward, with the same values: auto = on, true = on and an error when nothing can be fused.")
@@ -343,6 +347,10 @@ class PPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.model.compile_mode != "default":
+            raise ConfigError(f"model.compile_mode={self.model.compile_mode}: not for PPO, whose compiled layers serve "
+                              f"the actor, the critic, the scoring passes and the rollout engine in turn (CUDA graphs "
+                              f"of them are untested); set model.compile_mode: default")
         p = self.ppo  # single-field ranges are checked by super().validate() (RANGES)
         # PPO's length and batches are its own (iterations of rollouts, split into minibatches): these optim keys
         # would be silently ignored, so they are refused with where to look instead

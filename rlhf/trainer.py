@@ -43,6 +43,7 @@ from .config import ConfigError, TrainConfig, save_config
 from .distributed import (CollectiveError, _is_collective_failure, _use_deepspeed, _use_fsdp,  # noqa: F401
                           deepspeed_plugin, fsdp_precision, micro_batch_size, process_state,
                           resolve_mixed_precision, size_zero3)
+from .models.loading import mark_step
 from .ops import TIMEOUT_ENV, all_reduce_sum_, collective_timeout
 from .runs import choose_checkpoint, flat_config, resolve_run_dir  # noqa: F401  (flat_config: re-exported)
 from .tracking import SAMPLES_FILE, MetricsWriter, prepare_wandb, trackers, wandb_settings
@@ -450,6 +451,7 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         grad_norm, skipped = None, []
         for mb in micro_batches:
+            mark_step(model)  # the previous micro-batch's backward is done
             with acc.accumulate(model):
                 with acc.autocast():
                     loss, stats = algo.loss(model, mb)

@@ -12,6 +12,8 @@ gradient's largest magnitude cover that; a layer running another layer's weights
 order 1."""
 
 import copy
+import json
+import types
 
 import pytest
 import torch
@@ -159,14 +161,18 @@ def test_compile_layers_true_under_zero3_says_so(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_compiled_layers_match_eager_on_gpu():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_bf16_compiled_layers_match_eager_on_gpu(mode):
     """Two layers of Qwen2.5-0.5B's shape in bf16 on the GPU, right-padded rows, inductor's Triton kernels.
 
     Eager PyTorch rounds every op's output to bf16 (norm, rotation, activation, each residual add); the compiled
     layer keeps fused intermediates in float32, so the two differ by rounding, not by arithmetic: each of the ~8
     roundings per layer moves a value by <= eps/2 relative (eps_bf16 = 2^-7), independent ones add as a random walk:
     sqrt(16) * eps/2 = 2 eps over two layers. Logits and gradients are compared by relative norm within 4 eps; a
-    layer running wrong weights or a dropped mask is off at order 1."""
+    layer running wrong weights or a dropped mask is off at order 1. reduce-overhead: three steps, the CUDA graphs
+    warmed up, recorded, then replayed, each step's values as eager's."""
+    from rlhf.models.loading import mark_step
+
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -174,20 +180,24 @@ def test_bf16_compiled_layers_match_eager_on_gpu():
                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
     eager = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).train()
     compiled = copy.deepcopy(eager)
-    assert compile_layers(compiled) == 2
+    assert compile_layers(compiled, mode) == 2
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, cfg.vocab_size, (4, 256), generator=g).cuda()
     mask = (torch.arange(256)[None] < torch.tensor([256, 200, 131, 64])[:, None]).long().cuda()
 
     def run(model):
+        model.zero_grad(set_to_none=True)
+        mark_step(model)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         (logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0] * mask).sum().backward()
         return logits.detach() * mask[..., None], model.model.layers[0].mlp.down_proj.weight.grad.float()
 
     eps = 2.0 ** -7
-    (z, gd), (z0, gd0) = run(compiled), run(eager)
-    assert ((z - z0).norm() / z0.norm()).item() <= 4 * eps
-    assert ((gd - gd0).norm() / gd0.norm()).item() <= 4 * eps
+    z0, gd0 = run(eager)
+    for _ in range(3 if mode == "reduce-overhead" else 1):
+        z, gd = run(compiled)
+        assert ((z - z0).norm() / z0.norm()).item() <= 4 * eps
+        assert ((gd - gd0).norm() / gd0.norm()).item() <= 4 * eps
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,6 +220,7 @@ def test_ppo_with_compiled_layers_equals_eager(tiny_model_dir, sft_file, tmp_pat
     eager = run(ppo_config(tiny_model_dir, sft_file, str(tmp_path / "eager"), **over))
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs cached by earlier tests (symbolic shapes fit any size) would compile nothing new
     counters.clear()
     compiled = run(ppo_config(tiny_model_dir, sft_file, str(tmp_path / "compiled"), model__compile_layers=True, **over))
     graphs = counters["stats"]["unique_graphs"]
@@ -232,3 +243,64 @@ def test_liger_kernels_under_compiled_layers():
     assert liger_setting(ModelConfig(liger_kernels=True), compiled=False) is True
     with pytest.raises(ConfigError, match="model.liger_kernels=true with model.compile_layers=True"):
         liger_setting(ModelConfig(liger_kernels=True, compile_layers=True), compiled=True)
+
+
+def test_reduce_overhead_mode_gives_the_eager_values_and_marks_steps(monkeypatch):
+    """model.compile_mode reduce-overhead: the same values as eager (on the CPU inductor skips the CUDA graphs, so this
+    checks the compile and the marks; the GPU test above checks the graphs' replays), and mark_step tells CUDA graphs
+    a new step begins for that mode only."""
+    from rlhf.models.loading import mark_step
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    eager = tiny()
+    graphs, plain = copy.deepcopy(eager), copy.deepcopy(eager)
+    assert compile_layers(graphs, "reduce-overhead") == 2 and compile_layers(plain) == 2
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        mark_step(graphs)
+        mark_step(plain)
+        torch.testing.assert_close(summed_logprob(graphs, ids), summed_logprob(eager, ids), rtol=1e-5, atol=0)
+    assert len(marks) == 2
+    mark_step(types.SimpleNamespace(module=graphs))
+    assert len(marks) == 3  # through a distributed wrapper's .module
+
+
+def test_compile_mode_setting():
+    base = {"model": {"name_or_path": "org/model"}, "data": {"train": "org/data"}}
+    cfg = config_from_dict({"algorithm": "dpo", **base, "model": {"name_or_path": "org/model",
+                                                                 "compile_mode": "reduce-overhead"}})
+    assert cfg.model.compile_mode == "reduce-overhead" and ModelConfig().compile_mode == "default"
+    with pytest.raises(ConfigError, match="model.compile_mode=reduce-overhead: not for PPO"):
+        config_from_dict({"algorithm": "ppo", "ppo": {"reward_fns": ["m:f"]}, **base,
+                          "model": {"name_or_path": "org/model", "compile_mode": "reduce-overhead"}})
+    with pytest.raises(ConfigError, match="compile_mode"):
+        config_from_dict({"algorithm": "sft", **base, "model": {"name_or_path": "org/model", "compile_mode": "max"}})
+
+
+@pytest.mark.slow
+def test_dpo_in_reduce_overhead_mode_marks_every_forward_batch(tiny_model_dir, prefs_file, tmp_path, monkeypatch):
+    """A DPO run with model.compile_mode reduce-overhead marks a new CUDA-graph step before each forward batch of the
+    reference precompute, of training and of evaluation, and logs the default mode's losses (on the CPU the same
+    compiled code runs in both modes)."""
+    from rlhf import Trainer
+    from tests.test_dpo import dpo_config
+
+    def losses(out, **over):
+        cfg = dpo_config(tiny_model_dir, prefs_file, str(tmp_path / out), data__eval=prefs_file,
+                         model__compile_layers=True, **over)
+        trainer = Trainer(cfg)
+        trainer.train()
+        records = [json.loads(line) for line in open(tmp_path / out / "run" / "metrics.jsonl")]
+        return trainer, [r["train/loss"] for r in records if "train/loss" in r]
+
+    _, plain = losses("default")
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer, graphs = losses("graphs", model__compile_mode="reduce-overhead")
+    assert graphs == plain and len(plain) == trainer.cfg.optim.max_steps
+    algo, mb = trainer.algorithm, trainer.cfg.optim.micro_batch_size
+    n_pairs, n_eval = len(algo.train_pairs) + len(algo.eval_pairs), len(algo.eval_pairs)
+    precompute = -(-n_pairs // (4 * mb))
+    evals = sum(1 for r in open(tmp_path / "graphs" / "run" / "metrics.jsonl") if '"eval/loss"' in r)
+    assert len(marks) == precompute + len(graphs) * trainer.grad_accum + evals * -(-n_eval // mb)

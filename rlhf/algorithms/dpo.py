@@ -29,6 +29,7 @@ from ..data.preference import PairBatch, PairOptions, collate_pairs, number_pair
 from ..losses import dpo_loss
 from ..models import adapters_disabled, ema_update_, frozen_copy, load_causal_lm, whole_loading
 from ..models.forward import pair_sequence_logprobs
+from ..models.loading import mark_step
 from ..ops import all_reduce_sum_
 from .base import Algorithm
 from .supervised import (load_pair_examples, make_batcher, report_dropped, report_skipped, sharded_eval, step_stream,
@@ -236,6 +237,7 @@ class DPO(Algorithm):
             policy.eval()
             for i in range(0, len(share), mb):
                 batch = self.collate(share[i:i + mb])
+                mark_step(policy)
                 with t.accelerator.autocast():
                     chosen, rejected = self.forward(policy, batch)[0].float().chunk(2)
                 table[batch.index.to(t.device)] = torch.stack([chosen, rejected], 1).double()

@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..data.batching import StepBatcher
+from ..models.loading import mark_step
 from ..ops import all_reduce_sum_
 from .base import StepBatch
 
@@ -77,6 +78,7 @@ def sharded_eval(trainer, model, items: list, micro_batch_size: int, collate: Ca
     totals = torch.zeros(len(keys) + 1, device=trainer.device)
     share = items[trainer.rank::trainer.world_size]
     for i in range(0, len(share), micro_batch_size):
+        mark_step(model)
         with trainer.accelerator.autocast():
             values, count = sums(model, collate(share[i:i + micro_batch_size]))
         totals += torch.stack([torch.as_tensor(v, device=trainer.device).float() for v in values]

@@ -242,16 +242,30 @@ def decoder_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(model: torch.nn.Module, mode: str = "default") -> int:
     """torch.compile each decoder layer in place (nn.Module.compile: parameter names and state dicts unchanged).
     Every layer runs the same code with its own parameters as inputs, so one compile serves all of them, per mode
     (training, no-grad). Shapes are symbolic from the first compile (dynamic=True): rows of new lengths and batches
     of new sizes reuse it, where automatic dynamic shapes would compile again for the second length and again for
-    the second batch size. Returns how many layers were compiled."""
+    the second batch size. mode (model.compile_mode) "reduce-overhead" also captures the compiled code in CUDA
+    graphs, one per concrete shape (the Trainer marks each step's start: mark_step). Returns how many layers were
+    compiled."""
     layers = decoder_layers(model)
+    options = {} if mode == "default" else {"mode": mode}
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, **options)
+    model.compile_mode = mode  # a plain attribute, read by mark_step
     return len(layers)
+
+
+def mark_step(model: torch.nn.Module) -> None:
+    """Call before a forward when the outputs of the model's previous forwards are no longer needed (their backward
+    done, their values read): CUDA graphs of model.compile_mode reduce-overhead may then reuse that memory."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, DeepSpeed
+        inner = inner.module
+    if getattr(inner, "compile_mode", "default") == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def liger_setting(cfg: ModelConfig, compiled: bool):
@@ -269,7 +283,7 @@ def liger_setting(cfg: ModelConfig, compiled: bool):
 
 def compile_model_layers(model: torch.nn.Module, cfg: ModelConfig) -> int:
     """compile_layers(model), and an error when model.compile_layers=true finds no decoder layer to compile."""
-    count = compile_layers(model)
+    count = compile_layers(model, cfg.compile_mode)
     if count == 0 and cfg.compile_layers is True:
         raise ConfigError(f"model.compile_layers=true: {type(model).__name__} names no decoder layer class "
                           f"(_no_split_modules); set model.compile_layers: auto or false")
