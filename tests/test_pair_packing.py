@@ -291,6 +291,59 @@ def test_flat_reward_scores_and_gradients_equal_padded_and_plain_rows(arch, layo
     assert_same_grads(g, g0)
 
 
+def test_varlen_row_documents_by_hand():
+    d = PairVarlen.rows([3, 1, 2])
+    assert d.key_index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert d.cu_q.tolist() == d.cu_k.tolist() == [0, 3, 4, 6] and (d.max_q, d.max_k) == (3, 3)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_sft_rows_end_to_end_equal_padded_rows(arch, padding):
+    """SFT under model.pair_packing=varlen: rows of 1 to 70 tokens laid end to end, one document each, give the
+    padded rows' per-token log-probs (to ~1e-7 in float32: the same softmax over the same keys) and gradients; a
+    key of another row or a position that does not restart would be off at O(0.1)."""
+    from rlhf.models.forward import flat_token_logprobs, token_logprobs
+
+    model = MODELS[arch](False)
+    model.config._attn_implementation = "sdpa"
+    g = torch.Generator().manual_seed(5)
+    lengths = [70, 1, 33, 12]
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        span = slice(0, n) if padding == "right" else slice(T - n, T)
+        ids[i, span] = torch.randint(1, 300, (n,), generator=g)
+        mask[i, span] = 1
+    positions = (mask[:, 1:] * mask[:, :-1]).float()
+    positions[0, :5] = 0  # a prompt left out of the loss
+    want = token_logprobs(model, ids, mask, positions=positions)
+    g0 = grads(model, -want.sum())
+    apply_pair_packing(model, "varlen")
+    got = flat_token_logprobs(model, ids, mask, positions)
+    torch.testing.assert_close(got, want.detach(), atol=ATOL, rtol=0)
+    assert got[positions == 0].abs().max() == 0
+    assert_same_grads(grads(model, -got.sum()), g0)
+
+
+def test_sft_trainer_varlen_equals_padded(tiny_model_dir, sft_file, tmp_path):
+    """Two SFT steps on the tiny Llama, rows of different lengths: one loss with the rows end to end or padded."""
+    from rlhf import Trainer
+
+    losses = {}
+    for layout in ("varlen", "padded"):
+        cfg = train_config("sft", tiny_model_dir, sft_file, str(tmp_path / layout), PAIR_OPTIM,
+                           model__pair_packing=layout)
+        trainer = Trainer(cfg)
+        trainer.train()
+        assert pair_layout(trainer.model) == layout
+        losses[layout] = [r["train/loss"] for r in read_metrics(tmp_path / layout / "run" / "metrics.jsonl")
+                          if "train/loss" in r]
+    assert len(losses["varlen"]) == 2
+    torch.testing.assert_close(losses["varlen"], losses["padded"], atol=ATOL, rtol=0)
+
+
 def test_dpo_trainer_flat_layouts_equal_padded(tiny_model_dir, prefs_file, tmp_path):
     """Two DPO steps on the tiny Llama (precomputed reference: a no-grad pass) give one loss in every layout."""
     from rlhf import Trainer
@@ -334,7 +387,9 @@ def test_bf16_flat_equals_padded_on_gpu(layout):
                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
     model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     model.config._attn_implementation = "sdpa"
-    assert apply_pair_packing(model, "auto") == "auto"
+    from rlhf.models.shared_prefix import VARLEN_PARAMS
+
+    assert apply_pair_packing(model, "auto") == ("varlen" if VARLEN_PARAMS is not None else "auto")
     assert apply_pair_packing(model, layout) == layout
     b = pairs([(150, 250, 240), (40, 1000, 12), (300, 1, 600), (7, 60, 1)], vocab=151936)
 
@@ -351,3 +406,43 @@ def test_bf16_flat_equals_padded_on_gpu(layout):
     assert torch.equal(counts, counts0)
     assert ((logps - logps0).abs() <= 8 * eps * max_logit * counts.clamp(min=1)).all()
     assert ((g - g0).norm() / g0.norm()).item() <= 8 * eps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_sft_rows_end_to_end_equal_padded_on_gpu():
+    """SFT rows of 1,000, 17, 400 and 250 tokens end to end through varlen flash attention against right-padded rows
+    through SDPA, at Qwen2.5-0.5B's shapes in bf16 (two layers, vocab 151,936). The bound is the one of the pair test
+    above: 8 eps_bf16 * max|z| per token's log-prob, gradients within 8 eps by relative norm."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf.models.forward import flat_token_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    assert apply_pair_packing(model, "varlen") == "varlen"
+    lengths = [1000, 17, 400, 250]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, cfg.vocab_size, (n,), generator=g)
+        mask[i, :n] = 1
+    positions = (mask[:, 1:] * mask[:, :-1]).float()
+
+    def run(flat):
+        model.pair_packing = "varlen" if flat else "padded"
+        lp = (flat_token_logprobs(model, ids, mask, positions) if flat
+              else token_logprobs(model, ids.cuda(), mask.cuda(), positions=positions.cuda()))
+        gr = grads(model, -lp.sum())
+        return lp.detach(), gr["model.layers.0.self_attn.q_proj.weight"].float()
+
+    (lp, gq), (lp0, gq0) = run(True), run(False)
+    with torch.no_grad():
+        max_logit = model(input_ids=ids[:1, :64].cuda()).logits.float().abs().max().item()
+    eps = 2.0 ** -7
+    assert ((lp - lp0).abs() <= 8 * eps * max_logit).all()
+    assert ((gq - gq0).norm() / gq0.norm()).item() <= 8 * eps

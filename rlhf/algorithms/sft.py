@@ -23,6 +23,7 @@ from ..data.mapped import MapOptions, RowsInMemory, encode_source
 from ..data.preference import reply_of
 from ..data.templates import as_messages, assistant_spans, split_messages
 from ..models import load_causal_lm, token_logprobs
+from ..models.forward import flat_token_logprobs, pair_layout
 from ..ops import masked_mean, masked_sum
 from .base import Algorithm
 from .supervised import make_batcher, report_skipped, sharded_eval, step_stream, total_steps
@@ -101,9 +102,13 @@ def collate_sft(pad_id: int):
 def sft_token_loss(model, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL of the labelled tokens, their mask [B, T-1])."""
     device = next(model.parameters()).device
-    ids, mask, labels = batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device)
-    target_mask = (labels[:, 1:] != IGNORE).float()
-    logp = token_logprobs(model, ids, mask, positions=target_mask)
+    target_mask = (batch.labels[:, 1:] != IGNORE).float()
+    if pair_layout(model) == "varlen":  # the rows end to end, unpadded
+        logp = flat_token_logprobs(model, batch.input_ids, batch.attention_mask, target_mask)
+    else:
+        logp = token_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                              positions=target_mask.to(device))
+    target_mask = target_mask.to(device)
     return -masked_sum(logp, target_mask), target_mask
 
 

@@ -226,6 +226,38 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return tuple(scatter(r) for r in result) if return_entropy else scatter(result)
 
 
+def flat_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """token_logprobs(model, input_ids, attention_mask, positions=positions) with the B rows laid end to end in one
+    unpadded row (model.pair_packing varlen): each row is one document of the variable-length attention, over its own
+    tokens only, with positions from 0, so it gives each row's log-probs as padded rows do, without computing the
+    padding. Rows may sit on the CPU (the layout is built there) and are moved to the model's device. [B, T-1] float32,
+    0 off `positions`."""
+    from .shared_prefix import PairVarlen, varlen_kwargs
+
+    parts = _lm_parts(model)
+    chunk = chunk_tokens(model)
+    device = next(_unwrap(model).parameters()).device
+    if parts is None or chunk <= 0:
+        return token_logprobs(model, input_ids.to(device), attention_mask.to(device), positions=positions.to(device))
+    real = attention_mask.cpu().bool()
+    ids, positions = input_ids.cpu(), positions.cpu()
+    documents = PairVarlen.rows(real.sum(1).tolist()).to(device)
+    flat_ids = ids[real][None].to(device)
+    flat_positions = position_ids_from_mask(real.long())[real][None].to(device)
+    B, T = ids.shape
+    index = real.flatten().cumsum(0).view(B, T) - 1  # flat position of each real token
+    keep = (positions != 0) & real[:, :-1] & real[:, 1:]
+    decoder, head = parts
+    placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # passes transformers' mask building
+    hidden = hidden_states(model, flat_ids, placeholder, decoder, position_ids=flat_positions, logits_to_keep=1,
+                           **varlen_kwargs(documents))[0]
+    logp = logprobs_from_hidden(head, hidden[index[:, :-1][keep].to(device)], ids[:, 1:][keep].to(device),
+                                chunk_size=chunk)
+    keep = keep.to(device)
+    return torch.zeros(B, T - 1, dtype=logp.dtype, device=device).masked_scatter(keep, logp)
+
+
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] scalar head of a sequence-classification model at every position (V(s_t) reads position t).
 

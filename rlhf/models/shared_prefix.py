@@ -97,6 +97,15 @@ class PairVarlen:
         cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return cls(index, cu_q, cu_k, max(q_lens), max(k_lens))
 
+    @classmethod
+    def rows(cls, lengths: list[int]) -> "PairVarlen":
+        """Whole rows of these token counts laid end to end (SFT's flat layout): each row one document over its own
+        keys, causal."""
+        total = sum(lengths)
+        cu = torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(lengths, default=0)
+        return cls(torch.arange(total), cu, cu.clone(), longest, longest)
+
 
 @dataclass
 class SharedPrefixBatch:
