@@ -58,9 +58,9 @@ class ModelConfig:
         "one unpadded row, attended through torch's variable-length flash attention (each pair's rejected tokens "
         "over the prompt's keys and their own; no mask, no compile); flex = the same row attended through "
         "FlexAttention's block mask (compiled on first use); padded = one row per pair with a dense 4D mask; auto = on "
-        "CUDA when attention is sdpa: varlen for bf16/fp16 weights, else flex for micro-batches that one row per pair "
-        "would pad beyond 1.2x their tokens and padded otherwise; padded on the CPU. Under varlen SFT lays its rows "
-        "end to end too (one attention document per row, no padding).")
+        "CUDA when attention is sdpa: varlen for bf16/fp16 weights on Ampere or newer, else flex for micro-batches "
+        "that one row per pair would pad beyond 1.2x their tokens and padded otherwise; padded on the CPU. Under "
+        "varlen SFT lays its rows end to end too (one attention document per row, no padding).")
     liger_kernels: Union[Literal["auto"], bool] = opt(
         "auto", "Liger's RMSNorm and SwiGLU kernels on this model only (llama, qwen2, ...): auto = on CUDA when liger-kernel is installed.")
     compile_layers: Union[Literal["auto"], bool] = opt(

@@ -175,14 +175,17 @@ def test_pair_packing_setting():
 
 
 def test_auto_on_cuda_is_varlen_for_16_bit_weights(monkeypatch):
-    """pair_packing=auto where CUDA is: varlen for bf16 weights (the flash kernel's dtypes), the FlexAttention choice
-    per micro-batch for float32 weights (varlen would fall back to one SDPA call per document there)."""
+    """pair_packing=auto where CUDA is: varlen for 16-bit weights on Ampere or newer (flash attention's dtypes and
+    GPUs), the FlexAttention choice per micro-batch for float32 weights (varlen would fall back to one SDPA call per
+    document there) or an older GPU."""
     from rlhf.models.shared_prefix import VARLEN_PARAMS, flex_available
 
     if VARLEN_PARAMS is None or not flex_available():
         pytest.skip("this torch lacks varlen attention or FlexAttention")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for dtype, want in ((torch.bfloat16, "varlen"), (torch.float32, "auto")):
+    for capability, dtype, want in (((9, 0), torch.bfloat16, "varlen"), ((8, 0), torch.float16, "varlen"),
+                                    ((9, 0), torch.float32, "auto"), ((7, 5), torch.float16, "auto")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
         model = tiny_qwen2(tied=True).to(dtype)
         model.config._attn_implementation = "sdpa"
         assert apply_pair_packing(model, "auto") == want and pair_layout(model) == want

@@ -161,8 +161,8 @@ def apply_pair_packing(model, setting: str) -> str:
     the flat layouts switch the model's attention from SDPA to shared_prefix.SDPA_FLEX (SDPA for every forward but the
     flat pair layout's, which torch's varlen flash attention or FlexAttention runs); "padded" leaves the model as it is.
 
-    auto: on CUDA when the model runs SDPA: "varlen" when torch has varlen attention and the weights are 16-bit (the
-    flash kernel's dtypes), else "auto" with FlexAttention (each micro-batch flat when the padded layout would pad it
+    auto: on CUDA when the model runs SDPA: "varlen" when torch has varlen attention, the GPU is Ampere or newer and
+    the weights are 16-bit (what its flash kernel runs on), else "auto" with FlexAttention (each micro-batch flat when the padded layout would pad it
     beyond shared_prefix.FLAT_ABOVE_PADDING, padded otherwise); "padded" elsewhere. varlen and flex: every micro-batch
     flat, also on the CPU (reference implementations; tests), an error where it cannot be had.
     """
@@ -170,9 +170,9 @@ def apply_pair_packing(model, setting: str) -> str:
 
     layout, requested = "padded", setting
     if setting in ("varlen", "flex") or (setting == "auto" and torch.cuda.is_available()):
-        if setting == "auto" and VARLEN_PARAMS is not None and getattr(model, "dtype", None) in (torch.bfloat16,
-                                                                                                 torch.float16):
-            setting = "varlen"
+        if (setting == "auto" and VARLEN_PARAMS is not None and torch.cuda.get_device_capability()[0] >= 8
+                and getattr(model, "dtype", None) in (torch.bfloat16, torch.float16)):
+            setting = "varlen"  # flash attention's dtypes, on Ampere or newer
         impl = getattr(model.config, "_attn_implementation", None)
         why = None
         if impl not in ("sdpa", SDPA_FLEX):
