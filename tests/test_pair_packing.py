@@ -330,37 +330,31 @@ def test_sft_rows_end_to_end_equal_padded_rows(arch, padding):
     assert_same_grads(grads(model, -got.sum()), g0)
 
 
-def test_sft_trainer_varlen_equals_padded(tiny_model_dir, sft_file, tmp_path):
-    """Two SFT steps on the tiny Llama, rows of different lengths: one loss with the rows end to end or padded."""
+def trainer_losses(algorithm: str, model_dir, data, out, layouts) -> dict:
+    """{layout: the training losses of two steps with model.pair_packing=layout}."""
     from rlhf import Trainer
 
     losses = {}
-    for layout in ("varlen", "padded"):
-        cfg = train_config("sft", tiny_model_dir, sft_file, str(tmp_path / layout), PAIR_OPTIM,
-                           model__pair_packing=layout)
+    for layout in layouts:
+        cfg = train_config(algorithm, model_dir, data, str(out / layout), PAIR_OPTIM, model__pair_packing=layout)
         trainer = Trainer(cfg)
         trainer.train()
         assert pair_layout(trainer.model) == layout
-        losses[layout] = [r["train/loss"] for r in read_metrics(tmp_path / layout / "run" / "metrics.jsonl")
+        losses[layout] = [r["train/loss"] for r in read_metrics(out / layout / "run" / "metrics.jsonl")
                           if "train/loss" in r]
-    assert len(losses["varlen"]) == 2
+        assert len(losses[layout]) == 2 and all(math.isfinite(x) for x in losses[layout])
+    return losses
+
+
+def test_sft_trainer_varlen_equals_padded(tiny_model_dir, sft_file, tmp_path):
+    """Two SFT steps on the tiny Llama, rows of different lengths: one loss with the rows end to end or padded."""
+    losses = trainer_losses("sft", tiny_model_dir, sft_file, tmp_path, ("varlen", "padded"))
     torch.testing.assert_close(losses["varlen"], losses["padded"], atol=ATOL, rtol=0)
 
 
 def test_dpo_trainer_flat_layouts_equal_padded(tiny_model_dir, prefs_file, tmp_path):
     """Two DPO steps on the tiny Llama (precomputed reference: a no-grad pass) give one loss in every layout."""
-    from rlhf import Trainer
-
-    losses = {}
-    for layout in ("flex", "varlen", "padded"):
-        cfg = train_config("dpo", tiny_model_dir, prefs_file, str(tmp_path / layout), PAIR_OPTIM,
-                           model__pair_packing=layout)
-        trainer = Trainer(cfg)
-        trainer.train()
-        assert pair_layout(trainer.model) == layout
-        losses[layout] = [r["train/loss"] for r in read_metrics(tmp_path / layout / "run" / "metrics.jsonl")
-                          if "train/loss" in r]
-    assert len(losses["flex"]) == 2 and all(math.isfinite(x) for x in losses["flex"])
+    losses = trainer_losses("dpo", tiny_model_dir, prefs_file, tmp_path, ("flex", "varlen", "padded"))
     torch.testing.assert_close(losses["flex"], losses["padded"], atol=ATOL, rtol=0)
     torch.testing.assert_close(losses["varlen"], losses["padded"], atol=ATOL, rtol=0)
 
