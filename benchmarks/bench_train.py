@@ -17,7 +17,9 @@ Measured: tokens/s = real tokens (prompt + chosen + rejected words, + one EOS pe
 warm-up, over their step time (CUDA-synchronized); rlhf's DPO with `reference: precomputed` also pays the
 precompute time (its steady-state per-batch time: the first batch's warm-up and any later compile left out, like the
 warm-up steps; the compile seconds are reported apart), in proportion to the steps counted. With --profile the
-profiled steps are left out of tokens/s too. Peak = torch.cuda.max_memory_allocated over the whole run, each
+profiled steps are left out of tokens/s too.
+Steady tokens/s: the same over the counted steps that took at most 3x their median (a compile, or a first meeting of
+a new padded length, left out for every trainer alike), with how many were left out. Peak = torch.cuda.max_memory_allocated over the whole run, each
 trainer in its own process. Loss = the last step's training loss.
 rlhf runs with its Trainer's optimizer (AdamW, fused on CUDA); checkpoint and final export are skipped (not timed
 either way).
@@ -406,25 +408,36 @@ def summarize(res: dict, tokens: list[int], warmup: int) -> dict:
         return res
     n = len(res["step_s"])
     counted = [i for i in range(min(warmup, n - 1), n) if i not in res.get("profiled", ())]
-    seconds = sum(res["step_s"][i] for i in counted) + res["precompute_s"] * len(counted) / n
-    return {**res, "tok_s": sum(tokens[i] for i in counted) / max(seconds, 1e-9), "peak_gb": res["peak_bytes"] / 1e9,
-            "final_loss": res["loss"][-1] if res["loss"] else float("nan")}
+
+    def tok_s(steps: list[int]) -> float:
+        seconds = sum(res["step_s"][i] for i in steps) + res["precompute_s"] * len(steps) / n
+        return sum(tokens[i] for i in steps) / max(seconds, 1e-9)
+    # steady: the counted steps without stalls (over 3x their median: a compile, a first meeting of a new length),
+    # what a long run converges to if those do not recur; tok_s is end to end over the counted steps
+    cut = 3 * statistics.median(res["step_s"][i] for i in counted)
+    steady = [i for i in counted if res["step_s"][i] <= cut]
+    return {**res, "tok_s": tok_s(counted), "steady_tok_s": tok_s(steady), "stalled_steps": len(counted) - len(steady),
+            "peak_gb": res["peak_bytes"] / 1e9, "final_loss": res["loss"][-1] if res["loss"] else float("nan")}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| workload | shape | trainer | tokens/s | peak GB | loss at last step | tokens/s vs best TRL | peak vs best TRL |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | shape | trainer | tokens/s | peak GB | loss at last step | tokens/s vs best TRL | peak vs best TRL "
+             "| steady tokens/s (stalled steps left out) | steady vs best TRL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['shape']} | {r['trainer']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['workload']} | {r['shape']} | {r['trainer']} | error: {r['error']} | | | | | | |")
             continue
         peers = [p for p in results if p.get("kind") == r["kind"] and p["shape"] == r["shape"]
                  and p["workload"] == r["workload"] and p["trainer"].startswith("trl") and "tok_s" in p]
         best = max(peers, key=lambda p: p["tok_s"]) if peers else None
         ratio = f"{r['tok_s'] / best['tok_s']:.2f}x ({best['trainer']})" if best else ""
         mem = f"{r['peak_gb'] / best['peak_gb']:.2f}x" if best and best["peak_gb"] else ""
+        steady = max(peers, key=lambda p: p["steady_tok_s"]) if peers else None
+        steady_ratio = f"{r['steady_tok_s'] / steady['steady_tok_s']:.2f}x ({steady['trainer']})" if steady else ""
         lines.append(f"| {r['workload']} | {r['shape']} | {r['trainer']} | {r['tok_s']:,.0f} | {r['peak_gb']:.1f} | "
-                     f"{r['final_loss']:.5f} | {ratio} | {mem} |")
+                     f"{r['final_loss']:.5f} | {ratio} | {mem} | {r['steady_tok_s']:,.0f} ({r['stalled_steps']}) | "
+                     f"{steady_ratio} |")
     return "\n".join(lines)
 
 
