@@ -233,7 +233,7 @@ def flat_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     tokens only, with positions from 0, so it gives each row's log-probs as padded rows do, without computing the
     padding. Rows may sit on the CPU (the layout is built there) and are moved to the model's device. [B, T-1] float32,
     0 off `positions`."""
-    from .shared_prefix import PairVarlen, varlen_kwargs
+    from .shared_prefix import PairVarlen
 
     parts = _lm_parts(model)
     chunk = chunk_tokens(model)
@@ -242,16 +242,15 @@ def flat_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         return token_logprobs(model, input_ids.to(device), attention_mask.to(device), positions=positions.to(device))
     real = attention_mask.cpu().bool()
     ids, positions = input_ids.cpu(), positions.cpu()
-    documents = PairVarlen.rows(real.sum(1).tolist()).to(device)
+    mask, extra = _varlen_inputs(PairVarlen.rows(real.sum(1).tolist()), device)
     flat_ids = ids[real][None].to(device)
     flat_positions = position_ids_from_mask(real.long())[real][None].to(device)
     B, T = ids.shape
     index = real.flatten().cumsum(0).view(B, T) - 1  # flat position of each real token
     keep = (positions != 0) & real[:, :-1] & real[:, 1:]
     decoder, head = parts
-    placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # passes transformers' mask building
-    hidden = hidden_states(model, flat_ids, placeholder, decoder, position_ids=flat_positions, logits_to_keep=1,
-                           **varlen_kwargs(documents))[0]
+    hidden = hidden_states(model, flat_ids, mask, decoder, position_ids=flat_positions, logits_to_keep=1,
+                           **extra)[0]
     logp = logprobs_from_hidden(head, hidden[index[:, :-1][keep].to(device)], ids[:, 1:][keep].to(device),
                                 chunk_size=chunk)
     keep = keep.to(device)
@@ -324,17 +323,15 @@ def pair_layout(model) -> str:
 def _pair_inputs(model, packed) -> tuple[Any, dict]:
     """The attention mask of a packed batch in the form the attention kernel reads, and the forward's extra keywords.
 
-    The flat layout with PairVarlen documents: a [1, 1, 1, 1] placeholder (a 4D mask passes transformers' mask
-    building untouched) and the documents as keywords (shared_prefix.VARLEN_KWARGS). The flat layout otherwise: its
-    BlockMask. The padded one: a dense mask, bool (True = attend) for sdpa and additive for eager. torch's
-    flex_attention has no backward on the CPU, so there a flat batch that needs gradients hands SDPA the same rule as
-    a dense [1, 1, L, L] mask."""
-    from .shared_prefix import SDPA_FLEX, varlen_kwargs
+    The flat layout with PairVarlen documents: _varlen_inputs. The flat layout otherwise: its BlockMask. The padded
+    one: a dense mask, bool (True = attend) for sdpa and additive for eager. torch's flex_attention has no backward on
+    the CPU, so there a flat batch that needs gradients hands SDPA the same rule as a dense [1, 1, L, L] mask."""
+    from .shared_prefix import SDPA_FLEX
 
     inner = _unwrap(model)
     device = packed.input_ids.device
     if packed.varlen is not None:
-        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), varlen_kwargs(packed.varlen)
+        return _varlen_inputs(packed.varlen, device)
     if packed.flat:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in inner.parameters())
         if device.type != "cpu" or not needs_grad:
@@ -344,6 +341,15 @@ def _pair_inputs(model, packed) -> tuple[Any, dict]:
         return mask, {}
     dtype = next(inner.parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min), {}
+
+
+def _varlen_inputs(documents, device) -> tuple[torch.Tensor, dict]:
+    """(attention mask, forward keywords) of a row attended through shared_prefix.PairVarlen documents: a [1, 1, 1, 1]
+    placeholder (a 4D mask passes transformers' mask building untouched) and the documents as keywords
+    (shared_prefix.VARLEN_KWARGS)."""
+    from .shared_prefix import varlen_kwargs
+
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), varlen_kwargs(documents.to(device))
 
 
 def _packed(model, input_ids, attention_mask, response_mask, device):

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, ModelConfig, check_local_path
+from .forward import _unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -254,17 +255,14 @@ def compile_layers(model: torch.nn.Module, mode: str = "default") -> int:
     options = {} if mode == "default" else {"mode": mode}
     for layer in layers:
         layer.compile(dynamic=True, **options)
-    model.compile_mode = mode  # a plain attribute, read by mark_step
+    _unwrap(model).compile_mode = mode  # a plain attribute of the transformers model, read by mark_step
     return len(layers)
 
 
 def mark_step(model: torch.nn.Module) -> None:
     """Call before a forward when the outputs of the model's previous forwards are no longer needed (their backward
     done, their values read): CUDA graphs of model.compile_mode reduce-overhead may then reuse that memory."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, DeepSpeed
-        inner = inner.module
-    if getattr(inner, "compile_mode", "default") == "reduce-overhead":
+    if getattr(_unwrap(model), "compile_mode", "default") == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
 
 
