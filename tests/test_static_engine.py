@@ -168,6 +168,56 @@ def test_reading_the_cache_in_blocks_equals_reading_all_of_it(lm):
     assert torch.allclose(whole.logprobs, _scored(model, whole, s), atol=1e-5)
 
 
+@pytest.mark.parametrize("prefill_batch", [32, 3])
+def test_varlen_layout_equals_the_masked_one(lm, prefill_batch):
+    """The varlen layout (a row's token at position p in slot p, decode attending to the row's first p + 1 slots)
+    against the left-padded, masked one: the same keys and values reach each query, and the slots either layout
+    leaves out carry weight exactly 0, so only the softmax's summation order differs (float32, ~1e-7 relative;
+    1e-5 on log-probs of O(1)). A prefill batch of 3 rows of 4 puts the second batch's rows at a cache offset."""
+    model, tok = lm
+    s = SamplingConfig(max_new_tokens=24, temperature=0.9)
+    prompts, seeds = _prompts(tok), [1, 2, 3, 4]
+    masked = StaticEngine(attention="masked").generate(model, tok, prompts, s, batch_size=prefill_batch, seeds=seeds)
+    varlen = StaticEngine(attention="varlen-reference").generate(model, tok, prompts, s, batch_size=prefill_batch,
+                                                                 seeds=seeds)
+    assert torch.equal(varlen.response_ids, masked.response_ids)
+    assert torch.allclose(varlen.logprobs, masked.logprobs, atol=1e-5)
+    assert torch.allclose(varlen.logprobs, _scored(model, varlen, s), atol=1e-5)
+
+
+def test_stacked_projections_equal_the_modules_own(lm):
+    """q/k/v and gate/up as one product over stacked weights: each output element is the same dot product (with its
+    own bias), so only the matrix kernel's blocking may change the float32 summation order (~1e-6 relative)."""
+    from rlhf.models.tiny import build_tiny_model
+    from rlhf.rollout.static import _Decoder
+
+    _, tok = lm
+    model = build_tiny_model(tok, arch="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2,
+                             intermediate_size=128).eval()  # q/k/v with biases
+    with torch.no_grad():
+        for layer in model.model.layers:  # biases of O(1) rather than zeros, so that a dropped one shows
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                m.bias.normal_()
+    dec = _Decoder(model, 4, 8, stack=True)
+    assert dec.qkv is not None and dec.gate_up is not None and dec.qkv[0].bias is not None
+    s = SamplingConfig(max_new_tokens=16, temperature=0.9)
+    prompts, seeds = _prompts(tok), [5, 6, 7, 8]
+    plain = StaticEngine().generate(model, tok, prompts, s, seeds=seeds)
+    stacked = StaticEngine(stack_projections=True).generate(model, tok, prompts, s, seeds=seeds)
+    assert torch.equal(stacked.response_ids, plain.response_ids)
+    assert torch.allclose(stacked.logprobs, plain.logprobs, atol=1e-5)
+
+
+def test_auto_attention_is_masked_without_flash_attention(lm):
+    from rlhf.rollout.static import flash_varlen_available
+
+    model, _ = lm
+    assert StaticEngine()._attention(model, torch.device("cpu")) == "masked"
+    assert not flash_varlen_available(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="attention 'flash' is not one of auto, masked, varlen"):
+        StaticEngine(attention="flash")
+
+
 def test_lora_adapters_act_unmerged(lm):
     from peft import LoraConfig, get_peft_model
 
@@ -276,6 +326,32 @@ def test_bf16_engine_logprobs_near_a_training_forward(lm):
     r = generate(model, tok, prompt_ids=_prompts(tok) * 4, sampling=s, engine="static", seeds=list(range(16)))
     gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
     assert float(gap.max()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_flash_varlen_decoding_near_the_masked_product(lm):
+    """auto picks flash attention's varlen kernel for a bf16 model on an Ampere-or-newer GPU; compiled and in a
+    graph, its log-probs stay within the bf16 bound of the test above of a training forward, and its first-step
+    log-probs (no cached token sampled yet) equal the reference product's within bf16 rounding of O(1) logits."""
+    from rlhf.rollout.static import flash_varlen_available
+
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    if not flash_varlen_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("flash attention's varlen kernel with per-sequence key lengths is not available")
+    assert StaticEngine()._attention(model, torch.device("cuda")) == "varlen"
+    s = SETTINGS["filtered"]
+    prompts, seeds = _prompts(tok) * 8, list(range(32))
+    flash = StaticEngine(attention="varlen").generate(model, tok, prompts, s, seeds=seeds)
+    ref = StaticEngine(attention="varlen-reference", compile=False, use_graph=False).generate(model, tok, prompts,
+                                                                                           s, seeds=seeds)
+    gap = (flash.logprobs - _scored(model, flash, s)).abs().sum(1) / flash.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05
+    # decode steps 1-2 read the cache through each kernel; the sampled tokens agree where the noise is far from a tie
+    same = (flash.response_ids[:, :3] == ref.response_ids[:, :3]).all(1)
+    assert float(same.float().mean()) > 0.9
+    assert torch.allclose(flash.logprobs[same, :3], ref.logprobs[same, :3], atol=0.05)
 
 
 def test_hf_generate_runs_compiled_layers_eager(lm):

@@ -155,11 +155,77 @@ class _LoraGroup:
         return out
 
 
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's flash attention kernel can run a varlen decode here: a CUDA device of compute capability 8
+    or newer, a half-precision cache, and an operator that takes per-sequence key lengths (seqused_k)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None or "seqused_k" not in str(op.default._schema):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _varlen_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor, G: int,
+                   max_len: int, scale: float, reference: bool = False) -> torch.Tensor:
+    """One query per head and row over the rows' filled cache slots: [b * G, kv_heads, head_dim].
+
+    q [b * G, kv_heads, head_dim]: sequence r's G queries are the G query heads that share each KV head.
+    k_cache, v_cache [b * max_len, kv_heads, head_dim]: row r's keys are slots r * max_len + [0, used[r]).
+    Flash attention's varlen kernel reads only those slots (and no mask); the reference computes the same product
+    over the whole cache with a length mask, on any device (tests compare the two layouts with it on a CPU).
+    """
+    b = used.shape[0]
+    if reference:
+        kv, d = k_cache.shape[1:]
+        k = k_cache.view(b, max_len, kv, d).transpose(1, 2)
+        v = v_cache.view(b, max_len, kv, d).transpose(1, 2)
+        mask = (torch.arange(max_len, device=used.device) < used[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.view(b, G, kv, d).transpose(1, 2), k, v, attn_mask=mask, scale=scale)
+        return o.transpose(1, 2).reshape(b * G, kv, d)
+    cu_q = torch.arange(0, (b + 1) * G, G, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, (b + 1) * max_len, max_len, dtype=torch.int32, device=q.device)
+    return torch.ops.aten._flash_attention_forward(q, k_cache, v_cache, cu_q, cu_k, G, max_len, 0.0, False, False,
+                                                   scale=scale, seqused_k=used)[0]
+
+
+class _StackedLinear:
+    """Plain linear projections that read one input (q, k, v; gate, up) as one matrix product over their weights
+    stacked for the call: [b, in] x [sum of outs, in]^T, split per projection. At decode shapes (a few hundred rows)
+    the separate products are narrow (the k and v projections of a grouped-query model have 128 outputs at the
+    Qwen2.5-0.5B shape) and use the GPU poorly; the stacked one is one wide product. It costs a copy of those
+    weights for the generate call."""
+
+    def __init__(self, modules: list):
+        self.sizes = [m.out_features for m in modules]
+        self.weight = torch.cat([m.weight.detach() for m in modules])
+        biases = [m.bias for m in modules]
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                                   for b, m in zip(biases, modules)])
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def _plain_linears(modules: list) -> bool:
+    return all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.numel() > 0
+               for m in modules)
+
+
 class _Decoder:
     """The model's modules over a static KV cache of [rows, kv_heads, max_len, head_dim] per layer."""
 
-    def __init__(self, model, rows: int, max_len: int, group_lora: bool = True):
+    def __init__(self, model, rows: int, max_len: int, group_lora: bool = True, attention: str = "masked",
+                 stack: bool = False):
         lm = _unwrap(model)
+        # "masked": cache slots are the left-padded columns, attention masks them ([rows, kv_heads, max_len,
+        # head_dim] per layer). "varlen" / "varlen-reference": a row's token at position p lives in slot p, so its
+        # keys are the first `used` slots of its row ([rows * max_len, kv_heads, head_dim] per layer) and decoding
+        # reads only those, through flash attention's varlen kernel (or the same product, masked, as a reference)
+        self.attention = attention
+        self.varlen = attention != "masked"
         self.lm, self.base = lm, lm.model
         cfg = lm.config
         self.layers = list(self.base.layers[: cfg.num_hidden_layers])
@@ -183,21 +249,34 @@ class _Decoder:
             if any(g.lora for v in groups.values() for g in v):
                 for k, v in groups.items():
                     setattr(self, k, v)
+        if stack and self.qkv is None:  # no LoRA groups: plain projections stacked per input
+            qkv = [[l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj] for l in self.layers]
+            if all(_plain_linears(g) for g in qkv):
+                self.qkv = [_StackedLinear(g) for g in qkv]
+            if all(_is_swiglu_mlp(l.mlp, cfg) and _plain_linears([l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj])
+                   for l in self.layers):
+                self.gate_up = [_StackedLinear([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+                self.down = [lambda x, m=l.mlp.down_proj: [m(x)] for l in self.layers]
 
     def _cache(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[i] is None:  # allocated at the first prefill, in the dtype the projections produce (autocast)
-            shape = (self.rows, self.kv_heads, self.max_len, self.head_dim)
+            shape = ((self.rows * self.max_len, self.kv_heads, self.head_dim) if self.varlen
+                     else (self.rows, self.kv_heads, self.max_len, self.head_dim))
             self.k[i] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.v[i] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self.k[i], self.v[i]
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                rows: slice, kv_len: Optional[int] = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor],
+                rows: slice, kv_len: Optional[int] = None, used: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 logits [b, V] of the last position.
 
-        ids, positions [b, T]; slots [T] cache slots the T tokens are written to; mask [b, 1, T, max_len] bool,
-        True where a query may attend; rows: the cache rows of this batch. kv_len: attention reads only the cache's
-        first kv_len slots (every slot a query may attend must lie there); None reads all of it.
+        ids, positions [b, T]; rows: the cache rows of this batch.
+        Masked layout: slots [T] cache slots the T tokens are written to; mask [b, 1, T, max_len] bool, True where a
+        query may attend. kv_len: attention reads only the cache's first kv_len slots (every slot a query may attend
+        must lie there); None reads all of it.
+        Varlen layout: slots [b * T] indices into the flat cache (row * max_len + position). A prefill (used None)
+        attends among its own T tokens under mask [b, 1, T, >= T]; a decode step (T = 1) attends to the first
+        used[r] slots of each row r (int32 [b], its own slot included).
         """
         kv_len = self.max_len if kv_len is None else kv_len
         b, T = ids.shape
@@ -205,7 +284,9 @@ class _Decoder:
         h = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(h, positions)
         # grouped-query attention without repeating the cache: the G query heads of a KV head become G x T rows
-        mask = mask[..., :kv_len].unsqueeze(2).expand(b, 1, G, T, kv_len).reshape(b, 1, G * T, kv_len)
+        if used is None:
+            kv_len = T if self.varlen else kv_len
+            mask = mask[..., :kv_len].unsqueeze(2).expand(b, 1, G, T, kv_len).reshape(b, 1, G * T, kv_len)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
@@ -216,12 +297,26 @@ class _Decoder:
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             k_cache, v_cache = self._cache(i, k)
-            k_cache[rows].index_copy_(2, slots, k.to(k_cache.dtype))
-            v_cache[rows].index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
-            q = q.reshape(b, self.kv_heads, G * T, self.head_dim)
-            o = F.scaled_dot_product_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len],
-                                               attn_mask=mask, scale=a.scaling)
-            o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
+            if self.varlen:
+                flat = (b * T, self.kv_heads, self.head_dim)
+                k_cache.index_copy_(0, slots, k.transpose(1, 2).reshape(flat).to(k_cache.dtype))
+                v_cache.index_copy_(0, slots, v.reshape(flat).to(v_cache.dtype))
+            else:
+                k_cache[rows].index_copy_(2, slots, k.to(k_cache.dtype))
+                v_cache[rows].index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
+            if used is not None:  # varlen decode: the G query heads of a KV head are G queries of its sequence
+                q = q.reshape(b, self.kv_heads, G, self.head_dim).transpose(1, 2).reshape(b * G, self.kv_heads, -1)
+                o = _varlen_decode(q, k_cache, v_cache, used, G, self.max_len, a.scaling,
+                                   self.attention == "varlen-reference")
+                o = o.view(b, G, self.kv_heads, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
+            else:
+                q = q.reshape(b, self.kv_heads, G * T, self.head_dim)
+                if self.varlen:  # varlen prefill: the batch's own keys, in the masked layout
+                    kk, vv = k, v.transpose(1, 2)
+                else:
+                    kk, vv = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]
+                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=a.scaling)
+                o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
             h = h + (self.o[i](o)[0] if self.o else a.o_proj(o))
             x = layer.post_attention_layernorm(h)
             if self.gate_up:
@@ -237,8 +332,12 @@ def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, token
     """One decode step on the state tensors, in place: attend (over the cache's first kv_len slots), sample,
     record, advance. Everything that varies between steps lives in tensors, so the step can be captured once per
     kv_len and replayed."""
-    st["valid"].index_fill_(1, st["slot"], True)
-    logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None), kv_len)
+    if dec.varlen:  # row r's token at position p goes to slot p and attends to slots [0, p]
+        pos = st["pos"][:, 0]
+        logits = dec.forward(st["cur"], st["pos"], st["base"] + pos, None, slice(None), used=(pos + 1).int())
+    else:
+        st["valid"].index_fill_(1, st["slot"], True)
+        logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None), kv_len)
     tok, lp = sample_tokens(logits, seeds, st["step"], sampling)
     tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
     logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
@@ -277,10 +376,26 @@ class StaticEngine:
     bytes: 1.21 s whole against 1.27 s in blocks.
     group_lora: LoRA adapters of sibling projections run as one pair of products per group (_LoraGroup); False runs
     each projection's own (peft) forward.
+    attention: "masked" keeps the cache in left-padded columns and masks them at every step (the SDPA kernel then
+    reads every slot, filled or not); "varlen" puts a row's token at position p in slot p and decodes through
+    flash attention's varlen kernel, which reads each row's filled slots only and takes no mask; "auto" (the
+    default) picks varlen where `flash_varlen_available` (CUDA, Ampere or newer, a bf16/fp16 cache), masked
+    elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests. kv_block
+    applies to the masked layout only.
+
+    stack_projections: plain (LoRA-free) q/k/v and gate/up projections run as one product per group over their
+    weights stacked for the call (_StackedLinear): wider products at decode shapes, for a copy of those weights
+    (about half of the non-embedding weights of a SwiGLU model) held during the call. Off by default.
     """
 
+    ATTENTION = ("auto", "masked", "varlen", "varlen-reference")
+
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
-                 kv_block: int = 0, group_lora: bool = True):
+                 kv_block: int = 0, group_lora: bool = True, attention: str = "auto", stack_projections: bool = False):
+        self.stack_projections = stack_projections
+        if attention not in self.ATTENTION:
+            raise ValueError(f"static engine: attention {attention!r} is not one of {', '.join(self.ATTENTION)}")
+        self.attention = attention
         self.use_graph = use_graph
         self.check_every = check_every
         self.compile = compile
@@ -308,7 +423,7 @@ class StaticEngine:
         was_training = model.training
         model.eval()
         try:
-            dec = _Decoder(model, B, L, self.group_lora)
+            dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self.stack_projections)
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
@@ -322,6 +437,16 @@ class StaticEngine:
         response = torch.where(rmask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         return Rollout(ids, pmask.long(), response, rmask, eos, texts, logprobs=logps * rmask)
+
+    def _attention(self, model, device: torch.device) -> str:
+        if self.attention != "auto":
+            return self.attention
+        # the cache holds what the k/v projections produce: the autocast dtype under autocast, else the weights'
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = _unwrap(model).model.embed_tokens.weight.dtype
+        return "varlen" if flash_varlen_available(device, dtype) else "masked"
 
     def _run(self, dec: _Decoder, ids, pmask, seeds, sampling, tokens, logps, eos_id: int, prefill_batch: int) -> int:
         """Fill tokens/logps [B, N] in place; returns how many steps were generated (all rows done may stop early)."""
@@ -340,7 +465,11 @@ class StaticEngine:
             valid = torch.zeros((r.stop - r.start, L), dtype=torch.bool, device=device)
             valid[:, :P] = pmask[r]
             mask = (causal[None] & valid[:, None, :]) | (slot[None, None, :] == torch.arange(P, device=device)[None, :, None])
-            logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
+            if dec.varlen:  # real tokens to slot = position; padding to the row's last slot, never read
+                flat = torch.where(pmask[r], positions[r], L - 1) + (torch.arange(r.start, r.stop, device=device) * L)[:, None]
+                logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r)
+            else:
+                logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
             tok, lp = sample_tokens(logits, seeds[r], step0, sampling)
             tokens[r, 0], logps[r, 0] = tok, lp
         # decode state, in tensors the graph reads and advances in place
@@ -351,6 +480,7 @@ class StaticEngine:
             "step": torch.ones((), dtype=torch.long, device=device),
             "valid": torch.cat([pmask, torch.zeros((B, N), dtype=torch.bool, device=device)], dim=1),
             "done": tokens[:, 0] == eos_id,
+            "base": torch.arange(B, device=device) * L,
         }
 
         on_cuda = device.type == "cuda"
@@ -370,7 +500,7 @@ class StaticEngine:
                 fn = _decode_step
                 fn(*args, kv_len)
 
-        block = self.kv_block if self.kv_block > 0 else L
+        block = self.kv_block if self.kv_block > 0 and not dec.varlen else L
         steps, graphs, warm = 1, {}, {}
         side = torch.cuda.Stream() if use_graph else None
         while steps < N:
