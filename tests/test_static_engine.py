@@ -213,6 +213,7 @@ def test_auto_attention_is_masked_without_flash_attention(lm):
 
     model, _ = lm
     assert StaticEngine()._attention(model, torch.device("cpu")) == "masked"
+    assert StaticEngine()._stack(model, torch.device("cpu")) is False
     assert not flash_varlen_available(torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="attention 'flash' is not one of auto, masked, varlen"):
         StaticEngine(attention="flash")

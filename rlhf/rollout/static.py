@@ -385,13 +385,17 @@ class StaticEngine:
 
     stack_projections: plain (LoRA-free) q/k/v and gate/up projections run as one product per group over their
     weights stacked for the call (_StackedLinear): wider products at decode shapes, for a copy of those weights
-    (about half of the non-embedding weights of a SwiGLU model) held during the call. Off by default.
+    (about two thirds of the non-embedding weights of a SwiGLU model) held during the call. None (the default): on
+    CUDA when that copy takes at most a tenth of the device's free memory (Qwen2.5-0.5B: 0.47 GB; on an H200 at
+    that shape 1.10 s against 1.17 s at batch 512 and 0.51 s against 0.57 s at batch 64, BENCHMARKS.md rollout run
+    5), off elsewhere.
     """
 
     ATTENTION = ("auto", "masked", "varlen", "varlen-reference")
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
-                 kv_block: int = 0, group_lora: bool = True, attention: str = "auto", stack_projections: bool = False):
+                 kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
+                 stack_projections: Optional[bool] = None):
         self.stack_projections = stack_projections
         if attention not in self.ATTENTION:
             raise ValueError(f"static engine: attention {attention!r} is not one of {', '.join(self.ATTENTION)}")
@@ -423,7 +427,7 @@ class StaticEngine:
         was_training = model.training
         model.eval()
         try:
-            dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self.stack_projections)
+            dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device))
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
@@ -437,6 +441,23 @@ class StaticEngine:
         response = torch.where(rmask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         return Rollout(ids, pmask.long(), response, rmask, eos, texts, logprobs=logps * rmask)
+
+    def _stack(self, model, device: torch.device) -> bool:
+        if self.stack_projections is not None:
+            return self.stack_projections
+        if device.type != "cuda":
+            return False
+        layers = _unwrap(model).model.layers
+        names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+        stacked = 0
+        for layer in layers:
+            for name in names:
+                try:
+                    w = layer.get_submodule(name).weight
+                except AttributeError:
+                    continue
+                stacked += w.numel() * w.element_size()
+        return stacked <= torch.cuda.mem_get_info(device)[0] / 10
 
     def _attention(self, model, device: torch.device) -> str:
         if self.attention != "auto":
