@@ -215,7 +215,7 @@ def _plain_linears(modules: list) -> bool:
 
 
 class _Decoder:
-    """The model's modules over a static KV cache of [rows, kv_heads, max_len, head_dim] per layer."""
+    """The model's modules over a static KV cache per layer, in one of two layouts (`attention`, below)."""
 
     def __init__(self, model, rows: int, max_len: int, group_lora: bool = True, attention: str = "masked",
                  stack: bool = False):
@@ -487,7 +487,8 @@ class StaticEngine:
             valid[:, :P] = pmask[r]
             mask = (causal[None] & valid[:, None, :]) | (slot[None, None, :] == torch.arange(P, device=device)[None, :, None])
             if dec.varlen:  # real tokens to slot = position; padding to the row's last slot, never read
-                flat = torch.where(pmask[r], positions[r], L - 1) + (torch.arange(r.start, r.stop, device=device) * L)[:, None]
+                base = torch.arange(r.start, r.stop, device=device)[:, None] * L
+                flat = base + torch.where(pmask[r], positions[r], L - 1)
                 logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r)
             else:
                 logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
