@@ -208,6 +208,35 @@ def test_stacked_projections_equal_the_modules_own(lm):
     assert torch.allclose(stacked.logprobs, plain.logprobs, atol=1e-5)
 
 
+def test_cache_takes_the_autocast_dtype(lm):
+    """float32 weights under bf16 autocast: the projections run in bf16, and the rotary tables (float32, from the
+    float32 embeddings) must not promote the cached keys back to float32, which would double the cache and keep
+    the bf16-only flash kernel from reading it. Both layouts then cache bf16 and agree to bf16 rounding of their
+    summation order (logits of O(1) on this 2-layer model: 1e-2 on a log-prob)."""
+    from rlhf.rollout.static import _Decoder
+
+    model, tok = lm
+    s = SamplingConfig(max_new_tokens=8, temperature=0.9)
+    prompts, seeds = _prompts(tok), [1, 2, 3, 4]
+    seen = []
+    init = _Decoder._cache
+
+    def spy(self, i, like):
+        seen.append(like.dtype)
+        return init(self, i, like)
+
+    out = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Decoder, "_cache", spy)
+        assert StaticEngine()._attention(model, torch.device("cpu")) == "masked"
+        for attention in ("masked", "varlen-reference"):
+            out[attention] = StaticEngine(attention=attention).generate(model, tok, prompts, s, seeds=seeds)
+    assert set(seen) == {torch.bfloat16}
+    same = (out["masked"].response_ids == out["varlen-reference"].response_ids).all(1)
+    assert bool(same.any())
+    assert torch.allclose(out["masked"].logprobs[same], out["varlen-reference"].logprobs[same], atol=1e-2)
+
+
 def test_auto_attention_is_masked_without_flash_attention(lm):
     from rlhf.rollout.static import flash_varlen_available
 

@@ -296,6 +296,9 @@ class _Decoder:
             if hasattr(a, "q_norm"):  # qwen3 normalizes each head before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            # float32 rotary tables (float32 weights under autocast) would promote q and k; the cache and the
+            # attention kernel take the projections' dtype, as autocast's attention would
+            q, k = q.to(v.dtype), k.to(v.dtype)
             k_cache, v_cache = self._cache(i, k)
             if self.varlen:
                 flat = (b * T, self.kv_heads, self.head_dim)
