@@ -459,6 +459,8 @@ class StaticEngine:
                     w = layer.get_submodule(name).weight
                 except AttributeError:
                     continue
+                if hasattr(w, "ds_numel"):  # ZeRO-3 partitions: the copy would be of whole gathered weights
+                    return False
                 stacked += w.numel() * w.element_size()
         return stacked <= torch.cuda.mem_get_info(device)[0] / 10
 
