@@ -13,7 +13,8 @@ top-p (what every engine supports alike); the static engine is also timed with P
 layout through flash attention, reading each row's filled slots); `static-masked` keeps the left-padded layout and its
 masked attention, reading the whole KV cache at every step (`static-whole` is the same) or only its filled 64-slot
 blocks (`static-blocks`). `static-stacked` runs the q/k/v and gate/up projections as one product each over weights
-stacked for the call.
+stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
+as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning.
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -92,7 +93,8 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             # static-whole) or its filled 64-slot blocks only (static-blocks, kv_block 64), whatever the batch
             masked = any(k in name for k in ("masked", "whole", "blocks"))
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention="masked" if masked else "auto",
-                                  stack_projections="stacked" in name)
+                                  stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
+                                  autotune="autotune" in name)
             return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     else:
         ids = torch.tensor(prompts, device="cuda")

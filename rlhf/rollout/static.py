@@ -351,15 +351,17 @@ def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, token
     st["step"].add_(1)
 
 
-_COMPILED: list = []
+_COMPILED: dict = {}
 
 
-def _compiled_step():
-    """One compiled decode step per process: compiled code is cached on this function, so later rollouts (other
-    batches, other prompt lengths: automatic dynamic shapes) reuse it instead of compiling again."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_decode_step))
-    return _COMPILED[0]
+def _compiled_step(autotune: bool = False):
+    """One compiled decode step per process (and mode): compiled code is cached on this function, so later rollouts
+    (other batches, other prompt lengths: automatic dynamic shapes) reuse it instead of compiling again. autotune:
+    inductor times Triton matrix-product templates against cuBLAS for each product's shape and keeps the faster
+    (mode max-autotune-no-cudagraphs: the engine captures the graph itself), at minutes of compiling."""
+    if autotune not in _COMPILED:
+        _COMPILED[autotune] = torch.compile(_decode_step, mode="max-autotune-no-cudagraphs" if autotune else None)
+    return _COMPILED[autotune]
 
 
 class StaticEngine:
@@ -369,7 +371,8 @@ class StaticEngine:
     in one batch, which is what makes decoding fast. check_every: decode steps between checks for "all done".
     compile: on CUDA, the decode step goes through torch.compile first (norms, rotary embedding, activations, the
     hash sampler fuse into few kernels; a step of a 0.5B model is otherwise hundreds of tiny kernels), then the
-    compiled step is captured in the graph. A step that fails to compile runs eagerly, with one notice.
+    compiled step is captured in the graph. A step that fails to compile runs eagerly, with one notice. autotune:
+    the step compiles with inductor's matrix-product autotuning (see _compiled_step); off by default.
     kv_block: attention reads the cache up to the filled length rounded up to a multiple of kv_block slots, not the
     whole cache; one graph is captured per such length (all in one memory pool). The KV cache is most of a decode
     step's memory traffic at large batches, and the filled part averages about (prompt + new / 2) of (prompt + new).
@@ -398,8 +401,9 @@ class StaticEngine:
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
-                 stack_projections: Optional[bool] = None):
+                 stack_projections: Optional[bool] = None, autotune: bool = False):
         self.stack_projections = stack_projections
+        self.autotune = autotune
         if attention not in self.ATTENTION:
             raise ValueError(f"static engine: attention {attention!r} is not one of {', '.join(self.ATTENTION)}")
         self.attention = attention
@@ -512,7 +516,8 @@ class StaticEngine:
 
         on_cuda = device.type == "cuda"
         use_graph = self.use_graph if self.use_graph is not None else on_cuda
-        fn = _compiled_step() if (self.compile if self.compile is not None else on_cuda) else _decode_step
+        compile = self.compile if self.compile is not None else on_cuda
+        fn = _compiled_step(self.autotune) if compile else _decode_step
         args = (dec, state, seeds, sampling, tokens, logps, eos_id)
 
         def decode_step(kv_len: int) -> None:
