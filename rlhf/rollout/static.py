@@ -76,11 +76,13 @@ def hash_uniform(seeds: torch.Tensor, step: torch.Tensor, token_ids: torch.Tenso
 
 
 def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, sampling: SamplingConfig):
-    """([B] token, [B] its log-prob under the filtered distribution) from float32 logits [B, V].
+    """([B] token, [B] its float32 log-prob under the filtered distribution) from logits [B, V] of any float dtype.
 
-    The filter is ops._sampling_logits, the one training log-probs apply. With top-k, only the k (+ ties) best
-    logits are candidates, so the nucleus sort and the noise cover k columns instead of the vocabulary. Greedy
-    (do_sample false) takes the argmax and reports its log-prob under the same filtered distribution.
+    The filter is ops._sampling_logits on the float32 logits, the one training log-probs apply. With top-k, only
+    the k (+ ties) best logits are candidates, so the nucleus sort and the noise cover k columns instead of the
+    vocabulary; the selection runs in the logits' own dtype (the float32 cast is exact and keeps their order, so
+    bf16 logits give the same candidates from half the bytes, in half the radix passes). Greedy (do_sample false)
+    takes the argmax and reports its log-prob under the same filtered distribution.
     """
     s = sampling
     V = logits.shape[-1]
@@ -88,7 +90,7 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
         cand, ids = torch.topk(logits, s.top_k + _TIE_SLACK, dim=-1)
     else:
         cand, ids = logits, None
-    z = _sampling_logits(cand, s.temperature, s.top_k, s.top_p, upcast=False)
+    z = _sampling_logits(cand, s.temperature, s.top_k, s.top_p, upcast=True)
     if s.do_sample:
         vocab = ids if ids is not None else torch.arange(V, device=logits.device)
         u = hash_uniform(seeds, step, vocab)
@@ -268,7 +270,7 @@ class _Decoder:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor],
                 rows: slice, kv_len: Optional[int] = None, used: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """float32 logits [b, V] of the last position.
+        """Logits [b, V] of the last position, in the LM head's dtype (sample_tokens takes them to float32).
 
         ids, positions [b, T]; rows: the cache rows of this batch.
         Masked layout: slots [T] cache slots the T tokens are written to; mask [b, 1, T, max_len] bool, True where a
@@ -327,7 +329,7 @@ class _Decoder:
                 h = h + self.down[i](layer.mlp.act_fn(g) * u)[0]
             else:
                 h = h + layer.mlp(x)
-        return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0].float()
+        return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0]
 
 
 def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, tokens, logps, eos_id: int,
