@@ -14,7 +14,8 @@ layout through flash attention, reading each row's filled slots); `static-masked
 masked attention, reading the whole KV cache at every step (`static-whole` is the same) or only its filled 64-slot
 blocks (`static-blocks`). `static-stacked` runs the q/k/v and gate/up projections as one product each over weights
 stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
-as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning.
+as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
+`static-triton` decodes the varlen layout with rlhf's own Triton attention kernel instead of flash attention's.
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -92,7 +93,8 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             # static: the engine's defaults; the masked layout reads the whole cache every step (static-masked,
             # static-whole) or its filled 64-slot blocks only (static-blocks, kv_block 64), whatever the batch
             masked = any(k in name for k in ("masked", "whole", "blocks"))
-            engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention="masked" if masked else "auto",
+            attention = "masked" if masked else "varlen-triton" if "triton" in name else "auto"
+            engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
                                   autotune="autotune" in name)
             return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)

@@ -204,6 +204,50 @@ def test_varlen_layout_equals_the_masked_one(lm, prefill_batch):
     assert torch.allclose(varlen.logprobs, _scored(model, varlen, s), atol=1e-5)
 
 
+def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
+    """rlhf's Triton decode-attention kernel, run by Triton's interpreter on the CPU (in a child process: Triton reads
+    TRITON_INTERPRET when it is first imported): on raw tensors, and in the engine against the masked layout.
+    float32 throughout; the online softmax sums in another order than SDPA's (~1e-7 relative), so 1e-5 on outputs
+    and log-probs of O(1). Skips where Triton is not installed (CPU installs of torch do not bring it)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from rlhf.rollout import SamplingConfig
+        from rlhf.rollout.static import StaticEngine, _varlen_decode
+
+        torch.manual_seed(0)
+        b, L, kv, G, d = 3, 70, 2, 3, 16  # 70 slots: the last block of 64 keys is cut at 6, one row uses 1 slot
+        q, k, v = torch.randn(b * G, kv, d), torch.randn(b * L, kv, d), torch.randn(b * L, kv, d)
+        used = torch.tensor([1, 65, 70], dtype=torch.int32)
+        ref = _varlen_decode(q, k, v, used, G, L, 0.25, impl="reference")
+        out = _varlen_decode(q, k, v, used, G, L, 0.25, impl="triton")
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+        tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
+        model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}, dtype=torch.float32).eval()
+        prompts = [tok.encode(t) for t in ("Name a fruit", "Hi", "Tell me about the sea and the sky", "Why")]
+        s = SamplingConfig(max_new_tokens=10, temperature=0.9)
+        masked = StaticEngine(attention="masked").generate(model, tok, prompts, s, seeds=[1, 2, 3, 4])
+        tri = StaticEngine(attention="varlen-triton").generate(model, tok, prompts, s, seeds=[1, 2, 3, 4])
+        assert torch.equal(tri.response_ids, masked.response_ids)
+        assert torch.allclose(tri.logprobs, masked.logprobs, atol=1e-5), (tri.logprobs - masked.logprobs).abs().max()
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
 def test_stacked_projections_equal_the_modules_own(lm):
     """q/k/v and gate/up as one product over stacked weights: each output element is the same dot product (with its
     own bias), so only the matrix kernel's blocking may change the float32 summation order (~1e-6 relative)."""
@@ -401,6 +445,32 @@ def test_bf16_flash_varlen_decoding_near_the_masked_product(lm):
     same = (flash.response_ids[:, :3] == ref.response_ids[:, :3]).all(1)
     assert float(same.float().mean()) > 0.9
     assert torch.allclose(flash.logprobs[same, :3], ref.logprobs[same, :3], atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_triton_decode_kernel_near_flash_attention(lm):
+    """rlhf's Triton decode kernel compiled for the GPU, in the engine's compiled step and graph: bf16, so within the
+    bound of the bf16 tests above of a training forward; on raw tensors at a real head size (64) and group (7 query
+    heads a KV head), it equals the float32 reference product to bf16 rounding of outputs of O(1) (2^-8 relative,
+    summed over a few hundred keys in float32: 2e-2 absolute with room)."""
+    from rlhf.rollout.static import _varlen_decode
+
+    torch.manual_seed(0)
+    b, L, kv, G, d = 64, 300, 2, 7, 64
+    q = torch.randn(b * G, kv, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b * L, kv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b * L, kv, d, device="cuda", dtype=torch.bfloat16)
+    used = torch.randint(1, L + 1, (b,), device="cuda", dtype=torch.int32)
+    ref = _varlen_decode(q.float(), k.float(), v.float(), used, G, L, 0.125, impl="reference")
+    out = _varlen_decode(q, k, v, used, G, L, 0.125, impl="triton")
+    assert torch.allclose(out.float(), ref, atol=2e-2)
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    s = SETTINGS["filtered"]
+    r = StaticEngine(attention="varlen-triton").generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
+    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05
 
 
 def test_hf_generate_runs_compiled_layers_eager(lm):

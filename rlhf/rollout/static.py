@@ -169,16 +169,21 @@ def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _varlen_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor, G: int,
-                   max_len: int, scale: float, reference: bool = False) -> torch.Tensor:
+                   max_len: int, scale: float, impl: str = "flash") -> torch.Tensor:
     """One query per head and row over the rows' filled cache slots: [b * G, kv_heads, head_dim].
 
     q [b * G, kv_heads, head_dim]: sequence r's G queries are the G query heads that share each KV head.
     k_cache, v_cache [b * max_len, kv_heads, head_dim]: row r's keys are slots r * max_len + [0, used[r]).
-    Flash attention's varlen kernel reads only those slots (and no mask); the reference computes the same product
-    over the whole cache with a length mask, on any device (tests compare the two layouts with it on a CPU).
+    impl "flash": flash attention's varlen kernel reads only those slots (and no mask); "triton": rlhf's own Triton
+    kernel (rollout/triton_decode.py) does, with the G queries of a KV head in one 16-row tile; "reference": the same
+    product over the whole cache with a length mask, on any device (tests compare the layouts with it on a CPU).
     """
     b = used.shape[0]
-    if reference:
+    if impl == "triton":
+        from .triton_decode import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, used, G, max_len, scale)
+    if impl == "reference":
         kv, d = k_cache.shape[1:]
         k = k_cache.view(b, max_len, kv, d).transpose(1, 2)
         v = v_cache.view(b, max_len, kv, d).transpose(1, 2)
@@ -223,11 +228,12 @@ class _Decoder:
                  stack: bool = False):
         lm = _unwrap(model)
         # "masked": cache slots are the left-padded columns, attention masks them ([rows, kv_heads, max_len,
-        # head_dim] per layer). "varlen" / "varlen-reference": a row's token at position p lives in slot p, so its
+        # head_dim] per layer). "varlen" (and its -triton, -reference kernels): a row's token at position p lives in slot p, so its
         # keys are the first `used` slots of its row ([rows * max_len, kv_heads, head_dim] per layer) and decoding
         # reads only those, through flash attention's varlen kernel (or the same product, masked, as a reference)
         self.attention = attention
         self.varlen = attention != "masked"
+        self.varlen_impl = {"varlen": "flash", "varlen-triton": "triton", "varlen-reference": "reference"}.get(attention)
         self.lm, self.base = lm, lm.model
         cfg = lm.config
         self.layers = list(self.base.layers[: cfg.num_hidden_layers])
@@ -311,8 +317,7 @@ class _Decoder:
                 v_cache[rows].index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
             if used is not None:  # varlen decode: the G query heads of a KV head are G queries of its sequence
                 q = q.reshape(b, self.kv_heads, G, self.head_dim).transpose(1, 2).reshape(b * G, self.kv_heads, -1)
-                o = _varlen_decode(q, k_cache, v_cache, used, G, self.max_len, a.scaling,
-                                   self.attention == "varlen-reference")
+                o = _varlen_decode(q, k_cache, v_cache, used, G, self.max_len, a.scaling, self.varlen_impl)
                 o = o.view(b, G, self.kv_heads, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
             else:
                 q = q.reshape(b, self.kv_heads, G * T, self.head_dim)
@@ -388,8 +393,10 @@ class StaticEngine:
     reads every slot, filled or not); "varlen" puts a row's token at position p in slot p and decodes through
     flash attention's varlen kernel, which reads each row's filled slots only and takes no mask; "auto" (the
     default) picks varlen where `flash_varlen_available` (CUDA, Ampere or newer, a bf16/fp16 cache), masked
-    elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests. kv_block
-    applies to the masked layout only.
+    elsewhere. "varlen-triton" decodes the varlen layout with rlhf's own Triton kernel instead (rollout/
+    triton_decode.py: the G query heads of a KV head in one small tile; not measured yet, so not chosen by auto).
+    "varlen-reference" is the varlen layout with the masked product, on any device, for tests. kv_block applies to
+    the masked layout only.
 
     stack_projections: plain (LoRA-free) q/k/v and gate/up projections run as one product per group over their
     weights stacked for the call (_StackedLinear): wider products at decode shapes, for a copy of those weights
@@ -399,7 +406,7 @@ class StaticEngine:
     5), off elsewhere.
     """
 
-    ATTENTION = ("auto", "masked", "varlen", "varlen-reference")
+    ATTENTION = ("auto", "masked", "varlen", "varlen-triton", "varlen-reference")
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
