@@ -9,6 +9,8 @@ tokens of a row by 24 times that, ~2e-5 in the worst case, ~1e-6 typically. atol
 sums cover the bound with room; a wrong chunk, label or position is off by O(1).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -199,6 +201,34 @@ def test_plain_head_chunk_gradient_by_hand():
             torch.randn(7, 4, dtype=torch.float64, generator=g).requires_grad_(),
             torch.randn(7, dtype=torch.float64, generator=g).requires_grad_(), torch.tensor([0, 6, 3, 3, 1]))
     assert torch.autograd.gradcheck(lambda h, w, b, y: _PlainHeadLogprob.apply(h, w, b, y, torch.float64), args)
+
+
+def test_compiled_logit_passes_equal_eager():
+    """The LM-head chunk's passes over the logits as CUDA compiles them (here inductor's CPU code: the same graph),
+    against eager: bf16 logits of O(1) over V = 300; the float32 log-sum-exp may sum in another order (~1e-7
+    relative), and the gradient, rounded once to bf16 either way, may then differ by one bf16 ulp (<= 2^-7 relative).
+    By hand on one row: z = [0, ln 3] (softmax [1/4, 3/4]), label 1, g = 2: gradient 2 x ([0, 1] - softmax)."""
+    from rlhf.models.forward import _logit_grad, _pick_and_lse
+
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    picked, lse = _pick_and_lse(z, torch.tensor([1]))
+    assert picked.item() == pytest.approx(math.log(3.0)) and lse.item() == pytest.approx(math.log(4.0))
+    grad = _logit_grad(z, lse, torch.tensor([2.0]), torch.tensor([1]), torch.float32)
+    torch.testing.assert_close(grad, torch.tensor([[-0.5, 0.5]]), atol=1e-6, rtol=0)
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 300, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 300, (37,), generator=g)
+    up = torch.rand(37, generator=g)
+    picked, lse = _pick_and_lse(z, labels)
+    picked_c, lse_c = torch.compile(_pick_and_lse, dynamic=True)(z, labels)
+    assert lse.dtype == lse_c.dtype == torch.float32
+    torch.testing.assert_close(picked_c, picked, atol=0, rtol=0)  # a gather and a cast: exact
+    torch.testing.assert_close(lse_c, lse, atol=1e-5, rtol=0)
+    grad = _logit_grad(z, lse, up, labels, torch.bfloat16)
+    grad_c = torch.compile(_logit_grad, dynamic=True)(z, lse, up, labels, torch.bfloat16)
+    assert grad_c.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_c.float(), grad.float(), atol=0, rtol=2.0 ** -7)
 
 
 def test_plain_head_chunk_under_bf16_autocast_equals_the_checkpointed_chunk():

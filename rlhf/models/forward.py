@@ -106,31 +106,70 @@ def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
     return logp
 
 
+def _pick_and_lse(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_y, logsumexp(z)) per row of one chunk's logits [n, V], in float32 for half-precision logits."""
+    zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # float64 stays
+    return zf.gather(-1, labels.unsqueeze(-1)).squeeze(-1), torch.logsumexp(zf, dim=-1)
+
+
+def _logit_grad(z: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """d(sum_i g_i log p_i(y_i))/dz = g * (onehot(y) - softmax(z)) for one chunk [n, V], computed in lse's dtype and
+    returned in `dtype` (the matmuls'). The one-hot term is a comparison, not a scatter, so that compiled this is one
+    pass over the logits (read in their dtype, written in `dtype`); g - p g is the same float as (-p g) + g."""
+    g = g.to(lse.dtype).unsqueeze(-1)
+    p_g = torch.exp(z.to(lse.dtype) - lse.unsqueeze(-1)) * g
+    onehot = torch.arange(z.shape[-1], device=z.device) == labels.unsqueeze(-1)
+    return torch.where(onehot, g - p_g, -p_g).to(dtype)
+
+
+_FUSED: dict = {}
+
+
+def _fused(fn):
+    """fn compiled (one kernel per pass over a chunk's logits: the float32 copies never exist) on CUDA; fn itself
+    elsewhere, and after a compile failure, which is reported once."""
+    name = fn.__name__
+    if name not in _FUSED:
+        _FUSED[name] = torch.compile(fn, dynamic=True)
+
+    def call(z, *args):
+        if not z.is_cuda or _FUSED[name] is None:
+            return fn(z, *args)
+        try:
+            return _FUSED[name](z, *args)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
+            print(f"LM-head log-probs: torch.compile of {name} failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}); running it eagerly")
+            _FUSED[name] = None
+            return fn(z, *args)
+    return call
+
+
 class _PlainHeadLogprob(torch.autograd.Function):
     """log softmax(hidden W^T + b)[labels] of one chunk, no temperature or filter (SFT, DPO), float32 for half-precision
-    logits. Saves only hidden and the [n] log-sum-exp; backward recomputes the chunk's logits and turns them in place
-    into their gradient g * (onehot(y) - softmax(z)), in one float32 buffer. This is the checkpointed chunk's
-    arithmetic (same matmuls in the same dtypes, the same float32 softmax) with about half of its passes over the
-    [chunk, V] logits, which at a 150k vocabulary are most of the head's GPU time."""
+    logits. Saves only hidden and the [n] log-sum-exp; backward recomputes the chunk's logits and turns them into
+    their gradient g * (onehot(y) - softmax(z)) (_logit_grad). This is the checkpointed chunk's arithmetic (same
+    matmuls in the same dtypes, the same float32 softmax) with fewer passes over the [chunk, V] logits, which at a
+    150k vocabulary are most of the head's GPU time. On CUDA those passes are compiled (_pick_and_lse, _logit_grad):
+    one read of the bf16 logits in forward, one read and one write in backward, with no float32 copy; eagerly (CPU)
+    the float32 temporaries of a chunk exist one after another."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, dtype):
         z = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # float64 stays
-        lse = torch.logsumexp(z, dim=-1)
+        picked, lse = _fused(_pick_and_lse)(z, labels)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.dtype = dtype
-        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        return picked - lse
 
     @staticmethod
     def backward(ctx, g):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         dtype = ctx.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
-        gz = F.linear(h, w, None if bias is None else bias.to(dtype)).to(lse.dtype)
-        g = g.to(lse.dtype).unsqueeze(-1)
-        gz.sub_(lse.unsqueeze(-1)).exp_().mul_(-g).scatter_add_(-1, labels.unsqueeze(-1), g)
-        gz = gz.to(dtype)
+        z = F.linear(h, w, None if bias is None else bias.to(dtype))
+        gz = _fused(_logit_grad)(z, lse, g, labels, dtype)
         gh = (gz @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         gw = (gz.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
         gb = gz.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
