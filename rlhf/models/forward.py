@@ -96,10 +96,10 @@ def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
                    top_k: int, top_p: float, return_entropy: bool):
     logits = head(hidden)  # the module itself: ZeRO-3 gathers its weight inside its forward
     if temperature == 1.0 and top_k <= 0 and top_p >= 1.0 and not return_entropy:
-        # no filter: logprobs_from_logits' arithmetic (z_y - logsumexp(z) in float32) with one float32 copy of the
-        # chunk instead of its three (label gather, filtered copy, label scatter), which are memory traffic only
-        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # float64 stays
-        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        # no filter: logprobs_from_logits' arithmetic (z_y - logsumexp(z) in float32) with at most one float32 copy
+        # of the chunk (none on CUDA, compiled) instead of its three (label gather, filtered copy, label scatter)
+        picked, lse = _fused(_pick_and_lse)(logits, labels)
+        return picked - lse
     logp = logprobs_from_logits(logits[None], labels[None], temperature=temperature, top_k=top_k, top_p=top_p)[0]
     if return_entropy:
         return logp, entropy_from_logits(logits[None], temperature=temperature)[0]
@@ -127,14 +127,15 @@ _FUSED: dict = {}
 
 
 def _fused(fn):
-    """fn compiled (one kernel per pass over a chunk's logits: the float32 copies never exist) on CUDA; fn itself
-    elsewhere, and after a compile failure, which is reported once."""
+    """fn compiled (one kernel per pass over a chunk's logits: the float32 copies never exist) on CUDA where no
+    gradient flows through it (the custom Function's forward and backward, no-grad scoring); fn itself elsewhere
+    (CPU, a checkpointed chunk that backward differentiates), and after a compile failure, which is reported once."""
     name = fn.__name__
     if name not in _FUSED:
         _FUSED[name] = torch.compile(fn, dynamic=True)
 
     def call(z, *args):
-        if not z.is_cuda or _FUSED[name] is None:
+        if not z.is_cuda or _FUSED[name] is None or (torch.is_grad_enabled() and z.requires_grad):
             return fn(z, *args)
         try:
             return _FUSED[name](z, *args)
