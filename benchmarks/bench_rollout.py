@@ -9,13 +9,14 @@ Models are built from the Qwen2.5 configs (random init, bf16, vocabulary 151,936
 random token ids of --prompt-len tokens, and EOS is set to an id the model never samples in practice, so every row
 generates --new-tokens tokens and the engines do equal work. Each engine samples at temperature 1 with no top-k /
 top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9)
-(`static-ppo`). `static` is the engine's own choice (on a bf16 model on an Ampere-or-newer GPU: the varlen cache
-layout through flash attention, reading each row's filled slots); `static-masked` keeps the left-padded layout and its
+(`static-ppo`). `static` is the engine's own choice (on a bf16 model on a CUDA GPU with Triton installed: the varlen
+cache layout through rlhf's Triton decode-attention kernel, reading each row's filled slots); `static-masked` keeps the left-padded layout and its
 masked attention, reading the whole KV cache at every step (`static-whole` is the same) or only its filled 64-slot
 blocks (`static-blocks`). `static-stacked` runs the q/k/v and gate/up projections as one product each over weights
 stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
 as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
-`static-triton` decodes the varlen layout with rlhf's own Triton attention kernel instead of flash attention's.
+`static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
+varlen kernel instead.
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -93,7 +94,8 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             # static: the engine's defaults; the masked layout reads the whole cache every step (static-masked,
             # static-whole) or its filled 64-slot blocks only (static-blocks, kv_block 64), whatever the batch
             masked = any(k in name for k in ("masked", "whole", "blocks"))
-            attention = "masked" if masked else "varlen-triton" if "triton" in name else "auto"
+            attention = ("masked" if masked else "varlen-triton" if "triton" in name else "varlen" if "flash" in name
+                         else "auto")
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
                                   autotune="autotune" in name)

@@ -63,6 +63,36 @@ def test_hash_uniform_is_a_pure_function_in_the_open_interval():
     assert len(set(hash_uniform(seeds[:1], torch.tensor(0), torch.arange(50000))[0].tolist())) > 49000
 
 
+def _fmix32_by_hand(h: int) -> int:
+    """MurmurHash3's finalizer on Python ints (unbounded, so every step is masked to 32 bits explicitly)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_hash_uniform_equals_the_finalizer_computed_by_hand():
+    """The uniforms are exactly ((fmix(fmix(fmix(fmix(lo) ^ hi) ^ step) ^ token) >> 8) + 1/2) / 2^24, with the
+    per-token finalizer run in int32 bits: seeds whose halves and hashes cross 2^31 (sign bits set), steps and
+    token ids up to the vocabulary's size. Exact (24-bit integers and a power of two are exact in float32); eager
+    and compiled alike."""
+    seeds = [0, 1, 2**31, 2**32 - 1, 2**40 + 7, 2**62, 2**63 - 1]
+    steps, ids = [0, 3, 2**31 + 5], [0, 1, 2, 1000, 2**17 + 3, 151935]
+    expect = torch.empty(len(steps), len(seeds), len(ids))
+    for i, st in enumerate(steps):
+        for j, seed in enumerate(seeds):
+            key = _fmix32_by_hand(_fmix32_by_hand(seed & 0xFFFFFFFF) ^ (seed >> 32))
+            row = _fmix32_by_hand(key ^ (st & 0xFFFFFFFF))
+            for k, t in enumerate(ids):
+                expect[i, j, k] = ((_fmix32_by_hand(row ^ t) >> 8) + 0.5) / 2**24
+    seeds_t, ids_t = torch.tensor(seeds), torch.tensor(ids)
+    compiled = torch.compile(hash_uniform, dynamic=False)
+    for i, st in enumerate(steps):
+        assert torch.equal(hash_uniform(seeds_t, torch.tensor(st), ids_t), expect[i])
+        assert torch.equal(compiled(seeds_t, torch.tensor(st), ids_t), expect[i])
+
+
 @pytest.mark.parametrize("name", ["plain", "filtered"])
 def test_sampler_frequencies_follow_the_filtered_softmax(name):
     """20,000 rows with the same logits and different seeds: each token's frequency is within 5 standard errors of
@@ -77,6 +107,42 @@ def test_sampler_frequencies_follow_the_filtered_softmax(name):
     se = (probs.double() * (1 - probs.double()) / n).sqrt()
     assert bool(((freq - probs.double()).abs() <= 5 * se + 1e-12).all())
     assert torch.allclose(logp, probs.log()[tok], atol=1e-6)
+
+
+def test_chunked_row_reductions_equal_the_whole_row():
+    """The sampler's argmax in chunks is torch's argmax exactly, first maximum on ties (integer-valued rows with
+    many ties, rows of -inf but for one chunk); its log-sum-exp in chunks equals torch's to float32 rounding of a
+    sum of 4,096 terms of O(1) (relative 2^-24 per addition: 1e-5 absolute on values of ~10 with room)."""
+    from rlhf.rollout.static import _argmax_in_chunks, _logsumexp_in_chunks, _row_chunks
+
+    assert (_row_chunks(151936), _row_chunks(152064), _row_chunks(8192), _row_chunks(4096)) == (128, 128, 16, 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (64, 4096), generator=g).float()
+    x[3, :] = float("-inf")
+    x[3, 700] = 0.0
+    x[4, 2048:] = 5.0  # the row's first maximum lies in a later chunk than the maxima of the others
+    x[4, :2048] = 4.0
+    for chunks in (16, 8, 1):
+        assert torch.equal(_argmax_in_chunks(x, chunks), x.argmax(-1, keepdim=True))
+        assert torch.allclose(_logsumexp_in_chunks(x, chunks), torch.logsumexp(x, -1, keepdim=True), atol=1e-5)
+    assert int(_argmax_in_chunks(x, 16)[4]) == 2048 and int(_argmax_in_chunks(x, 16)[3]) == 700
+
+
+@pytest.mark.parametrize("name", ["plain", "greedy"])
+def test_sampler_over_a_large_vocabulary_is_the_gumbel_max_by_hand(name):
+    """A 65,536-token vocabulary (the sampler reduces it in 128 chunks): the tokens are exactly the argmax of
+    z - log(-log(u)) with the hash's uniforms (z alone for greedy), and the log-probs equal log_softmax's to float32
+    rounding of a 65,536-term sum (1e-5 on log-probs of ~-11)."""
+    s = SETTINGS[name]
+    g = torch.Generator().manual_seed(1)
+    V, n = 65536, 16
+    logits = torch.randn(n, V, generator=g) * 3
+    seeds, step = torch.arange(100, 100 + n), torch.tensor(9)
+    tok, logp = sample_tokens(logits, seeds, step, s)
+    z = logits / s.temperature
+    score = z - torch.log(-torch.log(hash_uniform(seeds, step, torch.arange(V)))) if s.do_sample else z
+    assert torch.equal(tok, score.argmax(-1))
+    assert torch.allclose(logp, torch.log_softmax(z, -1).gather(-1, tok[:, None])[:, 0], atol=1e-5)
 
 
 def test_top_k_keeps_ties_with_the_kth_logit():
@@ -224,7 +290,7 @@ def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
         from rlhf.rollout.static import StaticEngine, _varlen_decode
 
         torch.manual_seed(0)
-        b, L, kv, G, d = 3, 70, 2, 3, 16  # 70 slots: the last block of 64 keys is cut at 6, one row uses 1 slot
+        b, L, kv, G, d = 3, 70, 2, 3, 16  # 70 slots: blocks of 32 keys, the last cut at 1 and 6; one row uses 1 slot
         q, k, v = torch.randn(b * G, kv, d), torch.randn(b * L, kv, d), torch.randn(b * L, kv, d)
         used = torch.tensor([1, 65, 70], dtype=torch.int32)
         ref = _varlen_decode(q, k, v, used, G, L, 0.25, impl="reference")
@@ -424,16 +490,18 @@ def test_bf16_engine_logprobs_near_a_training_forward(lm):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_flash_varlen_decoding_near_the_masked_product(lm):
-    """auto picks flash attention's varlen kernel for a bf16 model on an Ampere-or-newer GPU; compiled and in a
-    graph, its log-probs stay within the bf16 bound of the test above of a training forward, and its first-step
-    log-probs (no cached token sampled yet) equal the reference product's within bf16 rounding of O(1) logits."""
+    """Flash attention's varlen kernel (auto's pick for a bf16 model on an Ampere-or-newer GPU without Triton);
+    compiled and in a graph, its log-probs stay within the bf16 bound of the test above of a training forward, and
+    its first-step log-probs (no cached token sampled yet) equal the reference product's within bf16 rounding of O(1) logits."""
     from rlhf.rollout.static import flash_varlen_available
 
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
     if not flash_varlen_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("flash attention's varlen kernel with per-sequence key lengths is not available")
-    assert StaticEngine()._attention(model, torch.device("cuda")) == "varlen"
+    from rlhf.rollout.triton_decode import available
+
+    assert StaticEngine()._attention(model, torch.device("cuda")) == ("varlen-triton" if available() else "varlen")
     s = SETTINGS["filtered"]
     prompts, seeds = _prompts(tok) * 8, list(range(32))
     flash = StaticEngine(attention="varlen").generate(model, tok, prompts, s, seeds=seeds)
@@ -468,9 +536,12 @@ def test_bf16_triton_decode_kernel_near_flash_attention(lm):
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
     s = SETTINGS["filtered"]
-    r = StaticEngine(attention="varlen-triton").generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
+    engine = StaticEngine(attention="varlen-triton")
+    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
+    assert engine.compile_error is None  # the kernel runs inside the compiled step, not in an eager fallback
     gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
     assert float(gap.max()) < 0.05
+    assert StaticEngine()._attention(model, torch.device("cuda")) == "varlen-triton"  # auto picks it on CUDA
 
 
 def test_hf_generate_runs_compiled_layers_eager(lm):

@@ -1,0 +1,162 @@
+"""The parts of one static-engine decode step, each timed on its own at a real shape (one CUDA GPU).
+
+    python benchmarks/bench_decode_parts.py --batch 512 --filled 256      # Qwen2.5-0.5B shape, 256 cache slots filled
+    python benchmarks/bench_decode_parts.py --shape 1.5b --batch 64
+
+What a step is made of, per layer and per step: the decode attention over each row's filled cache slots (flash
+attention's varlen kernel, rlhf's Triton kernel at several tile sizes, and the masked product over the whole cache
+as a reference), the projections' matrix products, the LM head's, and the sampler (compiled, with and without
+top-k/top-p), with the bytes and FLOPs each one moves and the bound they imply on this device. Each part is captured
+20 times in one CUDA graph and the graph replayed, so launch overhead is not in the figures, as in the engine.
+The attention kernels are also checked against the reference product (bf16 tolerance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.bench_rollout import SHAPES  # noqa: E402
+from rlhf.rollout.base import SamplingConfig  # noqa: E402
+from rlhf.rollout.static import _varlen_decode, sample_tokens  # noqa: E402
+
+VOCAB = 151936
+HBM_BYTES_S = 4.8e12
+PEAK_FLOPS = 790e12
+
+
+def graph_time(fn, repeat: int = 20, replays: int = 5) -> float:
+    """Seconds of one fn() call, from a CUDA graph of `repeat` calls replayed `replays` times (median)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(repeat):
+            fn()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / repeat)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="0.5b", choices=list(SHAPES))
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--filled", type=int, default=256, help="mean filled cache slots per row (ragged by +-64)")
+    ap.add_argument("--max-len", type=int, default=384, help="cache slots per row")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode_parts.py needs a CUDA device")
+    torch.manual_seed(0)
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    cfg = SHAPES[a.shape]
+    H, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, I, V, B, L = H // heads, cfg["intermediate_size"], cfg.get("vocab_size", VOCAB), a.batch, a.max_len
+    G = heads // kv
+    rows = []
+
+    def add(name, seconds, bytes_=0.0, flops=0.0):
+        bound = max(bytes_ / HBM_BYTES_S, flops / PEAK_FLOPS)
+        rows.append((name, seconds * 1e6, bound * 1e6, bound / seconds if seconds else 0.0))
+
+    # attention, one layer
+    used = (a.filled + torch.randint(-64, 65, (B,), device=dev)).clamp(1, L).int()
+    q = torch.randn(B * G, kv, d, device=dev, dtype=bf)
+    kc = torch.randn(B * L, kv, d, device=dev, dtype=bf)
+    vc = torch.randn(B * L, kv, d, device=dev, dtype=bf)
+    scale = d ** -0.5
+    kv_bytes = float(used.sum().item()) * kv * d * 2 * 2
+    ref = _varlen_decode(q, kc, vc, used, G, L, scale, "reference").float()
+    out = {}
+    for name, fn in [("attention: flash varlen", lambda: _varlen_decode(q, kc, vc, used, G, L, scale, "flash")),
+                     ("attention: masked whole cache (reference)",
+                      lambda: _varlen_decode(q, kc, vc, used, G, L, scale, "reference"))]:
+        add(name, graph_time(fn), kv_bytes)
+        out[name] = fn().float()
+    try:
+        from rlhf.rollout.triton_decode import decode_attention
+        for bn in (32, 64, 128):
+            for nw in (1, 2, 4):
+                name = f"attention: triton block_n={bn} warps={nw}"
+                fn = lambda bn=bn, nw=nw: decode_attention(q, kc, vc, used, G, L, scale, block_n=bn, num_warps=nw)
+                add(name, graph_time(fn), kv_bytes)
+                out[name] = fn().float()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"triton kernel: {type(e).__name__}: {e}")
+    for name, o in out.items():
+        print(f"{name}: max |diff| against the reference {float((o - ref).abs().max()):.3e}")
+
+    # matrix products, one layer, and the LM head
+    x = torch.randn(B, H, device=dev, dtype=bf)
+    xi = torch.randn(B, I, device=dev, dtype=bf)
+    for name, (n, k) in {"qkv projection (stacked)": ((heads + 2 * kv) * d, H), "o projection": (H, H),
+                         "gate+up projection (stacked)": (2 * I, H), "down projection": (H, I),
+                         "LM head": (V, H)}.items():
+        w = torch.randn(n, k, device=dev, dtype=bf) * 0.02
+        inp = xi if k == I else x
+        add(name, graph_time(lambda w=w, inp=inp: torch.nn.functional.linear(inp, w)),
+            2.0 * n * k + 2.0 * B * (n + k), 2.0 * B * n * k)
+
+    # the sampler
+    logits = torch.randn(B, V, device=dev, dtype=bf) * 3
+    seeds = torch.randint(0, 2 ** 62, (B,), device=dev)
+    step = torch.zeros((), dtype=torch.long, device=dev)
+    for label, kw in (("sampler (compiled), no filter", {}), ("sampler (compiled), top_k 200 top_p 0.9",
+                                                               {"top_k": 200, "top_p": 0.9})):
+        sc = SamplingConfig(**kw)
+        fn = torch.compile(lambda sc=sc: sample_tokens(logits, seeds, step, sc))
+        add(label, graph_time(fn), 2.0 * B * V)
+    def int64_sampler(logits, seeds, step):  # the no-filter sampler with the finalizer over the vocabulary in int64
+        from rlhf.rollout.static import _M32, _fmix32
+        sd = seeds.long()
+        h = _fmix32(_fmix32(_fmix32(sd & _M32) ^ ((sd >> 32) & _M32)) ^ (step & _M32))
+        h = _fmix32(h.unsqueeze(-1) ^ torch.arange(V, device=dev))
+        z = logits.float()
+        pick = (z - torch.log(-torch.log(((h >> 8).float() + 0.5) / (1 << 24)))).argmax(-1, keepdim=True)
+        return pick, z.gather(-1, pick) - torch.logsumexp(z, -1, keepdim=True)
+    fn = torch.compile(lambda: int64_sampler(logits, seeds, step))
+    add("sampler (compiled), no filter, int64 finalizer", graph_time(fn), 2.0 * B * V)
+    for chunks in (32, 128):
+        def two_stage(chunks=chunks, k=216):
+            size = -(-V // chunks)
+            x = torch.nn.functional.pad(logits, (0, chunks * size - V), value=float("-inf")).view(B, chunks, size)
+            v, i = torch.topk(x, k, dim=-1)
+            v2, j = torch.topk(v.view(B, -1), k, dim=-1)
+            cols = (i + torch.arange(chunks, device=dev)[:, None] * size).view(B, -1).gather(-1, j)
+            return v2, cols
+        v2, cols = two_stage()
+        ref_v, _ = torch.topk(logits, 216, dim=-1)
+        print(f"two-stage top-k, {chunks} chunks: values equal {torch.equal(v2, ref_v)}, "
+              f"gathered equal {torch.equal(logits.gather(-1, cols), ref_v)}")
+        add(f"top-k 216 in two stages, {chunks} chunks", graph_time(two_stage), 2.0 * B * V)
+    fn = torch.compile(lambda: torch.logsumexp(logits.float(), -1))
+    add("logsumexp over the vocabulary (compiled)", graph_time(fn), 2.0 * B * V)
+    fn = torch.compile(lambda: torch.topk(logits, 216, dim=-1))
+    add("top-k 216 over the vocabulary", graph_time(fn), 2.0 * B * V)
+
+    print(f"\nshape {a.shape}, batch {B}, filled slots {a.filled} +-64 of {L}; bound = max(bytes / 4.8 TB/s, "
+          f"FLOPs / 790 TFLOP/s)\n")
+    print("| part | us | bound us | share of bound |\n|---|---|---|---|")
+    for name, us, bound, frac in rows:
+        print(f"| {name} | {us:.1f} | {bound:.1f} | {frac:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
