@@ -133,19 +133,6 @@ def main() -> None:
         return pick, z.gather(-1, pick) - torch.logsumexp(z, -1, keepdim=True)
     fn = torch.compile(lambda: int64_sampler(logits, seeds, step))
     add("sampler (compiled), no filter, int64 finalizer", graph_time(fn), 2.0 * B * V)
-    for chunks in (32, 128):
-        def two_stage(chunks=chunks, k=216):
-            size = -(-V // chunks)
-            x = torch.nn.functional.pad(logits, (0, chunks * size - V), value=float("-inf")).view(B, chunks, size)
-            v, i = torch.topk(x, k, dim=-1)
-            v2, j = torch.topk(v.view(B, -1), k, dim=-1)
-            cols = (i + torch.arange(chunks, device=dev)[:, None] * size).view(B, -1).gather(-1, j)
-            return v2, cols
-        v2, cols = two_stage()
-        ref_v, _ = torch.topk(logits, 216, dim=-1)
-        print(f"two-stage top-k, {chunks} chunks: values equal {torch.equal(v2, ref_v)}, "
-              f"gathered equal {torch.equal(logits.gather(-1, cols), ref_v)}")
-        add(f"top-k 216 in two stages, {chunks} chunks", graph_time(two_stage), 2.0 * B * V)
     fn = torch.compile(lambda: torch.logsumexp(logits.float(), -1))
     add("logsumexp over the vocabulary (compiled)", graph_time(fn), 2.0 * B * V)
     fn = torch.compile(lambda: torch.topk(logits, 216, dim=-1))

@@ -109,28 +109,9 @@ def test_sampler_frequencies_follow_the_filtered_softmax(name):
     assert torch.allclose(logp, probs.log()[tok], atol=1e-6)
 
 
-def test_chunked_row_reductions_equal_the_whole_row():
-    """The sampler's argmax in chunks is torch's argmax exactly, first maximum on ties (integer-valued rows with
-    many ties, rows of -inf but for one chunk); its log-sum-exp in chunks equals torch's to float32 rounding of a
-    sum of 4,096 terms of O(1) (relative 2^-24 per addition: 1e-5 absolute on values of ~10 with room)."""
-    from rlhf.rollout.static import _argmax_in_chunks, _logsumexp_in_chunks, _row_chunks
-
-    assert (_row_chunks(151936), _row_chunks(152064), _row_chunks(8192), _row_chunks(4096)) == (128, 128, 16, 1)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 6, (64, 4096), generator=g).float()
-    x[3, :] = float("-inf")
-    x[3, 700] = 0.0
-    x[4, 2048:] = 5.0  # the row's first maximum lies in a later chunk than the maxima of the others
-    x[4, :2048] = 4.0
-    for chunks in (16, 8, 1):
-        assert torch.equal(_argmax_in_chunks(x, chunks), x.argmax(-1, keepdim=True))
-        assert torch.allclose(_logsumexp_in_chunks(x, chunks), torch.logsumexp(x, -1, keepdim=True), atol=1e-5)
-    assert int(_argmax_in_chunks(x, 16)[4]) == 2048 and int(_argmax_in_chunks(x, 16)[3]) == 700
-
-
 @pytest.mark.parametrize("name", ["plain", "greedy"])
 def test_sampler_over_a_large_vocabulary_is_the_gumbel_max_by_hand(name):
-    """A 65,536-token vocabulary (the sampler reduces it in 128 chunks): the tokens are exactly the argmax of
+    """A 65,536-token vocabulary: the tokens are exactly the argmax of
     z - log(-log(u)) with the hash's uniforms (z alone for greedy), and the log-probs equal log_softmax's to float32
     rounding of a 65,536-term sum (1e-5 on log-probs of ~-11)."""
     s = SETTINGS[name]

@@ -115,40 +115,10 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
         score = z - torch.log(-torch.log(u))
     else:
         score = z
-    chunks = _row_chunks(z.shape[-1])
-    pick = _argmax_in_chunks(score, chunks)
-    logp = (z.gather(-1, pick) - _logsumexp_in_chunks(z, chunks)).squeeze(-1)
+    pick = score.argmax(-1, keepdim=True)
+    logp = (z.gather(-1, pick) - torch.logsumexp(z, dim=-1, keepdim=True)).squeeze(-1)
     token = (ids.gather(-1, pick) if ids is not None else pick).squeeze(-1)
     return token, logp
-
-
-def _row_chunks(n: int) -> int:
-    """Chunks that a reduction over a row of n splits into: a few hundred rows of 512 or more columns each reduce
-    one at a time per program, thousands of chunks at once (vocabularies are multiples of 64 or 128). 1: as is."""
-    for c in (128, 64, 32, 16):
-        if n % c == 0 and n // c >= 512:
-            return c
-    return 1
-
-
-def _argmax_in_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """x.argmax(-1, keepdim=True), exactly, ties included: the first maximum of each chunk, then the first chunk
-    whose maximum is the largest, is the row's first maximum."""
-    if chunks == 1:
-        return x.argmax(-1, keepdim=True)
-    size = x.shape[-1] // chunks
-    xc = x.unflatten(-1, (chunks, size))
-    at = xc.argmax(-1, keepdim=True)  # [..., chunks, 1]
-    best = xc.gather(-1, at).squeeze(-1).argmax(-1, keepdim=True)  # [..., 1]
-    return best * size + at.squeeze(-1).gather(-1, best)
-
-
-def _logsumexp_in_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """torch.logsumexp(x, -1, keepdim=True) as the log-sum-exp of the chunks' log-sum-exps (float32 rounding of
-    another summation order)."""
-    if chunks == 1:
-        return torch.logsumexp(x, dim=-1, keepdim=True)
-    return torch.logsumexp(torch.logsumexp(x.unflatten(-1, (chunks, -1)), dim=-1), dim=-1, keepdim=True)
 
 
 def _lora_of(module) -> Optional[tuple]:
