@@ -123,6 +123,18 @@ def main() -> None:
         sc = SamplingConfig(**kw)
         fn = torch.compile(lambda sc=sc: sample_tokens(logits, seeds, step, sc))
         add(label, graph_time(fn), 2.0 * B * V)
+    try:
+        from rlhf.rollout.triton_sample import available
+        if available():
+            sc = SamplingConfig()
+            fn = torch.compile(lambda: sample_tokens(logits, seeds, step, sc, kernel=True))
+            add("sampler (Triton pass), no filter", graph_time(fn), 2.0 * B * V)
+            a_tok, _ = fn()
+            b_tok, _ = torch.compile(lambda: sample_tokens(logits, seeds, step, sc))()
+            print(f"Triton sampler: {int((a_tok == b_tok).sum())} of {B} tokens equal to the torch sampler's")
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"triton sampler: {type(e).__name__}: {e}")
+
     def int64_sampler(logits, seeds, step):  # the no-filter sampler with the finalizer over the vocabulary in int64
         from rlhf.rollout.static import _M32, _fmix32
         sd = seeds.long()

@@ -16,7 +16,7 @@ blocks (`static-blocks`). `static-stacked` runs the q/k/v and gate/up projection
 stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
 as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
-varlen kernel instead.
+varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary (`sampler="triton"`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -98,7 +98,7 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
                          else "auto")
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
-                                  autotune="autotune" in name)
+                                  autotune="autotune" in name, sampler="triton" if "tsample" in name else "torch")
             return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
     else:
         ids = torch.tensor(prompts, device="cuda")
@@ -123,23 +123,45 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
 
 
 def profile(model, tok, cfg, batch: int, prompt_len: int, new_tokens: int) -> None:
-    """Where one generation's GPU time goes: kernels by total CUDA time, after a warm-up call at the same shapes."""
+    """Where a decode step's GPU time goes: each kernel's CUDA time in a generation of new_tokens tokens less its
+    time in one of a single token (the prefill and first draw alone), over the decode steps between, after a warm-up
+    call at each shape. Compiled step without the CUDA graph, so that each kernel shows."""
     from rlhf.rollout import SamplingConfig
     from rlhf.rollout.static import StaticEngine
 
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, cfg.vocab_size - 1, (batch, prompt_len), generator=g).tolist()
     engine = StaticEngine(use_graph=False, compile=True)
-    for kw in ({}, {"top_k": 200, "top_p": 0.9}):
-        s = SamplingConfig(max_new_tokens=new_tokens, **kw)
+
+    def kernels(s) -> dict:
         engine.generate(model, tok, prompts, s, batch_size=64, seeds=list(range(batch)))
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             engine.generate(model, tok, prompts, s, batch_size=64, seeds=list(range(batch)))
             torch.cuda.synchronize()
-        print(f"profile: batch {batch}, {kw or 'no filters'}, compiled step without graph")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+        out = {}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if us > 0:
+                out[e.key] = (us, e.count)
+        return out
 
+    steps = new_tokens - 1
+    for kw in ({}, {"top_k": 200, "top_p": 0.9}):
+        full = kernels(SamplingConfig(max_new_tokens=new_tokens, **kw))
+        first = kernels(SamplingConfig(max_new_tokens=1, **kw))
+        rows = []
+        for name, (us, n) in full.items():
+            us0, n0 = first.get(name, (0.0, 0))
+            if n > n0:
+                rows.append(((us - us0) / steps, (n - n0) / steps, name))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        print(f"\nprofile: batch {batch}, {kw or 'no filters'}: {total:.0f} us of CUDA time a decode step "
+              f"(compiled step without graph; a generation of {new_tokens} tokens less one of 1 token)")
+        print("| us a step | share | calls a step | kernel |\n|---|---|---|---|")
+        for us, n, name in rows[:30]:
+            print(f"| {us:.1f} | {us / total:.3f} | {n:.1f} | {name[:110]} |")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -251,15 +251,79 @@ def test_varlen_layout_equals_the_masked_one(lm, prefill_batch):
     assert torch.allclose(varlen.logprobs, _scored(model, varlen, s), atol=1e-5)
 
 
+def _run_under_triton_interpreter(script: str) -> None:
+    """Run `script` in a child process under Triton's interpreter (Triton reads TRITON_INTERPRET when it is first
+    imported); it prints "ok" when its assertions hold."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_triton_sampler_draws_what_the_torch_sampler_draws(tiny_model_dir):
+    """The Triton pass over the vocabulary (rollout/triton_sample.py), run by Triton's interpreter on the CPU: on
+    raw logits of a 10,000-token vocabulary (two whole chunks of 4,096 and a cut one; blocks cut at the end), float32
+    and bf16, temperature 1 and 0.7, sampled and greedy, its tokens are the torch sampler's (the same uniforms, the
+    same first maximum; only a 1-ulp difference between numpy's and torch's logarithm at a near-tie could change
+    one, and none lies within that here) and its log-probs equal theirs to float32 rounding of a 10,000-term
+    log-sum-exp summed in another order (1e-5 on log-probs of ~-12); in the engine, the same rollouts."""
+    import importlib.util
+    import textwrap
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    _run_under_triton_interpreter(textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from rlhf.rollout import SamplingConfig
+        from rlhf.rollout.static import StaticEngine, sample_tokens
+
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(6, 10000, generator=g) * 3
+        seeds, step = torch.tensor([0, 1, 2**40 + 7, 2**62, 5, 9]), torch.tensor(11)
+        for dtype in (torch.float32, torch.bfloat16):
+            for s in (SamplingConfig(), SamplingConfig(temperature=0.7), SamplingConfig(do_sample=False)):
+                x = logits.to(dtype)
+                tok, lp = sample_tokens(x, seeds, step, s, kernel=True)
+                ref_tok, ref_lp = sample_tokens(x, seeds, step, s)
+                assert torch.equal(tok, ref_tok), (dtype, s, tok, ref_tok)
+                assert lp.dtype == torch.float32 and torch.allclose(lp, ref_lp, atol=1e-5), (lp - ref_lp).abs().max()
+
+        tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
+        model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}, dtype=torch.float32).eval()
+        prompts = [tok.encode(t) for t in ("Name a fruit", "Hi", "Tell me about the sea and the sky", "Why")]
+        s = SamplingConfig(max_new_tokens=10, temperature=0.9)
+        plain = StaticEngine().generate(model, tok, prompts, s, seeds=[1, 2, 3, 4])
+        kernel = StaticEngine(sampler="triton").generate(model, tok, prompts, s, seeds=[1, 2, 3, 4])
+        assert torch.equal(kernel.response_ids, plain.response_ids)
+        assert torch.allclose(kernel.logprobs, plain.logprobs, atol=1e-5)
+        print("ok")
+    """))
+
+
+def test_static_engine_sampler_names_are_checked():
+    import importlib.util
+
+    with pytest.raises(ValueError, match="sampler 'gpu' is not one of torch, triton"):
+        StaticEngine(sampler="gpu")
+    if importlib.util.find_spec("triton") is None:
+        with pytest.raises(ValueError, match="needs Triton, which is not installed"):
+            StaticEngine(sampler="triton")
+    else:
+        assert StaticEngine(sampler="triton").sampler == "triton"
+
+
 def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
     """rlhf's Triton decode-attention kernel, run by Triton's interpreter on the CPU (in a child process: Triton reads
     TRITON_INTERPRET when it is first imported): on raw tensors, and in the engine against the masked layout.
     float32 throughout; the online softmax sums in another order than SDPA's (~1e-7 relative), so 1e-5 on outputs
     and log-probs of O(1). Skips where Triton is not installed (CPU installs of torch do not bring it)."""
     import importlib.util
-    import os
-    import subprocess
-    import sys
     import textwrap
 
     if importlib.util.find_spec("triton") is None:
@@ -288,11 +352,7 @@ def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
         assert torch.allclose(tri.logprobs, masked.logprobs, atol=1e-5), (tri.logprobs - masked.logprobs).abs().max()
         print("ok")
     """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    _run_under_triton_interpreter(script)
 
 
 def test_stacked_projections_equal_the_modules_own(lm):
@@ -544,3 +604,38 @@ def test_hf_generate_runs_compiled_layers_eager(lm):
     assert counters["stats"]["unique_graphs"] == graphs
     ref = generate(model, tok, prompt_ids=prompts, sampling=s, engine="hf")
     assert torch.equal(ours.response_ids, ref.response_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_sampler_on_a_gpu_at_a_real_vocabulary(lm):
+    """The Triton sampler compiled for the GPU, at 512 rows of a 151,936-token vocabulary in bf16: the tokens are the
+    compiled torch sampler's except where the two logarithms' last bits decide a near-tie (Triton's and inductor's
+    logf may differ by an ulp: at most a couple of the 2,048 draws), and the log-probs agree to float32 rounding of
+    a 151,936-term log-sum-exp summed in other orders (1e-4 absolute); greedy picks exactly the same tokens. In the
+    engine's compiled step and graph (no eager fallback), its log-probs stay within the bf16 bound of a training
+    forward (the other bf16 tests)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(512, 151936, device="cuda") * 3).to(torch.bfloat16)
+    seeds = torch.randint(0, 2**62, (512,), device="cuda")
+    compiled = torch.compile(sample_tokens)
+    same, draws = 0, 0
+    for step in range(4):
+        for s in (SamplingConfig(), SamplingConfig(temperature=0.7), SamplingConfig(do_sample=False)):
+            tok, lp = sample_tokens(logits, seeds, torch.tensor(step, device="cuda"), s, kernel=True)
+            ref_tok, ref_lp = compiled(logits, seeds, torch.tensor(step, device="cuda"), s)
+            if not s.do_sample:
+                assert torch.equal(tok, ref_tok)
+            if s.temperature == 1.0 and s.do_sample:
+                same, draws = same + int((tok == ref_tok).sum()), draws + tok.numel()
+            both = tok == ref_tok
+            assert torch.allclose(lp[both], ref_lp[both], atol=1e-4)
+    assert draws - same <= 2
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    s = SETTINGS["plain"]
+    engine = StaticEngine(sampler="triton")
+    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
+    assert engine.compile_error is None
+    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05

@@ -85,24 +85,35 @@ def hash_uniform(seeds: torch.Tensor, step: torch.Tensor, token_ids: torch.Tenso
     mask (the low 32 bits are exact either way); the per-token finalizer, B x K of them, runs on the same 32 bits
     held in int32 (_fmix32_bits). Token ids are below 2^31.
     """
-    seeds = seeds.long()
-    h = _fmix32(_fmix32(seeds & _M32) ^ ((seeds >> 32) & _M32))
-    h = _fmix32(h ^ (step.long() & _M32))
-    h = torch.where(h >= 1 << 31, h - (1 << 32), h).to(torch.int32)  # the same 32 bits, signed
-    h = _fmix32_bits(h.unsqueeze(-1) ^ token_ids.to(torch.int32))
+    h = _fmix32_bits(row_keys(seeds, step).unsqueeze(-1) ^ token_ids.to(torch.int32))
     return (((h >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, sampling: SamplingConfig):
+def row_keys(seeds: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """[B] int32: the 32 bits of the hash of (seed, step) that hash_uniform mixes each token id into."""
+    seeds = seeds.long()
+    h = _fmix32(_fmix32(seeds & _M32) ^ ((seeds >> 32) & _M32))
+    h = _fmix32(h ^ (step.long() & _M32))
+    return torch.where(h >= 1 << 31, h - (1 << 32), h).to(torch.int32)  # the same 32 bits, signed
+
+
+def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, sampling: SamplingConfig,
+                  kernel: bool = False):
     """([B] token, [B] its float32 log-prob under the filtered distribution) from logits [B, V] of any float dtype.
 
     The filter is ops._sampling_logits on the float32 logits, the one training log-probs apply. With top-k, only
     the k (+ ties) best logits are candidates, so the nucleus sort and the noise cover k columns instead of the
     vocabulary; the selection runs in the logits' own dtype (the float32 cast is exact and keeps their order, so
     bf16 logits give the same candidates from half the bytes, in half the radix passes). Greedy (do_sample false)
-    takes the argmax and reports its log-prob under the same filtered distribution.
+    takes the argmax and reports its log-prob under the same filtered distribution. kernel: without top-k and top-p,
+    one Triton pass over the vocabulary does the same (rollout/triton_sample.py; the caller checks that Triton is
+    installed).
     """
     s = sampling
+    if kernel and s.top_k <= 0 and s.top_p >= 1.0:
+        from .triton_sample import sample_full_vocabulary
+
+        return sample_full_vocabulary(logits, row_keys(seeds, step), s.temperature, s.do_sample)
     V = logits.shape[-1]
     if s.top_k > 0 and s.top_k + _TIE_SLACK < V:
         cand, ids = torch.topk(logits, s.top_k + _TIE_SLACK, dim=-1)
@@ -246,6 +257,7 @@ class _Decoder:
     def __init__(self, model, rows: int, max_len: int, group_lora: bool = True, attention: str = "masked",
                  stack: bool = False):
         lm = _unwrap(model)
+        self.sample_kernel = False  # sample_tokens' Triton pass over the vocabulary (StaticEngine's sampler)
         # "masked": cache slots are the left-padded columns, attention masks them ([rows, kv_heads, max_len,
         # head_dim] per layer). "varlen" (and its -triton, -reference kernels): a row's token at position p lives in slot p, so its
         # keys are the first `used` slots of its row ([rows * max_len, kv_heads, head_dim] per layer) and decoding
@@ -367,7 +379,7 @@ def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, token
     else:
         st["valid"].index_fill_(1, st["slot"], True)
         logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None), kv_len)
-    tok, lp = sample_tokens(logits, seeds, st["step"], sampling)
+    tok, lp = sample_tokens(logits, seeds, st["step"], sampling, dec.sample_kernel)
     tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
     logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
     st["done"] |= tok == eos_id
@@ -415,8 +427,11 @@ class StaticEngine:
     a KV head in one small tile, each key read once; 21 us a layer against flash attention's 58 at the Qwen2.5-0.5B
     shape, batch 512, on an H200). "auto" (the default) picks varlen-triton on CUDA with a bf16/fp16 cache where
     Triton is installed, else varlen where `flash_varlen_available` (CUDA, Ampere or newer, a bf16/fp16 cache),
-    masked elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests. kv_block applies to
-    the masked layout only.
+    masked elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests.
+    kv_block applies to the masked layout only.
+    sampler: "torch" (the default) draws with sample_tokens' torch operations, compiled into the step; "triton"
+    draws without top-k/top-p in one Triton pass over the vocabulary (rollout/triton_sample.py: the same uniforms,
+    the same argmax), which needs Triton; with top-k or top-p both run the torch operations.
 
     stack_projections: plain (LoRA-free) q/k/v and gate/up projections run as one product per group over their
     weights stacked for the call (_StackedLinear): wider products at decode shapes, for a copy of those weights
@@ -430,7 +445,15 @@ class StaticEngine:
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
-                 stack_projections: Optional[bool] = None, autotune: bool = False):
+                 stack_projections: Optional[bool] = None, autotune: bool = False, sampler: str = "torch"):
+        if sampler not in ("torch", "triton"):
+            raise ValueError(f"static engine: sampler {sampler!r} is not one of torch, triton")
+        if sampler == "triton":
+            from .triton_sample import available
+
+            if not available():
+                raise ValueError("static engine: sampler 'triton' needs Triton, which is not installed")
+        self.sampler = sampler
         self.stack_projections = stack_projections
         self.autotune = autotune
         if attention not in self.ATTENTION:
@@ -465,6 +488,7 @@ class StaticEngine:
         model.eval()
         try:
             dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device))
+            dec.sample_kernel = self.sampler == "triton"
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
@@ -536,7 +560,7 @@ class StaticEngine:
                 logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r)
             else:
                 logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
-            tok, lp = sample_tokens(logits, seeds[r], step0, sampling)
+            tok, lp = sample_tokens(logits, seeds[r], step0, sampling, dec.sample_kernel)
             tokens[r, 0], logps[r, 0] = tok, lp
         # decode state, in tensors the graph reads and advances in place
         state = {
