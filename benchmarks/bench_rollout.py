@@ -161,7 +161,7 @@ def profile(model, tok, cfg, batch: int, prompt_len: int, new_tokens: int) -> No
               f"(compiled step without graph; a generation of {new_tokens} tokens less one of 1 token)")
         print("| us a step | share | calls a step | kernel |\n|---|---|---|---|")
         for us, n, name in rows[:30]:
-            print(f"| {us:.1f} | {us / total:.3f} | {n:.1f} | {name[:110]} |")
+            print(f"| {us:.1f} | {us / max(total, 1e-9):.3f} | {n:.1f} | {name[:110]} |")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
