@@ -318,6 +318,15 @@ def test_static_engine_sampler_names_are_checked():
         assert StaticEngine(sampler="triton").sampler == "triton"
 
 
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused(lm, monkeypatch):
+    """A Triton kernel named for a model on the CPU is a clear error at generate (not a failed kernel launch)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, tok = lm
+    with pytest.raises(ValueError, match=r"attention 'varlen-triton' run Triton kernels, which need a CUDA device "
+                                         r"\(the model is on cpu\)"):
+        StaticEngine(attention="varlen-triton").generate(model, tok, _prompts(tok), SETTINGS["plain"])
+
+
 def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
     """rlhf's Triton decode-attention kernel, run by Triton's interpreter on the CPU (in a child process: Triton reads
     TRITON_INTERPRET when it is first imported): on raw tensors, and in the engine against the masked layout.

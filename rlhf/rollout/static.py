@@ -18,6 +18,7 @@ On a CPU the same code runs eagerly (no graph): tests compare it with a full for
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -475,6 +476,12 @@ class StaticEngine:
         if seeds is not None and len(seeds) != len(prompt_ids):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
         device = next(model.parameters()).device
+        kernels = [what for what, on in (("attention 'varlen-triton'", self.attention == "varlen-triton"),
+                                         ("sampler 'triton'", self.sampler == "triton")) if on]
+        if kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"static engine: {' and '.join(kernels)} run Triton kernels, which need a CUDA device "
+                             f"(the model is on {device}); on a CPU they run only under Triton's interpreter "
+                             "(TRITON_INTERPRET=1)")
         B, N = len(prompt_ids), sampling.max_new_tokens
         ids = pad(prompt_ids, tokenizer.pad_token_id, side="left").to(device)
         pmask = attention_mask(prompt_ids, side="left").to(device).bool()
