@@ -271,7 +271,8 @@ def test_triton_sampler_draws_what_the_torch_sampler_draws(tiny_model_dir):
     and bf16, temperature 1 and 0.7, sampled and greedy, its tokens are the torch sampler's (the same uniforms, the
     same first maximum; only a 1-ulp difference between numpy's and torch's logarithm at a near-tie could change
     one, and none lies within that here) and its log-probs equal theirs to float32 rounding of a 10,000-term
-    log-sum-exp summed in another order (1e-5 on log-probs of ~-12); in the engine, the same rollouts."""
+    log-sum-exp summed in another order (1e-5 on log-probs of ~-12); greedy on tied logits takes the first maximum
+    (ties across chunks, across blocks of a chunk, within a block); in the engine, the same rollouts."""
     import importlib.util
     import textwrap
 
@@ -293,6 +294,10 @@ def test_triton_sampler_draws_what_the_torch_sampler_draws(tiny_model_dir):
                 ref_tok, ref_lp = sample_tokens(x, seeds, step, s)
                 assert torch.equal(tok, ref_tok), (dtype, s, tok, ref_tok)
                 assert lp.dtype == torch.float32 and torch.allclose(lp, ref_lp, atol=1e-5), (lp - ref_lp).abs().max()
+        ties = torch.zeros(3, 10000)  # the first maximum wins across chunks, across blocks, within a block
+        ties[0, [100, 9000]] = ties[1, [4097, 6000]] = ties[2, [5001, 5002]] = 5.0
+        tok, _ = sample_tokens(ties, seeds[:3], step, SamplingConfig(do_sample=False), kernel=True)
+        assert tok.tolist() == [100, 4097, 5001], tok
 
         tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
         model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}, dtype=torch.float32).eval()

@@ -67,9 +67,8 @@ if triton is not None:
                 score = z
             bm = tl.max(score, 0)
             bi = tl.argmax(score, 0)
-            if bm > best:  # strictly: an earlier block keeps a tie
-                best = bm
-                idx = start + bi
+            idx = tl.where(bm > best, start + bi, idx)  # strictly greater: an earlier block keeps a tie
+            best = tl.maximum(best, bm)
             zm = tl.max(z, 0)
             m_new = tl.maximum(m, zm)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of -inf so far sums to 0, not NaN
