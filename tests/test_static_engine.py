@@ -355,6 +355,11 @@ def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
         ref = _varlen_decode(q, k, v, used, G, L, 0.25, impl="reference")
         out = _varlen_decode(q, k, v, used, G, L, 0.25, impl="triton")
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+        d = 128  # larger heads take 64 keys a block and 4 warps
+        q, k, v = torch.randn(b * G, kv, d), torch.randn(b * L, kv, d), torch.randn(b * L, kv, d)
+        ref = _varlen_decode(q, k, v, used, G, L, 0.1, impl="reference")
+        out = _varlen_decode(q, k, v, used, G, L, 0.1, impl="triton")
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 
         tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
         model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}, dtype=torch.float32).eval()

@@ -10,6 +10,8 @@ kernel runs only under Triton's interpreter, in a process started with TRITON_IN
 first imported), which is how the tests check it without a GPU.
 """
 
+from typing import Optional
+
 import torch
 
 try:  # the kernel's source refers to `tl` as a module global
@@ -80,13 +82,19 @@ if triton is not None:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor, G: int,
-                     max_len: int, scale: float, block_n: int = 32, num_warps: int = 1) -> torch.Tensor:
+                     max_len: int, scale: float, block_n: Optional[int] = None,
+                     num_warps: Optional[int] = None) -> torch.Tensor:
     """[b * G, kv_heads, head_dim]: each of row r's G queries per KV head over the row's first used[r] slots.
 
     q [b * G, kv_heads, head_dim]; k_cache, v_cache [b * max_len, kv_heads, head_dim]; used [b] int32, each >= 1.
-    The same contract as the engine's `_varlen_decode`. block_n keys a loop iteration and num_warps a program:
-    at the Qwen2.5-0.5B shape (head size 64, 7 query heads a KV head) on an H200, 32 keys and one warp took 21 us a
-    layer at batch 512 with 256 +- 64 filled slots, 24 us at 64 keys, against flash attention's varlen kernel's 58
-    (benchmarks/bench_decode_parts.py, BENCHMARKS.md).
+    The same contract as the engine's `_varlen_decode`. block_n keys a loop iteration and num_warps a program.
+    None picks by head size: at the Qwen2.5-0.5B shape (head size 64, 7 query heads a KV head) on an H200, 32 keys
+    and one warp took 21 us a layer at batch 512 with 256 +- 64 filled slots, 64 keys and 4 warps 24 us, flash
+    attention's varlen kernel 58 (benchmarks/bench_decode_parts.py, BENCHMARKS.md rollout run 6). Larger heads
+    (128: Qwen2.5-1.5B and 7B) take 64 keys and 4 warps, Triton's default width, for tiles twice as wide; they are
+    not measured yet.
     """
+    small = k_cache.shape[-1] <= 64
+    block_n = block_n or (32 if small else 64)
+    num_warps = num_warps or (1 if small else 4)
     return _decode_attention_op(q, k_cache, v_cache, used, G, max_len, float(scale), block_n, num_warps)
