@@ -10,9 +10,9 @@ random token ids of --prompt-len tokens, and EOS is set to an id the model never
 generates --new-tokens tokens and the engines do equal work. Each engine samples at temperature 1 with no top-k /
 top-p (what every engine supports alike); the static engine is also timed with PPO's defaults (top-k 200, top-p 0.9)
 (`static-ppo`). `static` is the engine's own choice (on a bf16 model on a CUDA GPU with Triton installed: the varlen
-cache layout through rlhf's Triton decode-attention kernel, reading each row's filled slots); `static-masked` keeps the left-padded layout and its
-masked attention, reading the whole KV cache at every step (`static-whole` is the same) or only its filled 64-slot
-blocks (`static-blocks`). `static-stacked` runs the q/k/v and gate/up projections as one product each over weights
+cache layout through rlhf's Triton decode-attention kernel, reading each row's filled slots); `static-masked` keeps
+the left-padded layout and its masked attention, reading the whole KV cache at every step (`static-whole` is the
+same) or only its filled 64-slot blocks (`static-blocks`). `static-stacked` runs the q/k/v and gate/up projections as one product each over weights
 stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
 as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's

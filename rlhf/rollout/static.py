@@ -256,9 +256,9 @@ class _Decoder:
     """The model's modules over a static KV cache per layer, in one of two layouts (`attention`, below)."""
 
     def __init__(self, model, rows: int, max_len: int, group_lora: bool = True, attention: str = "masked",
-                 stack: bool = False):
+                 stack: bool = False, sample_kernel: bool = False):
         lm = _unwrap(model)
-        self.sample_kernel = False  # sample_tokens' Triton pass over the vocabulary (StaticEngine's sampler)
+        self.sample_kernel = sample_kernel  # sample_tokens' Triton pass over the vocabulary (StaticEngine's sampler)
         # "masked": cache slots are the left-padded columns, attention masks them ([rows, kv_heads, max_len,
         # head_dim] per layer). "varlen" (and its -triton, -reference kernels): a row's token at position p lives in slot p, so its
         # keys are the first `used` slots of its row ([rows * max_len, kv_heads, head_dim] per layer) and decoding
@@ -494,8 +494,8 @@ class StaticEngine:
         was_training = model.training
         model.eval()
         try:
-            dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device))
-            dec.sample_kernel = self.sampler == "triton"
+            dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device),
+                           sample_kernel=self.sampler == "triton")
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,

@@ -17,6 +17,8 @@ Triton is optional, as for triton_decode.py; `available()` says whether it is in
 
 import torch
 
+from ..ops import _sampling_logits
+
 try:  # the kernel's source refers to `tl` as a module global
     import triton
     import triton.language as tl
@@ -107,7 +109,5 @@ def sample_full_vocabulary(logits: torch.Tensor, key: torch.Tensor, temperature:
     token = idx.gather(-1, best.argmax(-1, keepdim=True)).long()
     m = mx.amax(-1, keepdim=True)
     lse = m + torch.log((sm * torch.exp(mx - m)).sum(-1, keepdim=True))
-    z = logits.gather(-1, token).float()
-    if temperature != 1.0:
-        z = z / temperature
+    z = _sampling_logits(logits.gather(-1, token), temperature, 0, 1.0, upcast=True)
     return token.squeeze(-1), (z - lse).squeeze(-1)
