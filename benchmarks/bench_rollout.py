@@ -81,14 +81,16 @@ def decode_bound(model, cfg, batch: int, prompt_len: int, new_tokens: int) -> fl
     return batch * new_tokens / total
 
 
-def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dict) -> float:
-    """Seconds for one generation of every prompt (after one warm-up call at the same shapes)."""
+def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dict, phases: bool = False):
+    """Seconds for one generation of every prompt (after one warm-up call at the same shapes). phases (static
+    engines): also (seconds, the engine's phase times) of one more call, timed phase by phase."""
     from rlhf.rollout import SamplingConfig
     from rlhf.rollout.static import StaticEngine
 
     if name.startswith("static"):
         s = SamplingConfig(max_new_tokens=new_tokens, **sampling_kw)
         seeds = list(range(len(prompts)))
+        timed, times = False, {}
 
         def call():
             # static: the engine's defaults; the masked layout reads the whole cache every step (static-masked,
@@ -96,10 +98,12 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             masked = any(k in name for k in ("masked", "whole", "blocks"))
             attention = ("masked" if masked else "varlen-triton" if "triton" in name else "varlen" if "flash" in name
                          else "auto")
-            engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention,
+            engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention, timed=timed,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
                                   autotune="autotune" in name, sampler="triton" if "tsample" in name else "torch")
-            return engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
+            out = engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
+            times.update(engine.times)
+            return out
     else:
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
@@ -119,7 +123,12 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
     width = out.response_ids.shape[1] if hasattr(out, "response_ids") else out.shape[1] - len(prompts[0])
     if width != new_tokens:
         raise RuntimeError(f"{name}: generated {width} tokens per row, expected {new_tokens}")
-    return seconds
+    if phases and name.startswith("static"):
+        timed = True
+        t0 = time.perf_counter()
+        call()
+        return seconds, (time.perf_counter() - t0, dict(times))
+    return seconds, None
 
 
 def profile(model, tok, cfg, batch: int, prompt_len: int, new_tokens: int) -> None:
@@ -175,6 +184,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
                     help="also print torch.profiler's top CUDA kernels of the static engine at this batch (compiled "
                          "decode step, no CUDA graph, so each kernel shows)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time one more call of each static engine phase by phase (prefill; warm-up steps and "
+                         "graph capture; replayed steps; the rest of the call)")
     a = ap.parse_args()
     model, cfg = build(a.shape)
     tok = _Tok(cfg.vocab_size)
@@ -189,12 +201,18 @@ def main() -> None:
             kw = {"top_k": 200, "top_p": 0.9} if name.endswith("-ppo") else {}
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            seconds = run_engine(name, model, tok, prompts, a.new_tokens, kw)
+            seconds, timed = run_engine(name, model, tok, prompts, a.new_tokens, kw, a.phases)
             tps = batch * a.new_tokens / seconds
             peak = torch.cuda.max_memory_allocated() / 2**30
             rows.append((a.shape, batch, name, seconds, tps, tps / bound, bound, peak))
             print(f"{a.shape} batch {batch} {name}: {seconds:.2f} s, {tps:,.0f} tokens/s, "
                   f"{100 * tps / bound:.1f}% of the decode bound ({bound:,.0f}), peak {peak:.1f} GiB", flush=True)
+            if timed:
+                total, t = timed
+                steps = a.new_tokens - 1
+                print(f"  phases of a timed call ({total:.3f} s): " + ", ".join(f"{k} {v:.3f} s" for k, v in t.items())
+                      + f"; decode {1e3 * t.get('decode', 0) / max(steps - 2, 1):.2f} ms a replayed step; outside the "
+                      f"phases {total - sum(t.values()):.3f} s", flush=True)
     if a.profile:
         profile(model, tok, cfg, a.profile, a.prompt_len, a.new_tokens)
     lines = ["| shape | batch | engine | s | generated tokens/s | fraction of decode bound | decode bound tokens/s | peak GiB |",

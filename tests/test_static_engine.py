@@ -220,6 +220,20 @@ def test_stops_once_every_row_has_ended(lm):
     assert bool((r.response_ids[:, 0] == tok.eos_token_id).all())
 
 
+def test_timed_engine_records_its_phases_and_draws_the_same_tokens(lm):
+    """timed=True adds synchronized clocks at the phase ends and nothing else: the same tokens and log-probs; on the
+    CPU (no graph) every decode step counts as warm-up. Untimed, `times` stays empty."""
+    model, tok = lm
+    s = SamplingConfig(max_new_tokens=6)
+    plain = StaticEngine()
+    timed = StaticEngine(timed=True)
+    a = plain.generate(model, tok, _prompts(tok), s, seeds=[1, 2, 3, 4])
+    b = timed.generate(model, tok, _prompts(tok), s, seeds=[1, 2, 3, 4])
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert plain.times == {}
+    assert sorted(timed.times) == ["prefill", "warmup"] and all(v > 0 for v in timed.times.values())
+
+
 def test_reading_the_cache_in_blocks_equals_reading_all_of_it(lm):
     """kv_block: attention over the filled blocks of the cache only. The slots it leaves out are masked (weight
     exactly 0), so only the summation order of the softmax's denominator may change: float32 rounding, ~1e-7

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -430,6 +431,9 @@ class StaticEngine:
     Triton is installed, else varlen where `flash_varlen_available` (CUDA, Ampere or newer, a bf16/fp16 cache),
     masked elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests.
     kv_block applies to the masked layout only.
+    timed: record the last rollout's phase times in `times` (prefill: the prompts' forwards and first draws;
+    warmup: the decode steps before the graph and its capture; decode: the rest), synchronizing the device at each
+    phase's end.
     sampler: "torch" (the default) draws with sample_tokens' torch operations, compiled into the step; "triton"
     draws without top-k/top-p in one Triton pass over the vocabulary (rollout/triton_sample.py: the same uniforms,
     the same argmax), which needs Triton; with top-k or top-p both run the torch operations.
@@ -446,7 +450,8 @@ class StaticEngine:
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
-                 stack_projections: Optional[bool] = None, autotune: bool = False, sampler: str = "torch"):
+                 stack_projections: Optional[bool] = None, autotune: bool = False, sampler: str = "torch",
+                 timed: bool = False):
         if sampler not in ("torch", "triton"):
             raise ValueError(f"static engine: sampler {sampler!r} is not one of torch, triton")
         if sampler == "triton":
@@ -466,6 +471,10 @@ class StaticEngine:
         self.kv_block = kv_block
         self.group_lora = group_lora
         self.compile_error: Optional[str] = None  # why the last rollout's decode step ran eagerly, if it did
+        self.timed = timed
+        # timed: the last rollout's phases in seconds (prefill, warm-up and capture, graph replays or eager steps),
+        # each ended by a device synchronization (which the untimed engine does not pay)
+        self.times: dict = {}
 
     @torch.no_grad()
     def generate(self, model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -551,6 +560,7 @@ class StaticEngine:
         if N == 0:
             return 0
         device, L = ids.device, dec.max_len
+        clock = self._clock(device)
         positions = position_ids_from_mask(pmask)
         # prefill: query t sees the real prompt tokens at slots <= t (itself always, so padded rows have no empty row)
         slot = torch.arange(L, device=device)
@@ -569,6 +579,7 @@ class StaticEngine:
                 logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
             tok, lp = sample_tokens(logits, seeds[r], step0, sampling, dec.sample_kernel)
             tokens[r, 0], logps[r, 0] = tok, lp
+        clock("prefill")
         # decode state, in tensors the graph reads and advances in place
         state = {
             "cur": tokens[:, :1].clone(),
@@ -599,7 +610,7 @@ class StaticEngine:
                 fn(*args, kv_len)
 
         block = self.kv_block if self.kv_block > 0 and not dec.varlen else L
-        steps, graphs, warm = 1, {}, {}
+        steps, graphs, warm, graphs_running = 1, {}, {}, False
         side = torch.cuda.Stream() if use_graph else None
         while steps < N:
             if steps % self.check_every == 0 and bool(state["done"].all()):
@@ -611,6 +622,9 @@ class StaticEngine:
                 pool = next(iter(graphs.values())).pool() if graphs else None
                 graph = graphs[kv_len] = self._capture(lambda: decode_step(kv_len), pool)
             if graph is not None:
+                if not graphs_running:
+                    clock("warmup")
+                    graphs_running = True
                 graph.replay()
             elif side is not None:  # warm-up on a side stream, as graph capture wants
                 warm[kv_len] = warm.get(kv_len, 0) + 1
@@ -621,7 +635,24 @@ class StaticEngine:
             else:
                 decode_step(kv_len)
             steps += 1
+        clock("decode" if graphs_running else "warmup")
         return steps
+
+    def _clock(self, device: torch.device):
+        """clock(phase): the seconds since the last call go to times[phase] (nothing unless timed)."""
+        self.times = {}
+        if not self.timed:
+            return lambda phase: None
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        last = [time.perf_counter()]
+
+        def clock(phase: str) -> None:
+            sync()
+            now = time.perf_counter()
+            self.times[phase] = self.times.get(phase, 0.0) + now - last[0]
+            last[0] = now
+        return clock
 
     @staticmethod
     def _capture(step_fn, pool=None):
