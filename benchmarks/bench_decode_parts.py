@@ -55,6 +55,36 @@ def graph_time(fn, repeat: int = 20, replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def sampler_sweep(add, logits, seeds, step, want) -> None:
+    """The Triton sampler's partials kernel alone at other chunk / block / warp settings, and with the hardware's
+    approximate logarithm; each setting's tokens are checked against the torch sampler's (want)."""
+    from rlhf.rollout import triton_sample as ts
+    from rlhf.rollout.static import row_keys
+
+    B, V = logits.shape
+    key = row_keys(seeds, step)
+    for chunk, block, warps, fast in ((4096, 1024, 4, False), (4096, 2048, 4, False), (4096, 4096, 8, False),
+                                      (2048, 2048, 4, False), (2048, 1024, 4, False), (8192, 2048, 8, False),
+                                      (1024, 1024, 4, False), (4096, 1024, 4, True), (2048, 2048, 4, True)):
+        nc = -(-V // chunk)
+        best = torch.empty((B, nc), dtype=torch.float32, device=logits.device)
+        idx = torch.empty((B, nc), dtype=torch.int32, device=logits.device)
+        mx, sm = torch.empty_like(best), torch.empty_like(best)
+
+        def fn(chunk=chunk, block=block, warps=warps, fast=fast, nc=nc, best=best, idx=idx, mx=mx, sm=sm):
+            ts._sample_partials[(B, nc)](logits, key, best, idx, mx, sm, V, 1.0, logits.stride(0), nc, SCALE=False,
+                                         SAMPLE=True, CHUNK_=chunk, BLOCK_=block, FAST=fast, num_warps=warps)
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"sampler partials chunk {chunk} block {block}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        tok = idx.gather(-1, best.argmax(-1, keepdim=True)).squeeze(-1).long()
+        label = f"sampler partials: chunk {chunk} block {block} warps {warps}{' fast log' if fast else ''}"
+        add(label, graph_time(fn), 2.0 * B * V)
+        print(f"{label}: {int((tok == want).sum())} of {B} tokens equal to the torch sampler's")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="0.5b", choices=list(SHAPES))
@@ -132,6 +162,7 @@ def main() -> None:
             a_tok, _ = fn()
             b_tok, _ = torch.compile(lambda: sample_tokens(logits, seeds, step, sc))()
             print(f"Triton sampler: {int((a_tok == b_tok).sum())} of {B} tokens equal to the torch sampler's")
+            sampler_sweep(add, logits, seeds, step, b_tok)
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"triton sampler: {type(e).__name__}: {e}")
 

@@ -16,7 +16,8 @@ same) or only its filled 64-slot blocks (`static-blocks`). `static-stacked` runs
 stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
 as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
-varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary (`sampler="triton"`).
+varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary (`sampler="triton"`); an engine name
+with `cprefill` compiles the prefill forwards (`compile_prefill=True`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -81,7 +82,8 @@ def decode_bound(model, cfg, batch: int, prompt_len: int, new_tokens: int) -> fl
     return batch * new_tokens / total
 
 
-def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dict, phases: bool = False):
+def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dict, phases: bool = False,
+               prefill_batch: int = 64):
     """Seconds for one generation of every prompt (after one warm-up call at the same shapes). phases (static
     engines): also (seconds, the engine's phase times) of one more call, timed phase by phase."""
     from rlhf.rollout import SamplingConfig
@@ -99,9 +101,10 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             attention = ("masked" if masked else "varlen-triton" if "triton" in name else "varlen" if "flash" in name
                          else "auto")
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention, timed=timed,
+                                  compile_prefill="cprefill" in name,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
                                   autotune="autotune" in name, sampler="triton" if "tsample" in name else "torch")
-            out = engine.generate(model, tok, prompts, s, batch_size=64, seeds=seeds)
+            out = engine.generate(model, tok, prompts, s, batch_size=prefill_batch, seeds=seeds)
             times.update(engine.times)
             return out
     else:
@@ -171,6 +174,13 @@ def profile(model, tok, cfg, batch: int, prompt_len: int, new_tokens: int) -> No
         print("| us a step | share | calls a step | kernel |\n|---|---|---|---|")
         for us, n, name in rows[:30]:
             print(f"| {us:.1f} | {us / max(total, 1e-9):.3f} | {n:.1f} | {name[:110]} |")
+        if not kw:
+            total0 = sum(us for us, _ in first.values())
+            print(f"\nprofile: batch {batch}, a generation of 1 token (the prefill in forwards of 64 prompts, and the "
+                  f"first draw): {total0 / 1e3:.1f} ms of CUDA time")
+            print("| ms | share | calls | kernel |\n|---|---|---|---|")
+            for name, (us, n) in sorted(first.items(), key=lambda kv: -kv[1][0])[:15]:
+                print(f"| {us / 1e3:.2f} | {us / max(total0, 1e-9):.3f} | {n} | {name[:110]} |")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -184,6 +194,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
                     help="also print torch.profiler's top CUDA kernels of the static engine at this batch (compiled "
                          "decode step, no CUDA graph, so each kernel shows)")
+    ap.add_argument("--prefill-batch", type=int, default=64, help="static engines: prompts per prefill forward")
     ap.add_argument("--phases", action="store_true",
                     help="also time one more call of each static engine phase by phase (prefill; warm-up steps and "
                          "graph capture; replayed steps; the rest of the call)")
@@ -201,7 +212,7 @@ def main() -> None:
             kw = {"top_k": 200, "top_p": 0.9} if name.endswith("-ppo") else {}
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            seconds, timed = run_engine(name, model, tok, prompts, a.new_tokens, kw, a.phases)
+            seconds, timed = run_engine(name, model, tok, prompts, a.new_tokens, kw, a.phases, a.prefill_batch)
             tps = batch * a.new_tokens / seconds
             peak = torch.cuda.max_memory_allocated() / 2**30
             rows.append((a.shape, batch, name, seconds, tps, tps / bound, bound, peak))

@@ -44,10 +44,21 @@ if triton is not None:
         return h ^ ((h >> 16) & 0xFFFF)
 
     @triton.jit
+    def _neg_log(x, FAST: tl.constexpr):
+        """-log(x) for x in (0, 1]: libdevice's logf (torch's, to the last bit), or FAST the hardware's lg2.approx
+        (a few ulps off; benchmarks only)."""
+        if FAST:
+            return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                             pack=1) * -0.6931471805599453
+        else:
+            return -tl.log(x)
+
+    @triton.jit
     def _sample_partials(X, KEY, BEST, IDX, MAX, SUM, V, temperature, stride_x, NC,
-                         SCALE: tl.constexpr, SAMPLE: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr):
+                         SCALE: tl.constexpr, SAMPLE: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
+                         FAST: tl.constexpr = False):
         """Row r, chunk c: BEST/IDX the chunk's largest score and its first token id, MAX/SUM its log-sum-exp of z
-        as max and sum of exp(z - max)."""
+        as max and sum of exp(z - max). A block's best score and its index come from one reduction."""
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         key = tl.load(KEY + r)
@@ -64,11 +75,10 @@ if triton is not None:
             if SAMPLE:
                 h = _fmix32_bits(key ^ t)
                 u = (((h >> 8) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                score = tl.where(ok, z - tl.log(-tl.log(u)), float("-inf"))
+                score = tl.where(ok, z + _neg_log(_neg_log(u, FAST), FAST), float("-inf"))  # z - log(-log(u))
             else:
                 score = z
-            bm = tl.max(score, 0)
-            bi = tl.argmax(score, 0)
+            bm, bi = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
             idx = tl.where(bm > best, start + bi, idx)  # strictly greater: an earlier block keeps a tie
             best = tl.maximum(best, bm)
             zm = tl.max(z, 0)
