@@ -16,8 +16,9 @@ same) or only its filled 64-slot blocks (`static-blocks`). `static-stacked` runs
 stacked for the call (the engine's default on CUDA when the copy fits in a tenth of free memory), `static-unstacked`
 as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
-varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary (`sampler="triton"`); an engine name
-with `cprefill` compiles the prefill forwards (`compile_prefill=True`).
+varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary
+(`sampler="triton"`, the engine's choice on CUDA where Triton is installed), `static-torchsample` with torch
+operations compiled into the step.
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -101,9 +102,9 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             attention = ("masked" if masked else "varlen-triton" if "triton" in name else "varlen" if "flash" in name
                          else "auto")
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention, timed=timed,
-                                  compile_prefill="cprefill" in name,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
-                                  autotune="autotune" in name, sampler="triton" if "tsample" in name else "torch")
+                                  autotune="autotune" in name,
+                                  sampler="triton" if "tsample" in name else "torch" if "torchsample" in name else "auto")
             out = engine.generate(model, tok, prompts, s, batch_size=prefill_batch, seeds=seeds)
             times.update(engine.times)
             return out

@@ -328,8 +328,11 @@ def test_triton_sampler_draws_what_the_torch_sampler_draws(tiny_model_dir):
 def test_static_engine_sampler_names_are_checked():
     import importlib.util
 
-    with pytest.raises(ValueError, match="sampler 'gpu' is not one of torch, triton"):
+    with pytest.raises(ValueError, match="sampler 'gpu' is not one of auto, torch, triton"):
         StaticEngine(sampler="gpu")
+    # auto: the Triton pass on CUDA only, so a CPU rollout draws with torch operations (Triton installed or not)
+    assert StaticEngine()._sample_kernel(torch.device("cpu")) is False
+    assert StaticEngine(sampler="torch")._sample_kernel(torch.device("cuda")) is False
     if importlib.util.find_spec("triton") is None:
         with pytest.raises(ValueError, match="needs Triton, which is not installed"):
             StaticEngine(sampler="triton")

@@ -299,14 +299,6 @@ class _Decoder:
                 self.gate_up = [_StackedLinear([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
                 self.down = [lambda x, m=l.mlp.down_proj: [m(x)] for l in self.layers]
 
-    def allocate(self, ids: torch.Tensor) -> None:
-        """Allocate every layer's cache now, in the dtype the k projection gives (under the caller's autocast), so
-        that a compiled prefill finds them."""
-        a = self.layers[0].self_attn
-        like = a.k_proj(self.base.embed_tokens(ids[:1, :1]))
-        for i in range(len(self.layers)):
-            self._cache(i, like)
-
     def _cache(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[i] is None:  # allocated at the first prefill, in the dtype the projections produce (autocast)
             shape = ((self.rows * self.max_len, self.kv_heads, self.head_dim) if self.varlen
@@ -399,12 +391,6 @@ def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, token
     st["step"].add_(1)
 
 
-def _prefill_step(dec: _Decoder, ids, positions, slots, mask, seeds, step0, sampling: SamplingConfig):
-    """A varlen prefill forward of one batch of prompts and its first draw (the cache rows come from slots)."""
-    logits = dec.forward(ids, positions, slots, mask, slice(None))
-    return sample_tokens(logits, seeds, step0, sampling, dec.sample_kernel)
-
-
 _COMPILED: dict = {}
 
 
@@ -416,13 +402,6 @@ def _compiled_step(autotune: bool = False):
     if autotune not in _COMPILED:
         _COMPILED[autotune] = torch.compile(_decode_step, mode="max-autotune-no-cudagraphs" if autotune else None)
     return _COMPILED[autotune]
-
-
-def _compiled_prefill():
-    """The prefill step compiled once per process with dynamic shapes (prompts per forward and their length vary)."""
-    if "prefill" not in _COMPILED:
-        _COMPILED["prefill"] = torch.compile(_prefill_step, dynamic=True)
-    return _COMPILED["prefill"]
 
 
 class StaticEngine:
@@ -452,14 +431,14 @@ class StaticEngine:
     Triton is installed, else varlen where `flash_varlen_available` (CUDA, Ampere or newer, a bf16/fp16 cache),
     masked elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests.
     kv_block applies to the masked layout only.
-    compile_prefill: the varlen layout's prefill forwards (and first draws) run through torch.compile with dynamic
-    shapes (once per process), on CUDA; a prefill that fails to compile runs eagerly.
     timed: record the last rollout's phase times in `times` (prefill: the prompts' forwards and first draws;
     warmup: the decode steps before the graph and its capture; decode: the rest), synchronizing the device at each
     phase's end.
-    sampler: "torch" (the default) draws with sample_tokens' torch operations, compiled into the step; "triton"
-    draws without top-k/top-p in one Triton pass over the vocabulary (rollout/triton_sample.py: the same uniforms,
-    the same argmax), which needs Triton; with top-k or top-p both run the torch operations.
+    sampler: "torch" draws with sample_tokens' torch operations, compiled into the step; "triton" draws without
+    top-k/top-p in one Triton pass over the vocabulary (rollout/triton_sample.py: the same uniforms, the same
+    argmax, so the same tokens), which needs Triton; with top-k or top-p both run the torch operations. "auto" (the
+    default) is triton on CUDA where Triton is installed (255 us a step against 300 for the compiled torch
+    operations at the Qwen2.5-0.5B shape, batch 512, on an H200: BENCHMARKS.md rollout run 7), torch elsewhere.
 
     stack_projections: plain (LoRA-free) q/k/v and gate/up projections run as one product per group over their
     weights stacked for the call (_StackedLinear): wider products at decode shapes, for a copy of those weights
@@ -473,10 +452,10 @@ class StaticEngine:
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
-                 stack_projections: Optional[bool] = None, autotune: bool = False, sampler: str = "torch",
-                 timed: bool = False, compile_prefill: bool = False):
-        if sampler not in ("torch", "triton"):
-            raise ValueError(f"static engine: sampler {sampler!r} is not one of torch, triton")
+                 stack_projections: Optional[bool] = None, autotune: bool = False, sampler: str = "auto",
+                 timed: bool = False):
+        if sampler not in ("auto", "torch", "triton"):
+            raise ValueError(f"static engine: sampler {sampler!r} is not one of auto, torch, triton")
         if sampler == "triton":
             from .triton_sample import available
 
@@ -495,7 +474,6 @@ class StaticEngine:
         self.group_lora = group_lora
         self.compile_error: Optional[str] = None  # why the last rollout's decode step ran eagerly, if it did
         self.timed = timed
-        self.compile_prefill = compile_prefill
         # timed: the last rollout's phases in seconds (prefill, warm-up and capture, graph replays or eager steps),
         # each ended by a device synchronization (which the untimed engine does not pay)
         self.times: dict = {}
@@ -528,7 +506,7 @@ class StaticEngine:
         model.eval()
         try:
             dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device),
-                           sample_kernel=self.sampler == "triton")
+                           sample_kernel=self._sample_kernel(device))
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
@@ -562,6 +540,13 @@ class StaticEngine:
                 stacked += w.numel() * w.element_size()
         return stacked <= torch.cuda.mem_get_info(device)[0] / 10
 
+    def _sample_kernel(self, device: torch.device) -> bool:
+        if self.sampler != "auto":
+            return self.sampler == "triton"
+        from .triton_sample import available
+
+        return device.type == "cuda" and available()
+
     def _attention(self, model, device: torch.device) -> str:
         if self.attention != "auto":
             return self.attention
@@ -590,10 +575,6 @@ class StaticEngine:
         slot = torch.arange(L, device=device)
         causal = (slot[None, :] <= torch.arange(P, device=device)[:, None])  # [P, L]
         step0 = torch.zeros((), dtype=torch.long, device=device)
-        prefill = None
-        if self.compile_prefill and dec.varlen and device.type == "cuda":
-            dec.allocate(ids)
-            prefill = _compiled_prefill()
         for start in range(0, B, prefill_batch):
             r = slice(start, min(B, start + prefill_batch))
             valid = torch.zeros((r.stop - r.start, L), dtype=torch.bool, device=device)
@@ -602,15 +583,6 @@ class StaticEngine:
             if dec.varlen:  # real tokens to slot = position; padding to the row's last slot, never read
                 base = torch.arange(r.start, r.stop, device=device)[:, None] * L
                 flat = base + torch.where(pmask[r], positions[r], L - 1)
-                if prefill is not None:
-                    try:
-                        tokens[r, 0], logps[r, 0] = prefill(dec, ids[r], positions[r], flat.reshape(-1),
-                                                            mask.unsqueeze(1), seeds[r], step0, sampling)
-                        continue
-                    except Exception as e:  # noqa: BLE001 - a compiler failure must not stop the rollout
-                        self.compile_error = f"prefill: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                        print(f"static engine: torch.compile failed ({self.compile_error}); prefilling eagerly")
-                        prefill = None
                 logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r)
             else:
                 logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton
     triton = tl = None
 
 CHUNK = 4096
-BLOCK = 1024
+BLOCK = 2048  # 255 us at 512 rows x 151,936 on an H200, against 275 in blocks of 1024 (rollout run 7)
 
 
 def available() -> bool:
