@@ -55,6 +55,39 @@ def graph_time(fn, repeat: int = 20, replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def rope_parts(add, B, heads, kv, d, L, used, kv_bytes) -> None:
+    """One layer's rotary embedding, cache writes and attention from the stacked q/k/v product: compiled around the
+    Triton kernel (the engine's varlen-triton step) against the one kernel that does all of it (varlen-triton-rope)."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from rlhf.rollout.triton_decode import decode_attention, decode_attention_rope
+
+    dev, bf, G = used.device, torch.bfloat16, heads // kv
+    qkv = torch.randn(B, (heads + 2 * kv) * d, device=dev, dtype=bf)
+    q, k, v = qkv.split([heads * d, kv * d, kv * d], dim=-1)
+    ang = (used.long() - 1)[:, None].float() * (1e6 ** (-torch.arange(0, d, 2, device=dev).float() / d))[None, :]
+    cos, sin = torch.cat([ang, ang], -1).cos().to(bf), torch.cat([ang, ang], -1).sin().to(bf)
+    kc, vc = torch.randn(B * L, kv, d, device=dev, dtype=bf), torch.randn(B * L, kv, d, device=dev, dtype=bf)
+    slots = torch.arange(B, device=dev) * L + used.long() - 1
+    scale = d ** -0.5
+
+    def unfused():
+        qr, kr = apply_rotary_pos_emb(q.view(B, 1, heads, d).transpose(1, 2), k.view(B, 1, kv, d).transpose(1, 2),
+                                      cos[:, None], sin[:, None])
+        kc.index_copy_(0, slots, kr.transpose(1, 2).reshape(B, kv, d))
+        vc.index_copy_(0, slots, v.reshape(B, kv, d))
+        qg = qr.reshape(B, kv, G, d).transpose(1, 2).reshape(B * G, kv, d)
+        o = decode_attention(qg, kc, vc, used, G, L, scale)
+        return o.view(B, G, kv, d).transpose(1, 2).reshape(B, -1)
+
+    compiled = torch.compile(unfused)
+    add("rope, cache writes and attention: compiled around the Triton kernel", graph_time(compiled), kv_bytes)
+    fused = lambda: decode_attention_rope(q, k, v, cos, sin, kc, vc, used, G, L, scale)  # noqa: E731
+    add("rope, cache writes and attention: one Triton kernel (varlen-triton-rope)", graph_time(fused), kv_bytes)
+    a, b = compiled().float(), fused().float()
+    print(f"rope parts: fused against compiled, max |diff| {float((a - b).abs().max()):.3e}")
+
+
 def sampler_sweep(add, logits, seeds, step, want) -> None:
     """The Triton sampler's partials kernel alone at other chunk / block / warp settings, and with the hardware's
     approximate logarithm; each setting's tokens are checked against the torch sampler's (want)."""
@@ -132,6 +165,10 @@ def main() -> None:
         print(f"triton kernel: {type(e).__name__}: {e}")
     for name, o in out.items():
         print(f"{name}: max |diff| against the reference {float((o - ref).abs().max()):.3e}")
+    try:
+        rope_parts(add, B, heads, kv, d, L, used, kv_bytes)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"rope parts: {type(e).__name__}: {e}")
 
     # matrix products, one layer, and the LM head
     x = torch.randn(B, H, device=dev, dtype=bf)

@@ -18,7 +18,8 @@ as separate products; `static-autotune` compiles the decode step with inductor's
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
 varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary
 (`sampler="triton"`, the engine's choice on CUDA where Triton is installed), `static-torchsample` with torch
-operations compiled into the step.
+operations compiled into the step; `static-rope` runs the rotary embedding and the cache writes inside the Triton
+attention kernel (`attention="varlen-triton-rope"`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -99,8 +100,8 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             # static: the engine's defaults; the masked layout reads the whole cache every step (static-masked,
             # static-whole) or its filled 64-slot blocks only (static-blocks, kv_block 64), whatever the batch
             masked = any(k in name for k in ("masked", "whole", "blocks"))
-            attention = ("masked" if masked else "varlen-triton" if "triton" in name else "varlen" if "flash" in name
-                         else "auto")
+            attention = ("masked" if masked else "varlen-triton-rope" if "rope" in name else "varlen-triton"
+                         if "triton" in name else "varlen" if "flash" in name else "auto")
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention, timed=timed,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
                                   autotune="autotune" in name,

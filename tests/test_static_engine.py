@@ -391,6 +391,70 @@ def test_triton_decode_kernel_equals_the_reference_product(tiny_model_dir):
     _run_under_triton_interpreter(script)
 
 
+def test_triton_decode_kernel_with_rotary_embedding_equals_the_unfused_step(tiny_model_dir):
+    """decode_attention_rope, run by Triton's interpreter on the CPU: from a step's projections (rows strided as the
+    views of one stacked product are), its rotary embedding, cache writes and attention against the unfused path:
+    the model's apply_rotary_pos_emb, index_copy_ into the cache, and the reference product over the row's slots.
+    float32: the rotation in float32 either way (1 rounding vs 3, ~1e-7 relative), the online softmax in another
+    order than SDPA's, so 1e-5; the caches outside the written slots stay bit-identical. Then the engine with
+    attention varlen-triton-rope against varlen-reference: the same tokens, log-probs within 1e-5."""
+    import importlib.util
+    import textwrap
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+        from rlhf.rollout import SamplingConfig
+        from rlhf.rollout.static import StaticEngine, _varlen_decode
+        from rlhf.rollout.triton_decode import decode_attention_rope
+
+        torch.manual_seed(0)
+        for d, used_list in ((16, [1, 40, 70]), (128, [2, 65, 70])):
+            b, L, kv, G = 3, 70, 2, 3
+            used = torch.tensor(used_list, dtype=torch.int32)
+            pos = used.long() - 1
+            qkv = torch.randn(b, (kv * G + 2 * kv) * d)  # one stacked product's output, split into views
+            q, k, v = qkv.split([kv * G * d, kv * d, kv * d], dim=-1)
+            inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+            ang = pos[:, None].float() * inv[None, :]
+            emb = torch.cat([ang, ang], dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            kc, vc = torch.randn(b * L, kv, d), torch.randn(b * L, kv, d)
+            kc2, vc2 = kc.clone(), vc.clone()
+            out = decode_attention_rope(q, k, v, cos, sin, kc, vc, used, G, L, 0.3)
+            # the unfused step: rotate, write the slot, attend
+            qr, kr = apply_rotary_pos_emb(q.view(b, 1, kv * G, d).transpose(1, 2), k.view(b, 1, kv, d).transpose(1, 2),
+                                          cos[:, None], sin[:, None])
+            slots = torch.arange(b) * L + pos
+            kc2.index_copy_(0, slots, kr.transpose(1, 2).reshape(b, kv, d))
+            vc2.index_copy_(0, slots, v.reshape(b, kv, d))
+            qg = qr.reshape(b, kv, G, d).transpose(1, 2).reshape(b * G, kv, d)
+            ref = _varlen_decode(qg, kc2, vc2, used, G, L, 0.3, impl="reference")
+            ref = ref.view(b, G, kv, d).transpose(1, 2).reshape(b, -1)
+            assert torch.allclose(out, ref, atol=1e-5), (d, (out - ref).abs().max())
+            assert torch.allclose(kc, kc2, atol=1e-6) and torch.equal(vc, vc2)
+            rest = torch.ones(b * L, dtype=torch.bool)
+            rest[slots] = False
+            assert torch.equal(kc[rest], kc2[rest])
+
+        tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
+        model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}, dtype=torch.float32).eval()
+        prompts = [tok.encode(t) for t in ("Name a fruit", "Hi", "Tell me about the sea and the sky", "Why")]
+        s = SamplingConfig(max_new_tokens=10, temperature=0.9)
+        ref = StaticEngine(attention="varlen-reference").generate(model, tok, prompts, s, seeds=[1, 2, 3, 4])
+        for stack in (False, True):  # the projections as modules, and as views of one stacked product
+            fused = StaticEngine(attention="varlen-triton-rope", stack_projections=stack).generate(
+                model, tok, prompts, s, seeds=[1, 2, 3, 4])
+            assert torch.equal(fused.response_ids, ref.response_ids)
+            assert torch.allclose(fused.logprobs, ref.logprobs, atol=1e-5), (fused.logprobs - ref.logprobs).abs().max()
+        print("ok")
+    """)
+    _run_under_triton_interpreter(script)
+
+
 def test_stacked_projections_equal_the_modules_own(lm):
     """q/k/v and gate/up as one product over stacked weights: each output element is the same dot product (with its
     own bias), so only the matrix kernel's blocking may change the float32 summation order (~1e-6 relative)."""

@@ -266,7 +266,11 @@ class _Decoder:
         # reads only those, through flash attention's varlen kernel (or the same product, masked, as a reference)
         self.attention = attention
         self.varlen = attention != "masked"
-        self.varlen_impl = {"varlen": "flash", "varlen-triton": "triton", "varlen-reference": "reference"}.get(attention)
+        self.varlen_impl = {"varlen": "flash", "varlen-triton": "triton", "varlen-triton-rope": "triton",
+                            "varlen-reference": "reference"}.get(attention)
+        # varlen-triton-rope: a decode step's rotary embedding and cache write run inside the Triton attention kernel
+        # (models without per-head q/k norms; the others take the varlen-triton path)
+        self.fused_rope = attention == "varlen-triton-rope"
         self.lm, self.base = lm, lm.model
         cfg = lm.config
         self.layers = list(self.base.layers[: cfg.num_hidden_layers])
@@ -333,6 +337,15 @@ class _Decoder:
             x = layer.input_layernorm(h)
             shape = (b, T, -1, self.head_dim)
             q, k, v = self.qkv[i](x) if self.qkv else (a.q_proj(x), a.k_proj(x), a.v_proj(x))
+            if used is not None and self.fused_rope and not hasattr(a, "q_norm"):
+                from .triton_decode import decode_attention_rope
+
+                k_cache, v_cache = self._cache(i, v)
+                o = decode_attention_rope(q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1), cos.reshape(b, -1),
+                                          sin.reshape(b, -1), k_cache, v_cache, used, G, self.max_len, a.scaling)
+                h = h + self._attn_out(i, a, o.view(b, 1, -1))
+                h = self._mlp(i, layer, h)
+                continue
             q, k, v = q.view(shape), k.view(shape), v.view(shape)
             if hasattr(a, "q_norm"):  # qwen3 normalizes each head before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
@@ -360,14 +373,20 @@ class _Decoder:
                     kk, vv = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]
                 o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=a.scaling)
                 o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
-            h = h + (self.o[i](o)[0] if self.o else a.o_proj(o))
-            x = layer.post_attention_layernorm(h)
-            if self.gate_up:
-                g, u = self.gate_up[i](x)
-                h = h + self.down[i](layer.mlp.act_fn(g) * u)[0]
-            else:
-                h = h + layer.mlp(x)
+            h = h + self._attn_out(i, a, o)
+            h = self._mlp(i, layer, h)
         return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0]
+
+    def _attn_out(self, i: int, a, o: torch.Tensor) -> torch.Tensor:
+        return self.o[i](o)[0] if self.o else a.o_proj(o)
+
+    def _mlp(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
+        """h plus the layer's MLP of its post-attention norm."""
+        x = layer.post_attention_layernorm(h)
+        if self.gate_up:
+            g, u = self.gate_up[i](x)
+            return h + self.down[i](layer.mlp.act_fn(g) * u)[0]
+        return h + layer.mlp(x)
 
 
 def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, tokens, logps, eos_id: int,
@@ -429,8 +448,11 @@ class StaticEngine:
     a KV head in one small tile, each key read once; 21 us a layer against flash attention's 58 at the Qwen2.5-0.5B
     shape, batch 512, on an H200). "auto" (the default) picks varlen-triton on CUDA with a bf16/fp16 cache where
     Triton is installed, else varlen where `flash_varlen_available` (CUDA, Ampere or newer, a bf16/fp16 cache),
-    masked elsewhere. "varlen-reference" is the varlen layout with the masked product, on any device, for tests.
-    kv_block applies to the masked layout only.
+    masked elsewhere. "varlen-triton-rope" is varlen-triton with a decode step's rotary embedding, query layout and
+    cache write inside the attention kernel (triton_decode.decode_attention_rope), where the compiled step
+    otherwise runs them as three element-wise kernels a layer (about 8 us a layer at the shape above, BENCHMARKS.md
+    rollout run 7); not measured on a GPU yet, so auto does not pick it. "varlen-reference" is the varlen layout
+    with the masked product, on any device, for tests. kv_block applies to the masked layout only.
     timed: record the last rollout's phase times in `times` (prefill: the prompts' forwards and first draws;
     warmup: the decode steps before the graph and its capture; decode: the rest), synchronizing the device at each
     phase's end.
@@ -448,7 +470,7 @@ class StaticEngine:
     5), off elsewhere.
     """
 
-    ATTENTION = ("auto", "masked", "varlen", "varlen-triton", "varlen-reference")
+    ATTENTION = ("auto", "masked", "varlen", "varlen-triton", "varlen-triton-rope", "varlen-reference")
 
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
@@ -487,7 +509,8 @@ class StaticEngine:
         if seeds is not None and len(seeds) != len(prompt_ids):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
         device = next(model.parameters()).device
-        kernels = [what for what, on in (("attention 'varlen-triton'", self.attention == "varlen-triton"),
+        triton_attention = self.attention.startswith("varlen-triton")
+        kernels = [what for what, on in ((f"attention {self.attention!r}", triton_attention),
                                          ("sampler 'triton'", self.sampler == "triton")) if on]
         if kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"static engine: {' and '.join(kernels)} run Triton kernels, which need a CUDA device "
