@@ -685,6 +685,22 @@ def test_bf16_triton_decode_kernel_near_flash_attention(lm):
     assert StaticEngine()._attention(model, torch.device("cuda")) == "varlen-triton"  # auto picks it on CUDA
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_triton_rope_kernel_in_the_compiled_step(lm):
+    """varlen-triton-rope on the GPU: the kernel that writes the cache runs inside the compiled step and its graph
+    (compile_error None: torch.compile takes the mutating operator), and the bf16 log-probs stay within the bound
+    the bf16 tests above hold against a training forward."""
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    s = SETTINGS["filtered"]
+    engine = StaticEngine(attention="varlen-triton-rope")
+    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
+    assert engine.compile_error is None
+    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05
+
+
 def test_hf_generate_runs_compiled_layers_eager(lm):
     """model.compile_layers on a policy whose rollouts take transformers' generate: the layers run eager there (a
     cache that changes every step would compile them again at each step until torch's recompile limit), so nothing
