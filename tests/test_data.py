@@ -1,10 +1,11 @@
 import json
 
 import pytest
+import torch
 
 from rlhf.algorithms.sft import IGNORE, encode_sft
 from rlhf.data import BadRows, DataError, load_rows
-from rlhf.data.batching import StepBatcher, pad
+from rlhf.data.batching import StepBatcher, attention_mask, pad
 from rlhf.models import load_tokenizer
 
 
@@ -123,6 +124,12 @@ def test_prompt_too_long_is_an_error(tmp_path, tiny_model_dir):
 def test_pad_left_and_right():
     assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert pad([[1, 2], [3]], 0, side="left").tolist() == [[1, 2], [0, 3]]
+    # an empty row, tuples and tensors (rows of any kind keep their order), and the masks that go with them
+    seqs = [[5, 6, 7], [], (8,), torch.tensor([9, 4])]
+    assert pad(seqs, -1).tolist() == [[5, 6, 7], [-1, -1, -1], [8, -1, -1], [9, 4, -1]]
+    assert pad(seqs, -1, side="left").tolist() == [[5, 6, 7], [-1, -1, -1], [-1, -1, 8], [-1, 9, 4]]
+    assert attention_mask(seqs).tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0], [1, 1, 0]]
+    assert attention_mask(seqs, side="left").tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1], [0, 1, 1]]
 
 
 def test_step_batcher_splits_global_batch_over_ranks_and_micro_batches():
