@@ -19,7 +19,8 @@ as separate products; `static-autotune` compiles the decode step with inductor's
 varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary
 (`sampler="triton"`, the engine's choice on CUDA where Triton is installed), `static-torchsample` with torch
 operations compiled into the step; `static-rope` runs the rotary embedding and the cache writes inside the Triton
-attention kernel (`attention="varlen-triton-rope"`).
+attention kernel (`attention="varlen-triton-rope"`); `static-cprefill` compiles the prefill's element-wise parts
+(`compile_prefill=True`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
 2 x parameters x batch / peak bf16 FLOP/s; the bound for the run is the batch times the steps over the sum of the
@@ -103,6 +104,7 @@ def run_engine(name: str, model, tok, prompts, new_tokens: int, sampling_kw: dic
             attention = ("masked" if masked else "varlen-triton-rope" if "rope" in name else "varlen-triton"
                          if "triton" in name else "varlen" if "flash" in name else "auto")
             engine = StaticEngine(kv_block=64 if "blocks" in name else 0, attention=attention, timed=timed,
+                                  compile_prefill="cprefill" in name,
                                   stack_projections={"stacked": True, "unstacked": False}.get(name.split("-")[-1]),
                                   autotune="autotune" in name,
                                   sampler="triton" if "tsample" in name else "torch" if "torchsample" in name else "auto")

@@ -234,6 +234,64 @@ def test_timed_engine_records_its_phases_and_draws_the_same_tokens(lm):
     assert sorted(timed.times) == ["prefill", "warmup"] and all(v > 0 for v in timed.times.values())
 
 
+def test_prefill_functions_are_the_modules_forwards():
+    """compile_prefill's functions give the modules' outputs bit for bit (Llama's and Qwen2's RMSNorm, transformers'
+    SiLU times the up projection), in float32 and bf16; a module whose forward differs keeps its own."""
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from rlhf.rollout import static
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 24, dtype=dtype) * 3
+        for cls in (LlamaRMSNorm, Qwen2RMSNorm):
+            norm = cls(24, eps=1e-5).to(dtype)
+            norm.weight.data = torch.randn(24, dtype=dtype)
+            assert torch.equal(static._rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+        g, u = torch.randn(4, 9, dtype=dtype), torch.randn(4, 9, dtype=dtype)
+        assert torch.equal(static._silu_mul(g, u), ACT2FN["silu"](g) * u)
+
+    class Shifted(Qwen2RMSNorm):
+        def forward(self, h):
+            return super().forward(h) + 1
+
+    ops = static._PrefillOps(lambda *a: a, compiled=False)
+    ops.compiled = True  # the compiled branch, with the functions run eagerly (no compile on the CPU here)
+    x = torch.randn(2, 24)
+    shifted, gelu = Shifted(24), ACT2FN["gelu"]
+    assert torch.equal(ops.norm(shifted, x), shifted(x))
+    g, u = torch.randn(2, 8), torch.randn(2, 8)
+    assert torch.equal(ops.act_mul(gelu, g, u), gelu(g) * u)
+
+
+def test_compile_prefill_runs_the_functions_and_draws_the_same(lm, monkeypatch):
+    """StaticEngine(compile_prefill=True) sends the prefill's norms, rotary embedding and SiLU products through the
+    compiled functions (torch.compile replaced by a counting wrapper, so eager arithmetic: the same tokens and
+    log-probs to the bit); the decode steps keep the modules."""
+    from rlhf.rollout import static
+
+    calls = {}
+
+    def counting(fn):
+        def run(*a):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return fn(*a)
+        return run
+
+    monkeypatch.setattr(static, "_compiled_fn", counting)
+    model, tok = lm
+    s = SamplingConfig(max_new_tokens=6)
+    plain = StaticEngine(stack_projections=True).generate(model, tok, _prompts(tok), s, seeds=[1, 2, 3, 4])
+    fused = StaticEngine(stack_projections=True, compile_prefill=True).generate(model, tok, _prompts(tok), s,
+                                                                                seeds=[1, 2, 3, 4])
+    assert torch.equal(plain.response_ids, fused.response_ids) and torch.equal(plain.logprobs, fused.logprobs)
+    layers = model.config.num_hidden_layers
+    # one prefill forward (4 prompts): two norms and one SiLU product a layer, and the rotary embedding
+    assert calls == {"_rms_norm": 2 * layers, "_silu_mul": layers, "apply_rotary_pos_emb": layers}, calls
+
+
 def test_reading_the_cache_in_blocks_equals_reading_all_of_it(lm):
     """kv_block: attention over the filled blocks of the cache only. The slots it leaves out are masked (weight
     exactly 0), so only the summation order of the softmax's denominator may change: float32 rounding, ~1e-7
@@ -699,6 +757,21 @@ def test_bf16_triton_rope_kernel_in_the_compiled_step(lm):
     assert engine.compile_error is None
     gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
     assert float(gap.max()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_compiled_prefill_near_a_training_forward(lm):
+    """compile_prefill on the GPU, through torch.compile for real: bf16 log-probs within the bound the bf16 tests
+    above hold against a training forward, for two prompt batches of other shapes (dynamic shapes, no failure)."""
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    s = SETTINGS["filtered"]
+    engine = StaticEngine(compile_prefill=True)
+    for prompts in (_prompts(tok) * 8, _prompts(tok)[:3]):
+        r = engine.generate(model, tok, prompts, s, seeds=list(range(len(prompts))))
+        gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+        assert float(gap.max()) < 0.05
 
 
 def test_hf_generate_runs_compiled_layers_eager(lm):

@@ -253,11 +253,65 @@ def _plain_linears(modules: list) -> bool:
                for m in modules)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm of Llama, Qwen2, Qwen3 and Mistral as a function of tensors (the module's forward)."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+def _compiled_fn(fn):
+    """fn through torch.compile with dynamic shapes, once per process (prefill shapes change with every call)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+class _PrefillOps:
+    """The prefill's element-wise parts: the modules' own forwards, or (compiled) each as one small function compiled
+    with dynamic shapes, where the eager modules run several kernels each over every prompt token (an RMSNorm in
+    float32: seven; the rotary embedding: about ten). A module stands in for its function only where the function
+    gives its output bit for bit on a probe, so a model whose norm or activation differs keeps its own."""
+
+    def __init__(self, rope, compiled: bool):
+        self.compiled = compiled
+        self.rope = _compiled_fn(rope) if compiled else rope
+        self._same: dict = {}
+
+    def _matches(self, module, fn, *probe) -> bool:
+        key = type(module)
+        if key not in self._same:
+            with torch.no_grad():
+                self._same[key] = bool(torch.equal(module(probe[0]) if len(probe) == 1 else module(probe[0]) * probe[1],
+                                                   fn(*probe)))
+        return self._same[key]
+
+    def norm(self, module, x: torch.Tensor) -> torch.Tensor:
+        eps, w = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
+        if self.compiled and isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1:
+            probe = torch.randn(2, w.shape[0], device=x.device, dtype=x.dtype)
+            if self._matches(module, lambda t: _rms_norm(t, w, eps), probe):
+                return _compiled_fn(_rms_norm)(x, w, eps)
+        return module(x)
+
+    def act_mul(self, act, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            probe = torch.randn(2, 8, device=g.device, dtype=g.dtype)
+            if self._matches(act, _silu_mul, probe, probe.flip(0)):
+                return _compiled_fn(_silu_mul)(g, u)
+        return act(g) * u
+
+
 class _Decoder:
     """The model's modules over a static KV cache per layer, in one of two layouts (`attention`, below)."""
 
     def __init__(self, model, rows: int, max_len: int, group_lora: bool = True, attention: str = "masked",
-                 stack: bool = False, sample_kernel: bool = False):
+                 stack: bool = False, sample_kernel: bool = False, compile_prefill: bool = False):
         lm = _unwrap(model)
         self.sample_kernel = sample_kernel  # sample_tokens' Triton pass over the vocabulary (StaticEngine's sampler)
         # "masked": cache slots are the left-padded columns, attention masks them ([rows, kv_heads, max_len,
@@ -278,6 +332,8 @@ class _Decoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.rope = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.prefill_ops = _PrefillOps(self.rope, compile_prefill)
+        self.step_ops = _PrefillOps(self.rope, False)  # the decode step: compiled whole, around the modules
         self.rows, self.max_len = rows, max_len
         self.k: list[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.v: list[Optional[torch.Tensor]] = [None] * len(self.layers)
@@ -312,7 +368,8 @@ class _Decoder:
         return self.k[i], self.v[i]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor],
-                rows: slice, kv_len: Optional[int] = None, used: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rows: slice, kv_len: Optional[int] = None, used: Optional[torch.Tensor] = None,
+                prefill: bool = False) -> torch.Tensor:
         """Logits [b, V] of the last position, in the LM head's dtype (sample_tokens takes them to float32).
 
         ids, positions [b, T]; rows: the cache rows of this batch.
@@ -322,6 +379,7 @@ class _Decoder:
         Varlen layout: slots [b * T] indices into the flat cache (row * max_len + position). A prefill (used None)
         attends among its own T tokens under mask [b, 1, T, >= T]; a decode step (T = 1) attends to the first
         used[r] slots of each row r (int32 [b], its own slot included).
+        prefill: a prompt forward (its element-wise parts through prefill_ops), not a decode step.
         """
         kv_len = self.max_len if kv_len is None else kv_len
         b, T = ids.shape
@@ -332,9 +390,10 @@ class _Decoder:
         if used is None:
             kv_len = T if self.varlen else kv_len
             mask = mask[..., :kv_len].unsqueeze(2).expand(b, 1, G, T, kv_len).reshape(b, 1, G * T, kv_len)
+        ops = self.prefill_ops if prefill else self.step_ops
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = ops.norm(layer.input_layernorm, h)
             shape = (b, T, -1, self.head_dim)
             q, k, v = self.qkv[i](x) if self.qkv else (a.q_proj(x), a.k_proj(x), a.v_proj(x))
             if used is not None and self.fused_rope and not hasattr(a, "q_norm"):
@@ -344,12 +403,12 @@ class _Decoder:
                 o = decode_attention_rope(q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1), cos.reshape(b, -1),
                                           sin.reshape(b, -1), k_cache, v_cache, used, G, self.max_len, a.scaling)
                 h = h + self._attn_out(i, a, o.view(b, 1, -1))
-                h = self._mlp(i, layer, h)
+                h = self._mlp(i, layer, h, ops)
                 continue
             q, k, v = q.view(shape), k.view(shape), v.view(shape)
             if hasattr(a, "q_norm"):  # qwen3 normalizes each head before the rotation
                 q, k = a.q_norm(q), a.k_norm(k)
-            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = ops.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             # float32 rotary tables (float32 weights under autocast) would promote q and k; the cache and the
             # attention kernel take the projections' dtype, as autocast's attention would
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -374,18 +433,18 @@ class _Decoder:
                 o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=a.scaling)
                 o = o.reshape(b, self.heads, T, self.head_dim).transpose(1, 2).reshape(b, T, -1)
             h = h + self._attn_out(i, a, o)
-            h = self._mlp(i, layer, h)
+            h = self._mlp(i, layer, h, ops)
         return self.lm.lm_head(self.base.norm(h[:, -1:]))[:, 0]
 
     def _attn_out(self, i: int, a, o: torch.Tensor) -> torch.Tensor:
         return self.o[i](o)[0] if self.o else a.o_proj(o)
 
-    def _mlp(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, layer, h: torch.Tensor, ops: _PrefillOps) -> torch.Tensor:
         """h plus the layer's MLP of its post-attention norm."""
-        x = layer.post_attention_layernorm(h)
+        x = ops.norm(layer.post_attention_layernorm, h)
         if self.gate_up:
             g, u = self.gate_up[i](x)
-            return h + self.down[i](layer.mlp.act_fn(g) * u)[0]
+            return h + self.down[i](ops.act_mul(layer.mlp.act_fn, g, u))[0]
         return h + layer.mlp(x)
 
 
@@ -453,6 +512,11 @@ class StaticEngine:
     otherwise runs them as three element-wise kernels a layer (about 8 us a layer at the shape above, BENCHMARKS.md
     rollout run 7); not measured on a GPU yet, so auto does not pick it. "varlen-reference" is the varlen layout
     with the masked product, on any device, for tests. kv_block applies to the masked layout only.
+    compile_prefill: the prefill's norms, rotary embedding and SiLU products run as small functions compiled once
+    per process with dynamic shapes (_PrefillOps), where the eager modules launch several kernels each over every
+    prompt token: at the Qwen2.5-0.5B shape, 512 prompts of 128 tokens, those kernels were about 130 of the
+    prefill's 203 ms of CUDA time (BENCHMARKS.md rollout run 7). Not measured yet, so off by default. With Liger's
+    kernels on the model (PPO's policy on CUDA when liger-kernel is installed) its norms already run fused.
     timed: record the last rollout's phase times in `times` (prefill: the prompts' forwards and first draws;
     warmup: the decode steps before the graph and its capture; decode: the rest), synchronizing the device at each
     phase's end.
@@ -475,7 +539,7 @@ class StaticEngine:
     def __init__(self, use_graph: Optional[bool] = None, check_every: int = 16, compile: Optional[bool] = None,
                  kv_block: int = 0, group_lora: bool = True, attention: str = "auto",
                  stack_projections: Optional[bool] = None, autotune: bool = False, sampler: str = "auto",
-                 timed: bool = False):
+                 timed: bool = False, compile_prefill: bool = False):
         if sampler not in ("auto", "torch", "triton"):
             raise ValueError(f"static engine: sampler {sampler!r} is not one of auto, torch, triton")
         if sampler == "triton":
@@ -496,6 +560,7 @@ class StaticEngine:
         self.group_lora = group_lora
         self.compile_error: Optional[str] = None  # why the last rollout's decode step ran eagerly, if it did
         self.timed = timed
+        self.compile_prefill = compile_prefill
         # timed: the last rollout's phases in seconds (prefill, warm-up and capture, graph replays or eager steps),
         # each ended by a device synchronization (which the untimed engine does not pay)
         self.times: dict = {}
@@ -529,7 +594,7 @@ class StaticEngine:
         model.eval()
         try:
             dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device),
-                           sample_kernel=self._sample_kernel(device))
+                           sample_kernel=self._sample_kernel(device), compile_prefill=self.compile_prefill)
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
@@ -606,9 +671,9 @@ class StaticEngine:
             if dec.varlen:  # real tokens to slot = position; padding to the row's last slot, never read
                 base = torch.arange(r.start, r.stop, device=device)[:, None] * L
                 flat = base + torch.where(pmask[r], positions[r], L - 1)
-                logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r)
+                logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r, prefill=True)
             else:
-                logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r)
+                logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r, prefill=True)
             tok, lp = sample_tokens(logits, seeds[r], step0, sampling, dec.sample_kernel)
             tokens[r, 0], logps[r, 0] = tok, lp
         clock("prefill")
