@@ -745,31 +745,19 @@ def test_bf16_triton_decode_kernel_near_flash_attention(lm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_triton_rope_kernel_in_the_compiled_step(lm):
-    """varlen-triton-rope on the GPU: the kernel that writes the cache runs inside the compiled step and its graph
-    (compile_error None: torch.compile takes the mutating operator), and the bf16 log-probs stay within the bound
-    the bf16 tests above hold against a training forward."""
+@pytest.mark.parametrize("kw", [{"attention": "varlen-triton-rope"}, {"compile_prefill": True}])
+def test_bf16_fused_rope_kernel_and_compiled_prefill_near_a_training_forward(lm, kw):
+    """varlen-triton-rope (the kernel that writes the cache, inside the compiled step and its graph: torch.compile
+    takes the mutating operator) and compile_prefill (torch.compile for real, dynamic shapes) on the GPU: the decode
+    step compiles (compile_error None), and the bf16 log-probs stay within the bound the bf16 tests above hold
+    against a training forward, for two prompt batches of other shapes."""
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
     s = SETTINGS["filtered"]
-    engine = StaticEngine(attention="varlen-triton-rope")
-    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
-    assert engine.compile_error is None
-    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
-    assert float(gap.max()) < 0.05
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_compiled_prefill_near_a_training_forward(lm):
-    """compile_prefill on the GPU, through torch.compile for real: bf16 log-probs within the bound the bf16 tests
-    above hold against a training forward, for two prompt batches of other shapes (dynamic shapes, no failure)."""
-    model, tok = lm
-    model = _copy(model).to("cuda", torch.bfloat16)
-    s = SETTINGS["filtered"]
-    engine = StaticEngine(compile_prefill=True)
+    engine = StaticEngine(**kw)
     for prompts in (_prompts(tok) * 8, _prompts(tok)[:3]):
         r = engine.generate(model, tok, prompts, s, seeds=list(range(len(prompts))))
+        assert engine.compile_error is None
         gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
         assert float(gap.max()) < 0.05
 

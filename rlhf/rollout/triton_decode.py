@@ -28,6 +28,28 @@ def available() -> bool:
 if triton is not None:  # the kernel's constexpr parameters are annotated with triton's own type
 
     @triton.jit
+    def _attend_cached(q, K, V, r, h, n_keys, scale, L, KV: tl.constexpr, D: tl.constexpr, d, m_i, l_i, acc,
+                       BLOCK_N: tl.constexpr):
+        """The online softmax of q [GP, DP] over row r's cached keys [0, n_keys) of KV head h, in blocks of BLOCK_N:
+        (running max, running sum, unnormalized output) carried in and out."""
+        for start in range(0, n_keys, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            kmask = n < n_keys
+            offs = ((r * L + n[:, None]) * KV + h) * D + d[None, :]
+            kvmask = kmask[:, None] & (d[None, :] < D)
+            k = tl.load(K + offs, mask=kvmask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + offs, mask=kvmask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _decode_attention(Q, K, V, O, USED, scale, L, KV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                           D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
         """Q, O [rows * G, KV, D]; K, V [rows * L, KV, D]; USED [rows] int32: row r attends to its slots [0, USED[r])."""
@@ -41,21 +63,7 @@ if triton is not None:  # the kernel's constexpr parameters are annotated with t
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.full([GP], 0.0, tl.float32)
         acc = tl.full([GP, DP], 0.0, tl.float32)
-        for start in range(0, used, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            kmask = n < used
-            offs = ((r * L + n[:, None]) * KV + h) * D + d[None, :]
-            kvmask = kmask[:, None] & (d[None, :] < D)
-            k = tl.load(K + offs, mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + offs, mask=kvmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        m_i, l_i, acc = _attend_cached(q, K, V, r, h, used, scale, L, KV, D, d, m_i, l_i, acc, BLOCK_N)
         out = acc / l_i[:, None]
         tl.store(O + ((r * G + g[:, None]) * KV + h) * D + d[None, :], out.to(O.dtype.element_ty), mask=qmask)
 
@@ -99,21 +107,7 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.full([GP], 0.0, tl.float32)
         acc = tl.full([GP, DP], 0.0, tl.float32)
-        for start in range(0, cached, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            kmask = n < cached
-            offs = ((r * L + n[:, None]) * KV + h) * D + d[None, :]
-            kvmask = kmask[:, None] & dm[None, :]
-            k = tl.load(KC + offs, mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(VC + offs, mask=kvmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        m_i, l_i, acc = _attend_cached(q, KC, VC, r, h, cached, scale, L, KV, D, d, m_i, l_i, acc, BLOCK_N)
         s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale  # the new key, from registers
         m_new = tl.maximum(m_i, s_new)
         p_new = tl.exp(s_new - m_new)
