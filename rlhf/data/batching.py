@@ -20,7 +20,7 @@ def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> torch
     """[B, T] tensor of the sequences padded to the longest.
 
     One tensor of all the values, placed through a mask (row-major, so each row's columns take its values in
-    order): 512 prompts of 128 tokens in about 5 ms where a copy per row took 36 (on a 2-core CPU)."""
+    order): 512 prompts of 128 tokens in about 8 ms, where a copy per row took about 25 on a 2-core CPU."""
     width, keep = _lengths_and_keep(seqs, side)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     if all(isinstance(s, (list, tuple)) for s in seqs):

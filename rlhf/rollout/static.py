@@ -283,27 +283,30 @@ class _PrefillOps:
         self.rope = _compiled_fn(rope) if compiled else rope
         self._same: dict = {}
 
-    def _matches(self, module, fn, *probe) -> bool:
+    def _matches(self, module, fn, probe) -> bool:
+        """Whether fn(*probe()) equals the module's output (module(p) or, given two tensors, module(p) * q) bit for
+        bit; decided once per module class."""
         key = type(module)
         if key not in self._same:
             with torch.no_grad():
-                self._same[key] = bool(torch.equal(module(probe[0]) if len(probe) == 1 else module(probe[0]) * probe[1],
-                                                   fn(*probe)))
+                args = probe()
+                want = module(args[0]) if len(args) == 1 else module(args[0]) * args[1]
+                self._same[key] = bool(torch.equal(want, fn(*args)))
         return self._same[key]
 
     def norm(self, module, x: torch.Tensor) -> torch.Tensor:
-        eps, w = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
-        if self.compiled and isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1:
-            probe = torch.randn(2, w.shape[0], device=x.device, dtype=x.dtype)
-            if self._matches(module, lambda t: _rms_norm(t, w, eps), probe):
+        if self.compiled:
+            eps, w = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
+            if (isinstance(eps, float) and isinstance(w, torch.Tensor) and w.dim() == 1
+                    and self._matches(module, lambda t: _rms_norm(t, w, eps),
+                                      lambda: (torch.randn(2, w.shape[0], device=x.device, dtype=x.dtype),))):
                 return _compiled_fn(_rms_norm)(x, w, eps)
         return module(x)
 
     def act_mul(self, act, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if self.compiled:
-            probe = torch.randn(2, 8, device=g.device, dtype=g.dtype)
-            if self._matches(act, _silu_mul, probe, probe.flip(0)):
-                return _compiled_fn(_silu_mul)(g, u)
+        if self.compiled and self._matches(act, _silu_mul, lambda: tuple(torch.randn(2, 2, 8, device=g.device,
+                                                                                     dtype=g.dtype))):
+            return _compiled_fn(_silu_mul)(g, u)
         return act(g) * u
 
 
