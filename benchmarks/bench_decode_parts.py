@@ -200,6 +200,14 @@ def main() -> None:
             b_tok, _ = torch.compile(lambda: sample_tokens(logits, seeds, step, sc))()
             print(f"Triton sampler: {int((a_tok == b_tok).sum())} of {B} tokens equal to the torch sampler's")
             sampler_sweep(add, logits, seeds, step, b_tok)
+            sc = SamplingConfig(top_k=200, top_p=0.9)
+            fn = torch.compile(lambda: sample_tokens(logits, seeds, step, sc, kernel=True, topk_kernel=True))
+            add("sampler (Triton top-k), top_k 200 top_p 0.9", graph_time(fn), 2.0 * B * V)
+            from rlhf.rollout.triton_topk import topk_candidates
+            add("top-k 216 over the vocabulary, Triton radix select", graph_time(lambda: topk_candidates(logits, 216)),
+                2.0 * B * V)
+            same = torch.equal(topk_candidates(logits, 216)[0], torch.topk(logits, 216).values)
+            print(f"Triton top-k: values equal to torch.topk's: {same}")
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"triton sampler: {type(e).__name__}: {e}")
 

@@ -17,8 +17,8 @@ stacked for the call (the engine's default on CUDA when the copy fits in a tenth
 as separate products; `static-autotune` compiles the decode step with inductor's matrix-product autotuning;
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
 varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary
-(`sampler="triton"`, the engine's choice on CUDA where Triton is installed), `static-torchsample` with torch
-operations compiled into the step; `static-rope` runs the rotary embedding and the cache writes inside the Triton
+(`sampler="triton"`, the engine's choice on CUDA where Triton is installed; with top-k, as in `static-tsample-ppo`,
+its candidates from a Triton radix select), `static-torchsample` with torch operations compiled into the step; `static-rope` runs the rotary embedding and the cache writes inside the Triton
 attention kernel (`attention="varlen-triton-rope"`); `static-cprefill` compiles the prefill's element-wise parts
 (`compile_prefill=True`).
 

@@ -383,6 +383,71 @@ def test_triton_sampler_draws_what_the_torch_sampler_draws(tiny_model_dir):
     """))
 
 
+def test_triton_topk_candidates_are_torch_topk(tiny_model_dir):
+    """The radix-select top-k (rollout/triton_topk.py) under Triton's interpreter: on rows of 10,000 distinct bf16 and
+    fp16 values (two whole chunks of 4,096 and a cut one; positive, negative, -inf), values and token ids equal
+    torch.topk's; on rows of four values, where ties cross the k-th place, the values are torch.topk's and the tied
+    ones are the lowest token ids; and on distinct values the filtered sampler draws the tokens and log-probs of the
+    torch.topk path, to the bit."""
+    import importlib.util
+    import textwrap
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = textwrap.dedent("""
+        import torch
+        from rlhf.rollout import SamplingConfig
+        from rlhf.rollout.static import sample_tokens
+        from rlhf.rollout.triton_topk import _select, topk_candidates
+
+        torch.manual_seed(0)
+        B, V = 3, 10000
+
+        def distinct(dtype):  # V distinct finite values: bit patterns below the largest finite one, both signs
+            top = 0x7F7F if dtype == torch.bfloat16 else 0x7BFF
+            bits = torch.randperm(top)[:V] + 1
+            bits = torch.where(torch.rand(V) < 0.5, bits | 0x8000, bits)
+            return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(dtype)
+
+        for dtype in (torch.bfloat16, torch.float16):
+            rows = torch.stack([distinct(dtype) for _ in range(B)])
+            rows[1, 5] = float("-inf")
+            assert all(r.float().unique().numel() == V for r in rows)
+            for k in (1, 216, 4500):
+                v, i = topk_candidates(rows, k)
+                tv, ti = torch.topk(rows, k)
+                assert torch.equal(v, tv) and torch.equal(i, ti), (dtype, k)
+        x = torch.tensor([-1.0, 0.5, 2.0, 3.0])[torch.randint(0, 4, (B, 9000))].to(torch.bfloat16)
+        for k in (50, 3000):
+            v, i = topk_candidates(x, k)
+            assert torch.equal(v, torch.topk(x, k).values)
+            for r in range(B):
+                tau = v[r, -1]
+                above = torch.nonzero(x[r] > tau).flatten()
+                tied = torch.nonzero(x[r] == tau).flatten()[: k - above.numel()]
+                assert sorted(i[r].tolist()) == sorted(above.tolist() + tied.tolist())
+                assert torch.equal(x[r, i[r]], v[r])
+                same = v[r, 1:] == v[r, :-1]
+                assert bool((i[r, 1:][same] > i[r, :-1][same]).all())  # ties by token id
+            out = torch.full((B, k + 1), -1, dtype=torch.long)  # the selection writes columns [0, k) only
+            _select(x, k, out)
+            assert bool((out[:, k] == -1).all()) and torch.equal(out[:, :k].sort(-1).values, i.sort(-1).values)
+        # the sampler on 3,000 distinct moderate bf16 values (magnitudes 2^-7 to 2^4: no overflow at temperature 0.7)
+        moderate = torch.cat([torch.arange(0x3C00, 0x4200), torch.arange(0x3C00, 0x4200) - 0x8000])  # sign bit set
+        logits = torch.stack([moderate[torch.randperm(moderate.numel())[:3000]].to(torch.int16).view(torch.bfloat16)
+                              for _ in range(B)])
+        assert all(r.float().unique().numel() == 3000 for r in logits)
+        seeds, step = torch.tensor([3, 4, 5]), torch.tensor(7)
+        for kw in ({"top_k": 200, "top_p": 0.9}, {"top_k": 50, "temperature": 0.7}, {"top_k": 20, "do_sample": False}):
+            s = SamplingConfig(**kw)
+            a = sample_tokens(logits, seeds, step, s)
+            b = sample_tokens(logits, seeds, step, s, kernel=True, topk_kernel=True)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), kw
+        print("ok")
+    """)
+    _run_under_triton_interpreter(script)
+
+
 def test_static_engine_sampler_names_are_checked():
     import importlib.util
 
@@ -811,6 +876,36 @@ def test_triton_sampler_on_a_gpu_at_a_real_vocabulary(lm):
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
     s = SETTINGS["plain"]
+    engine = StaticEngine(sampler="triton")
+    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
+    assert engine.compile_error is None
+    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_topk_on_a_gpu_at_a_real_vocabulary(lm):
+    """The radix-select top-k compiled for the GPU at 512 rows of 151,936 bf16 logits (ties everywhere, as bf16
+    logits have): the values are torch.topk's, each id holds its value, ids above the k-th value are all there, and
+    ties are in token-id order. In the engine's compiled step and graph with filters (temperature 0.7, top-k 40,
+    top-p 0.9), the log-probs stay within the bf16 bound of a training forward."""
+    from rlhf.rollout.triton_topk import topk_candidates
+
+    torch.manual_seed(0)
+    logits = (torch.randn(512, 151936, device="cuda") * 3).to(torch.bfloat16)
+    for k in (216, 1000):
+        v, i = topk_candidates(logits, k)
+        tv = torch.topk(logits, k).values
+        assert torch.equal(v, tv) and torch.equal(logits.gather(-1, i), v)
+        assert bool((i.sort(-1).values[:, 1:] != i.sort(-1).values[:, :-1]).all())  # no id twice
+        above = (logits > v[:, -1:]).sum(-1)
+        assert torch.equal(above, (v > v[:, -1:]).sum(-1))
+        same = v[:, 1:] == v[:, :-1]
+        assert bool((i[:, 1:][same] > i[:, :-1][same]).all())
+    model, tok = lm
+    model = _copy(model).to("cuda", torch.bfloat16)
+    s = SETTINGS["filtered"]
     engine = StaticEngine(sampler="triton")
     r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
     assert engine.compile_error is None

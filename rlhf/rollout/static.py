@@ -100,7 +100,7 @@ def row_keys(seeds: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor, sampling: SamplingConfig,
-                  kernel: bool = False):
+                  kernel: bool = False, topk_kernel: bool = False):
     """([B] token, [B] its float32 log-prob under the filtered distribution) from logits [B, V] of any float dtype.
 
     The filter is ops._sampling_logits on the float32 logits, the one training log-probs apply. With top-k, only
@@ -109,7 +109,9 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
     bf16 logits give the same candidates from half the bytes, in half the radix passes). Greedy (do_sample false)
     takes the argmax and reports its log-prob under the same filtered distribution. kernel: without top-k and top-p,
     one Triton pass over the vocabulary does the same (rollout/triton_sample.py; the caller checks that Triton is
-    installed).
+    installed). topk_kernel: with top-k, the candidates of bf16/fp16 logits come from a radix select in Triton
+    (rollout/triton_topk.py) instead of torch.topk: the same values, and where ties cross the k + 16-th place, the
+    lowest token ids among them.
     """
     s = sampling
     if kernel and s.top_k <= 0 and s.top_p >= 1.0:
@@ -118,7 +120,12 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor,
         return sample_full_vocabulary(logits, row_keys(seeds, step), s.temperature, s.do_sample)
     V = logits.shape[-1]
     if s.top_k > 0 and s.top_k + _TIE_SLACK < V:
-        cand, ids = torch.topk(logits, s.top_k + _TIE_SLACK, dim=-1)
+        if topk_kernel and logits.dtype in (torch.bfloat16, torch.float16):
+            from .triton_topk import topk_candidates
+
+            cand, ids = topk_candidates(logits, s.top_k + _TIE_SLACK)
+        else:
+            cand, ids = torch.topk(logits, s.top_k + _TIE_SLACK, dim=-1)
     else:
         cand, ids = logits, None
     z = _sampling_logits(cand, s.temperature, s.top_k, s.top_p, upcast=True)
@@ -314,9 +321,11 @@ class _Decoder:
     """The model's modules over a static KV cache per layer, in one of two layouts (`attention`, below)."""
 
     def __init__(self, model, rows: int, max_len: int, group_lora: bool = True, attention: str = "masked",
-                 stack: bool = False, sample_kernel: bool = False, compile_prefill: bool = False):
+                 stack: bool = False, sample_kernel: bool = False, topk_kernel: bool = False,
+                 compile_prefill: bool = False):
         lm = _unwrap(model)
         self.sample_kernel = sample_kernel  # sample_tokens' Triton pass over the vocabulary (StaticEngine's sampler)
+        self.topk_kernel = topk_kernel  # and its Triton top-k candidates
         # "masked": cache slots are the left-padded columns, attention masks them ([rows, kv_heads, max_len,
         # head_dim] per layer). "varlen" (and its -triton, -reference kernels): a row's token at position p lives in slot p, so its
         # keys are the first `used` slots of its row ([rows * max_len, kv_heads, head_dim] per layer) and decoding
@@ -462,7 +471,7 @@ def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, token
     else:
         st["valid"].index_fill_(1, st["slot"], True)
         logits = dec.forward(st["cur"], st["pos"], st["slot"], st["valid"][:, None, None, :], slice(None), kv_len)
-    tok, lp = sample_tokens(logits, seeds, st["step"], sampling, dec.sample_kernel)
+    tok, lp = sample_tokens(logits, seeds, st["step"], sampling, dec.sample_kernel, dec.topk_kernel)
     tokens.index_copy_(1, st["step"].view(1), tok.unsqueeze(1))
     logps.index_copy_(1, st["step"].view(1), lp.unsqueeze(1))
     st["done"] |= tok == eos_id
@@ -525,9 +534,11 @@ class StaticEngine:
     phase's end.
     sampler: "torch" draws with sample_tokens' torch operations, compiled into the step; "triton" draws without
     top-k/top-p in one Triton pass over the vocabulary (rollout/triton_sample.py: the same uniforms, the same
-    argmax, so the same tokens), which needs Triton; with top-k or top-p both run the torch operations. "auto" (the
-    default) is triton on CUDA where Triton is installed (255 us a step against 300 for the compiled torch
-    operations at the Qwen2.5-0.5B shape, batch 512, on an H200: BENCHMARKS.md rollout run 7), torch elsewhere.
+    argmax, so the same tokens), and with top-k takes bf16/fp16 candidates by a Triton radix select
+    (rollout/triton_topk.py) in place of torch.topk (643 us of the filtered sampler's 726 at the shape below); it
+    needs Triton. "auto" (the default) is the Triton pass on CUDA where Triton is installed (255 us a step against
+    300 for the compiled torch operations at the Qwen2.5-0.5B shape, batch 512, on an H200: BENCHMARKS.md rollout
+    run 7) with torch.topk for top-k (the radix select is not measured yet), torch elsewhere.
 
     stack_projections: plain (LoRA-free) q/k/v and gate/up projections run as one product per group over their
     weights stacked for the call (_StackedLinear): wider products at decode shapes, for a copy of those weights
@@ -597,7 +608,8 @@ class StaticEngine:
         model.eval()
         try:
             dec = _Decoder(model, B, L, self.group_lora, self._attention(model, device), self._stack(model, device),
-                           sample_kernel=self._sample_kernel(device), compile_prefill=self.compile_prefill)
+                           sample_kernel=self._sample_kernel(device), topk_kernel=self.sampler == "triton",
+                           compile_prefill=self.compile_prefill)
             tokens = torch.full((B, max(N, 1)), tokenizer.pad_token_id, dtype=torch.long, device=device)
             logps = torch.zeros((B, max(N, 1)), dtype=torch.float32, device=device)
             n_done = self._run(dec, ids, pmask, seed_t, sampling, tokens, logps, tokenizer.eos_token_id,
@@ -677,7 +689,7 @@ class StaticEngine:
                 logits = dec.forward(ids[r], positions[r], flat.reshape(-1), mask.unsqueeze(1), r, prefill=True)
             else:
                 logits = dec.forward(ids[r], positions[r], slot[:P], mask.unsqueeze(1), r, prefill=True)
-            tok, lp = sample_tokens(logits, seeds[r], step0, sampling, dec.sample_kernel)
+            tok, lp = sample_tokens(logits, seeds[r], step0, sampling, dec.sample_kernel, dec.topk_kernel)
             tokens[r, 0], logps[r, 0] = tok, lp
         clock("prefill")
         # decode state, in tensors the graph reads and advances in place
