@@ -48,6 +48,15 @@ def _scored(model, rollout, s: SamplingConfig) -> torch.Tensor:
     return logp * rollout.response_mask
 
 
+def _near_training_in_bf16(model, tok, engine, s: SamplingConfig, prompts) -> None:
+    """The engine's rollout of prompts on a bf16 GPU model: the decode step compiled (no eager fallback), and each
+    response's mean per-token log-prob gap to a training forward within the bf16 tests' bound (0.05)."""
+    r = engine.generate(model, tok, prompts, s, seeds=list(range(len(prompts))))
+    assert engine.compile_error is None
+    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
+    assert float(gap.max()) < 0.05
+
+
 def test_hash_uniform_is_a_pure_function_in_the_open_interval():
     seeds = torch.tensor([0, 1, 2**40 + 7, 2**62])
     ids = torch.arange(1000)
@@ -799,12 +808,9 @@ def test_bf16_triton_decode_kernel_near_flash_attention(lm):
     assert torch.allclose(out.float(), ref, atol=2e-2)
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
-    s = SETTINGS["filtered"]
-    engine = StaticEngine(attention="varlen-triton")
-    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
-    assert engine.compile_error is None  # the kernel runs inside the compiled step, not in an eager fallback
-    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
-    assert float(gap.max()) < 0.05
+    # the kernel runs inside the compiled step, not in an eager fallback
+    _near_training_in_bf16(model, tok, StaticEngine(attention="varlen-triton"), SETTINGS["filtered"],
+                           _prompts(tok) * 8)
     assert StaticEngine()._attention(model, torch.device("cuda")) == "varlen-triton"  # auto picks it on CUDA
 
 
@@ -818,13 +824,9 @@ def test_bf16_fused_rope_kernel_and_compiled_prefill_near_a_training_forward(lm,
     against a training forward, for two prompt batches of other shapes."""
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
-    s = SETTINGS["filtered"]
     engine = StaticEngine(**kw)
     for prompts in (_prompts(tok) * 8, _prompts(tok)[:3]):
-        r = engine.generate(model, tok, prompts, s, seeds=list(range(len(prompts))))
-        assert engine.compile_error is None
-        gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
-        assert float(gap.max()) < 0.05
+        _near_training_in_bf16(model, tok, engine, SETTINGS["filtered"], prompts)
 
 
 def test_hf_generate_runs_compiled_layers_eager(lm):
@@ -875,12 +877,7 @@ def test_triton_sampler_on_a_gpu_at_a_real_vocabulary(lm):
     assert draws - same <= 2
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
-    s = SETTINGS["plain"]
-    engine = StaticEngine(sampler="triton")
-    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
-    assert engine.compile_error is None
-    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
-    assert float(gap.max()) < 0.05
+    _near_training_in_bf16(model, tok, StaticEngine(sampler="triton"), SETTINGS["plain"], _prompts(tok) * 8)
 
 
 @pytest.mark.gpu
@@ -905,9 +902,4 @@ def test_triton_topk_on_a_gpu_at_a_real_vocabulary(lm):
         assert bool((i[:, 1:][same] > i[:, :-1][same]).all())
     model, tok = lm
     model = _copy(model).to("cuda", torch.bfloat16)
-    s = SETTINGS["filtered"]
-    engine = StaticEngine(sampler="triton")
-    r = engine.generate(model, tok, _prompts(tok) * 8, s, seeds=list(range(32)))
-    assert engine.compile_error is None
-    gap = (r.logprobs - _scored(model, r, s)).abs().sum(1) / r.lengths.clamp(min=1)
-    assert float(gap.max()) < 0.05
+    _near_training_in_bf16(model, tok, StaticEngine(sampler="triton"), SETTINGS["filtered"], _prompts(tok) * 8)
