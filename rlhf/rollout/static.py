@@ -272,6 +272,9 @@ def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+_COMPILED: dict = {}  # compiled code, once per process: the decode step (by autotune) and the prefill functions
+
+
 def _compiled_fn(fn):
     """fn through torch.compile with dynamic shapes, once per process (prefill shapes change with every call)."""
     if fn not in _COMPILED:
@@ -282,8 +285,8 @@ def _compiled_fn(fn):
 class _PrefillOps:
     """The prefill's element-wise parts: the modules' own forwards, or (compiled) each as one small function compiled
     with dynamic shapes, where the eager modules run several kernels each over every prompt token (an RMSNorm in
-    float32: seven; the rotary embedding: about ten). A module stands in for its function only where the function
-    gives its output bit for bit on a probe, so a model whose norm or activation differs keeps its own."""
+    float32: seven; the rotary embedding: about ten). A function stands in for a module only where it gives the
+    module's output bit for bit on a probe, so a model whose norm or activation differs keeps its own."""
 
     def __init__(self, rope, compiled: bool):
         self.compiled = compiled
@@ -481,7 +484,6 @@ def _decode_step(dec: _Decoder, st: dict, seeds, sampling: SamplingConfig, token
     st["step"].add_(1)
 
 
-_COMPILED: dict = {}
 
 
 def _compiled_step(autotune: bool = False):
