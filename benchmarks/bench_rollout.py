@@ -18,8 +18,9 @@ as separate products; `static-autotune` compiles the decode step with inductor's
 `static-triton` names the Triton kernel explicitly, `static-flash` decodes the varlen layout with flash attention's
 varlen kernel instead; `static-tsample` samples with the engine's Triton pass over the vocabulary
 (`sampler="triton"`, the engine's choice on CUDA where Triton is installed; with top-k, as in `static-tsample-ppo`,
-its candidates from a Triton radix select), `static-torchsample` with torch operations compiled into the step; `static-rope` runs the rotary embedding and the cache writes inside the Triton
-attention kernel (`attention="varlen-triton-rope"`); `static-cprefill` compiles the prefill's element-wise parts
+its candidates from a Triton radix select), `static-torchsample` with torch operations compiled into the step;
+`static-rope` runs the rotary embedding and the cache writes inside the Triton attention kernel
+(`attention="varlen-triton-rope"`); `static-cprefill` compiles the prefill's element-wise parts
 (`compile_prefill=True`).
 
 The decode bound of one step is the larger of (weights + the KV cache read at the step's length) / HBM bandwidth and
